@@ -1,0 +1,10 @@
+"""Focus-DETR Swin-tiny_224 4-scale, 12 epochs (detrex `focus_detr_swin_tiny_224_4scale_12ep.py`): 50.0 AP."""
+
+from configs import common
+from configs import swin
+
+
+def get_config():
+  config = swin.apply_swin(common.get_base_config(), "tiny_224")
+  config.name = "focus_detr_swin_tiny_224_4scale_12ep"
+  return config

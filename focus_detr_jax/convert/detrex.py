@@ -1,0 +1,264 @@
+"""detrex Focus-DETR state_dict <-> our Flax variables (one name mapping, both directions).
+
+Rules (spec §12): Linear weight (out, in) -> Dense kernel (in, out); Conv2d (O, I, kh, kw) ->
+(kh, kw, I, O); LayerNorm/GroupNorm weight -> scale; FrozenBN buffers -> the `frozen` collection;
+`in_proj_weight` [3D, D] -> `in_proj_kernel` [D, 3D]. Shared modules are saved by torch under
+several names (aliases); we read the canonical name and check every alias holds the same array.
+"""
+
+import re
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+
+# Parameters that exist under several names in a detrex state_dict: {canonical: aliases}.
+_NUM_DEC = 6
+
+
+def alias_groups(num_decoder_layers=_NUM_DEC, num_encoder_layers=6) -> Dict[str, List[str]]:
+  """Canonical detrex key prefix -> alias prefixes (state_dict order, first = canonical)."""
+  groups = {}
+  mcsp = [f"transformer.encoder.enhance_MCSP.{i}" for i in range(num_encoder_layers)]
+  groups[mcsp[0]] = mcsp[1:] + [f"transformer.decoder.class_embed.{num_decoder_layers}",
+                                f"class_embed.{num_decoder_layers}"] + [
+                                    f"enhance_MCSP_layerlist.{i}" for i in range(num_encoder_layers)]
+  for k in range(num_decoder_layers):
+    groups[f"transformer.decoder.class_embed.{k}"] = [f"class_embed.{k}"]
+  for k in range(num_decoder_layers + 1):
+    groups[f"transformer.decoder.bbox_embed.{k}"] = [f"bbox_embed.{k}"]
+  return groups
+
+
+class ConversionError(ValueError):
+  """A state_dict does not fit the model: names every missing, unexpected or mis-shaped key."""
+
+
+_BACKBONE_NORM = re.compile(r"^backbone\.(.+)\.norm\.(weight|bias|running_mean|running_var)$")
+
+
+def detrex_key_to_path(key: str, num_decoder_layers=_NUM_DEC) -> Optional[Tuple[str, Tuple[str, ...], str]]:
+  """Map one canonical detrex key to (collection, path, transform); None if not ours.
+
+  transform: "linear" (transpose), "conv" (OIHW->HWIO), "copy".
+  """
+  if key.startswith("backbone.") and ".layers." not in key and not key.startswith(
+      "backbone.patch_embed") and not re.match(r"backbone\.norm\d", key):
+    # detectron2 ResNet.
+    m = _BACKBONE_NORM.match(key)
+    if m:
+      module = m.group(1).replace("stem.conv1", "stem_conv1")
+      module = re.sub(r"^res(\d)\.(\d+)\.", r"res\1_\2/", module)
+      return "frozen", ("backbone",) + tuple(f"{module}_norm".split("/")), "copy", m.group(2)
+    m = re.match(r"^backbone\.(.+)\.weight$", key)
+    if m:
+      module = m.group(1).replace("stem.conv1", "stem_conv1")
+      module = re.sub(r"^res(\d)\.(\d+)\.", r"res\1_\2/", module)
+      return "params", ("backbone",) + tuple(module.split("/")), "conv", "kernel"
+    return None
+  m = re.match(r"^neck\.(convs|extra_convs)\.(\d+)\.(conv|norm)\.(weight|bias)$", key)
+  if m:
+    kind, i, part, leaf = m.groups()
+    if part == "conv":
+      return "params", ("neck", f"{kind}_{i}", "conv"), "conv" if leaf == "weight" else "copy", (
+          "kernel" if leaf == "weight" else "bias")
+    return "params", ("neck", f"{kind}_{i}", "norm"), "copy", "scale" if leaf == "weight" else "bias"
+  simple = {"transformer.alpha": ("alpha",), "transformer.level_embeds": ("level_embeds",),
+            "transformer.tgt_embed.weight": ("tgt_embed",), "label_enc.weight": ("label_enc",)}
+  if key in simple:
+    return "params", simple[key][:-1], "copy", simple[key][-1]
+  key2 = key
+  key2 = key2.replace("transformer.encoder.enhance_MCSP.0.", f"class_embed_{num_decoder_layers}.")
+  key2 = re.sub(r"^transformer\.decoder\.(class_embed|bbox_embed)\.(\d+)\.", r"\1_\2.", key2)
+  key2 = re.sub(r"^transformer\.encoder\.layers\.(\d+)\.", r"encoder_layers_\1.", key2)
+  key2 = re.sub(r"^transformer\.decoder\.layers\.(\d+)\.", r"decoder_layers_\1.", key2)
+  key2 = key2.replace("transformer.decoder.ref_point_head.", "ref_point_head.")
+  key2 = key2.replace("transformer.decoder.norm.", "decoder_norm.")
+  key2 = key2.replace("transformer.", "")
+  if key2 == key and not key.startswith(("enc_", "encoder_", "decoder_")):
+    pass
+  parts = key2.split(".")
+  leaf = parts[-1]
+  module = ".".join(parts[:-1])
+  module = module.replace("attentions.0.attn", "attentions_0").replace("attentions.1", "attentions_1")
+  module = module.replace("ffns.0.layers.0.0", "ffns_0.layers_0_0").replace(
+      "ffns.0.layers.1", "ffns_0.layers_1")
+  module = re.sub(r"norms\.(\d)", r"norms_\1", module)
+  module = re.sub(r"layers\.(\d)$", r"layers_\1", module)
+  module = module.replace("enc_mask_predictor.layer1.0", "enc_mask_predictor.layer1_0").replace(
+      "enc_mask_predictor.layer1.1", "enc_mask_predictor.layer1_1")
+  module = re.sub(r"enc_mask_predictor\.layer2\.(\d)", r"enc_mask_predictor.layer2_\1", module)
+  path = tuple(module.split("."))
+  if leaf == "in_proj_weight":
+    return "params", path, "linear", "in_proj_kernel"
+  if leaf == "in_proj_bias":
+    return "params", path, "copy", "in_proj_bias"
+  is_norm = bool(re.search(r"(norms_\d|norm2|_norm|decoder_norm|layer1_0)$", module))
+  if leaf == "weight":
+    return "params", path, ("copy" if is_norm else "linear"), ("scale" if is_norm else "kernel")
+  if leaf == "bias":
+    return "params", path, "copy", "bias"
+  return None
+
+
+def _relative_position_index(window):
+  from focus_detr_jax.models.swin import relative_position_index
+  return relative_position_index(window)
+
+
+def _transform(array, kind):
+  if kind == "linear":
+    return np.ascontiguousarray(np.asarray(array).T)
+  if kind == "conv":
+    return np.ascontiguousarray(np.transpose(np.asarray(array), (2, 3, 1, 0)))
+  return np.asarray(array)
+
+
+def _inverse_transform(array, kind):
+  if kind == "linear":
+    return np.ascontiguousarray(np.asarray(array).T)
+  if kind == "conv":
+    return np.ascontiguousarray(np.transpose(np.asarray(array), (3, 2, 0, 1)))
+  return np.asarray(array)
+
+
+def _alias_map(num_decoder_layers, num_encoder_layers):
+  """alias key prefix -> canonical key prefix."""
+  out = {}
+  for canonical, aliases in alias_groups(num_decoder_layers, num_encoder_layers).items():
+    for a in aliases:
+      out[a + "."] = canonical + "."
+  return out
+
+
+def canonical_key(key, alias_map):
+  for prefix, canonical in alias_map.items():
+    if key.startswith(prefix):
+      return canonical + key[len(prefix):]
+  return key
+
+
+def _flatten(tree, prefix=()):
+  for k, v in tree.items():
+    if isinstance(v, dict) or hasattr(v, "items"):
+      yield from _flatten(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
+
+
+def _set(tree, path, value):
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+def state_dict_to_variables(state_dict, reference_variables, num_decoder_layers=_NUM_DEC,
+                            num_encoder_layers=6, backbone_mapper=None):
+  """detrex state_dict -> Flax variables with the structure of `reference_variables`.
+
+  Args:
+    state_dict: {key: array} (numpy or anything np.asarray accepts).
+    reference_variables: the model's variables (e.g. from `jax.eval_shape(model.init, ...)`):
+      the target structure and shapes.
+    backbone_mapper: optional callable(key) -> (collection, path, transform, leaf) for backbone
+      keys of another layout (Swin); default: detectron2 ResNet.
+  Returns:
+    (variables, report) where report lists mapped keys and checked aliases.
+  Raises:
+    ConversionError naming every missing, unexpected and mis-shaped key.
+  """
+  alias_map = _alias_map(num_decoder_layers, num_encoder_layers)
+  expected = {tuple([c]) + path: np.shape(v) for c in reference_variables
+              for path, v in _flatten(reference_variables[c])}
+  out: Dict = {}
+  mapped, unexpected, misshaped, alias_mismatch = [], [], [], []
+  canonical_seen = {}
+  for key in state_dict:
+    if key.endswith("num_batches_tracked"):
+      continue
+    if key.endswith(".attn.relative_position_index"):
+      # Swin constant, not a variable: it must equal the formula for the table's window.
+      index = np.asarray(state_dict[key])
+      window = int(round(np.sqrt(index.shape[0])))
+      if index.shape != (window ** 2, window ** 2) or not np.array_equal(
+          index, _relative_position_index(window)):
+        misshaped.append(f"{key}: relative position index does not match the Swin formula")
+      continue
+    canon = canonical_key(key, alias_map)
+    if canon != key:
+      if canon in state_dict and not np.array_equal(np.asarray(state_dict[canon]),
+                                                     np.asarray(state_dict[key])):
+        alias_mismatch.append(f"{key} != {canon}")
+      if canon in state_dict:
+        continue
+    if canon in canonical_seen:
+      continue
+    rule = None
+    if backbone_mapper is not None and canon.startswith("backbone."):
+      rule = backbone_mapper(canon)
+    if rule is None:
+      rule = detrex_key_to_path(canon, num_decoder_layers)
+    if rule is None:
+      unexpected.append(key)
+      continue
+    collection, path, kind, leaf = rule
+    full = (collection,) + tuple(path) + (leaf,)
+    value = _transform(state_dict[key], kind)
+    if full not in expected:
+      unexpected.append(key)
+      continue
+    if tuple(value.shape) != tuple(expected[full]):
+      misshaped.append(f"{key}: {tuple(np.shape(state_dict[key]))} -> {value.shape}, "
+                       f"model expects {tuple(expected[full])}")
+      continue
+    canonical_seen[canon] = full
+    _set(out, full, value)
+    mapped.append((key, "/".join(full)))
+  got = {v for v in canonical_seen.values()}
+  missing = sorted("/".join(p) for p in expected if p not in got)
+  if missing or unexpected or misshaped or alias_mismatch:
+    lines = []
+    if missing:
+      lines.append(f"{len(missing)} model variables have no key in the state_dict: " +
+                   ", ".join(missing[:50]) + (" ..." if len(missing) > 50 else ""))
+    if unexpected:
+      lines.append(f"{len(unexpected)} unexpected keys: " + ", ".join(unexpected[:50]) +
+                   (" ..." if len(unexpected) > 50 else ""))
+    if misshaped:
+      lines.append(f"{len(misshaped)} mis-shaped keys: " + "; ".join(misshaped[:50]))
+    if alias_mismatch:
+      lines.append("aliases that differ from their canonical key: " + "; ".join(alias_mismatch))
+    raise ConversionError("\n".join(lines))
+  return out, {"mapped": mapped}
+
+
+def variables_to_state_dict(variables, key_order: Iterable[str], num_decoder_layers=_NUM_DEC,
+                            num_encoder_layers=6, backbone_mapper=None):
+  """Our variables -> a detrex state_dict with exactly the keys of `key_order` (aliases included).
+
+  `key_order` is the detrex key list (e.g. from a state_dict manifest), so the result has the
+  reference's exact key set and order.
+  """
+  alias_map = _alias_map(num_decoder_layers, num_encoder_layers)
+  out = {}
+  for key in key_order:
+    if key.endswith(".attn.relative_position_index"):
+      table_key = key.replace("relative_position_index", "relative_position_bias_table")
+      collection, path, _, leaf = backbone_mapper(table_key)
+      node = variables[collection]
+      for p in tuple(path) + (leaf,):
+        node = node[p]
+      window = (int(round(np.sqrt(np.shape(node)[0]))) + 1) // 2
+      out[key] = _relative_position_index(window).astype(np.int64)
+      continue
+    canon = canonical_key(key, alias_map)
+    rule = backbone_mapper(canon) if (backbone_mapper and canon.startswith("backbone.")) else None
+    if rule is None:
+      rule = detrex_key_to_path(canon, num_decoder_layers)
+    if rule is None:
+      raise ConversionError(f"no variable maps to detrex key {key}")
+    collection, path, kind, leaf = rule
+    node = variables[collection]
+    for p in tuple(path) + (leaf,):
+      node = node[p]
+    out[key] = _inverse_transform(np.asarray(node), kind)
+  return out

@@ -1,0 +1,268 @@
+"""detectron2 / detrex Swin state_dict <-> `models.swin.SwinTransformer` params, both directions.
+
+Key mapping (prefix `backbone.` by default; our path is relative to the SwinTransformer module):
+
+  patch_embed.proj.weight [C, 3, p, p]      patch_embed/proj/kernel [p, p, 3, C] (OIHW -> HWIO)
+  patch_embed.proj.bias, patch_embed.norm.* patch_embed/proj/bias, patch_embed/norm/{scale,bias}
+  layers.{i}.blocks.{j}. (block prefix)     layers_{i}/blocks_{j}/ (block path), then:
+    norm{1,2}.{weight,bias}                   norm{1,2}/{scale,bias}
+    attn.{qkv,proj}.weight [out, in]          attn/{qkv,proj}/kernel [in, out] (transposed)
+    attn.relative_position_bias_table         attn/relative_position_bias_table [(2w-1)^2, heads]
+    attn.relative_position_index [w^2, w^2]   no variable (a constant of the model); checked
+                                              against the formula for the model's window
+    mlp.fc{1,2}.{weight,bias}                 mlp/fc{1,2}/{kernel,bias}
+  layers.{i}.downsample.reduction.weight    layers_{i}/downsample/reduction/kernel (no bias)
+  layers.{i}.downsample.norm.*              layers_{i}/downsample/norm/{scale,bias}
+  norm{k}.* (k in out_indices)              norm{k}/{scale,bias}
+
+Both converters check the whole key set against the model's configuration and raise
+`SwinConversionError` naming each missing, unexpected and mis-shaped key (and, for the relative
+position table/index, the window size they imply).
+"""
+
+import math
+import re
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from focus_detr_jax.models.swin import relative_position_index
+
+# torch leaf -> (our leaf, transform) per module kind.
+_LINEAR = {"weight": ("kernel", "linear"), "bias": ("bias", "copy")}
+_NORM = {"weight": ("scale", "copy"), "bias": ("bias", "copy")}
+_CONV = {"weight": ("kernel", "conv"), "bias": ("bias", "copy")}
+_INDEX_LEAF = "relative_position_index"
+
+
+class SwinConversionError(ValueError):
+  """A Swin state_dict / param tree does not fit the model configuration."""
+
+
+def _arch(model):
+  """(embed_dim, depths, num_heads, window, mlp_ratio, out_indices, patch_size) of the model."""
+  return (int(model.embed_dim), tuple(int(d) for d in model.depths),
+          tuple(int(h) for h in model.num_heads), int(model.window_size), float(model.mlp_ratio),
+          tuple(int(i) for i in model.out_indices), int(getattr(model, "patch_size", 4)))
+
+
+def swin_key_table(model, prefix: str = "backbone.") -> Dict[str, Tuple[Optional[Tuple[str, ...]],
+                                                                         str, Tuple[int, ...]]]:
+  """All detectron2 state_dict keys of this configuration, in state_dict order.
+
+  Returns {torch key: (our param path or None for the index buffer, transform, torch shape)}, with
+  transform one of "linear" (transpose), "conv" (OIHW <-> HWIO), "copy", "index" (int64 buffer).
+  """
+  c0, depths, heads, w, mlp_ratio, out_indices, p = _arch(model)
+  table = {}
+
+  def add(module_key, module_path, leaves, shapes):
+    for leaf, shape in zip(("weight", "bias"), shapes):
+      if shape is None:
+        continue
+      ours, kind = leaves[leaf]
+      table[f"{prefix}{module_key}.{leaf}"] = (module_path + (ours,), kind, tuple(shape))
+
+  add("patch_embed.proj", ("patch_embed", "proj"), _CONV, [(c0, 3, p, p), (c0,)])
+  add("patch_embed.norm", ("patch_embed", "norm"), _NORM, [(c0,), (c0,)])
+  for i, (depth, h) in enumerate(zip(depths, heads)):
+    c = c0 * 2 ** i
+    hidden = int(c * mlp_ratio)
+    for j in range(depth):
+      tk, tp = f"layers.{i}.blocks.{j}", (f"layers_{i}", f"blocks_{j}")
+      add(f"{tk}.norm1", tp + ("norm1",), _NORM, [(c,), (c,)])
+      table[f"{prefix}{tk}.attn.relative_position_bias_table"] = (
+          tp + ("attn", "relative_position_bias_table"), "copy", ((2 * w - 1) ** 2, h))
+      table[f"{prefix}{tk}.attn.{_INDEX_LEAF}"] = (None, "index", (w * w, w * w))
+      add(f"{tk}.attn.qkv", tp + ("attn", "qkv"), _LINEAR, [(3 * c, c), (3 * c,)])
+      add(f"{tk}.attn.proj", tp + ("attn", "proj"), _LINEAR, [(c, c), (c,)])
+      add(f"{tk}.norm2", tp + ("norm2",), _NORM, [(c,), (c,)])
+      add(f"{tk}.mlp.fc1", tp + ("mlp", "fc1"), _LINEAR, [(hidden, c), (hidden,)])
+      add(f"{tk}.mlp.fc2", tp + ("mlp", "fc2"), _LINEAR, [(c, hidden), (c,)])
+    if i < len(depths) - 1:
+      add(f"layers.{i}.downsample.reduction", (f"layers_{i}", "downsample", "reduction"), _LINEAR,
+          [(2 * c, 4 * c), None])
+      add(f"layers.{i}.downsample.norm", (f"layers_{i}", "downsample", "norm"), _NORM,
+          [(4 * c,), (4 * c,)])
+  for k in out_indices:
+    c = c0 * 2 ** k
+    add(f"norm{k}", (f"norm{k}",), _NORM, [(c,), (c,)])
+  return table
+
+
+def swin_key_to_path(key: str, prefix: str = "backbone.", scope: Tuple[str, ...] = ("backbone",)):
+  """One torch key -> ("params", scope + path, transform, leaf), by name only; None if not a Swin
+  parameter (including the `relative_position_index` buffer, which is no variable).
+
+  Matches the `backbone_mapper` hook of `convert/detrex.py`.
+  """
+  if not key.startswith(prefix):
+    return None
+  rest = key[len(prefix):]
+  m = re.fullmatch(r"patch_embed\.(proj|norm)\.(weight|bias)", rest)
+  if m:
+    leaves = _CONV if m.group(1) == "proj" else _NORM
+    ours, kind = leaves[m.group(2)]
+    return "params", scope + ("patch_embed", m.group(1)), kind, ours
+  m = re.fullmatch(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)", rest)
+  if m:
+    i, j, tail = m.groups()
+    base = scope + (f"layers_{i}", f"blocks_{j}")
+    if tail == "attn.relative_position_bias_table":
+      return "params", base + ("attn",), "copy", "relative_position_bias_table"
+    m2 = re.fullmatch(r"(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)", tail)
+    if m2:
+      leaves = _NORM if m2.group(1).startswith("norm") else _LINEAR
+      ours, kind = leaves[m2.group(2)]
+      return "params", base + tuple(m2.group(1).split(".")), kind, ours
+    return None
+  m = re.fullmatch(r"layers\.(\d+)\.downsample\.(reduction\.weight|norm\.weight|norm\.bias)", rest)
+  if m:
+    module, leaf = m.group(2).split(".")
+    ours, kind = (_LINEAR if module == "reduction" else _NORM)[leaf]
+    return "params", scope + (f"layers_{m.group(1)}", "downsample", module), kind, ours
+  m = re.fullmatch(r"(norm\d+)\.(weight|bias)", rest)
+  if m:
+    ours, kind = _NORM[m.group(2)]
+    return "params", scope + (m.group(1),), kind, ours
+  return None
+
+
+def is_swin_index_buffer(key: str) -> bool:
+  """True for the `relative_position_index` buffers (no variable on our side)."""
+  return key.endswith(f".attn.{_INDEX_LEAF}")
+
+
+def _to_ours(array, kind):
+  if kind == "linear":
+    return np.ascontiguousarray(np.asarray(array).T)
+  if kind == "conv":
+    return np.ascontiguousarray(np.transpose(np.asarray(array), (2, 3, 1, 0)))
+  return np.asarray(array)
+
+
+def _to_torch(array, kind):
+  if kind == "linear":
+    return np.ascontiguousarray(np.asarray(array).T)
+  if kind == "conv":
+    return np.ascontiguousarray(np.transpose(np.asarray(array), (3, 2, 0, 1)))
+  return np.asarray(array)
+
+
+def _ours_shape(shape, kind):
+  if kind == "linear":
+    return tuple(reversed(shape))
+  if kind == "conv":
+    return (shape[2], shape[3], shape[1], shape[0])
+  return tuple(shape)
+
+
+def _window_of_table(rows):
+  """Window size whose bias table has `rows` rows ((2w-1)^2), or None."""
+  r = math.isqrt(int(rows))
+  return (r + 1) // 2 if r * r == rows and r % 2 == 1 else None
+
+
+def _shape_problem(key, got, want, window):
+  msg = f"{key}: shape {tuple(got)}, expected {tuple(want)}"
+  if key.endswith("relative_position_bias_table") and len(got) == 2:
+    implied = _window_of_table(got[0])
+    msg += (f" for window_size={window} ((2w-1)^2 = {(2 * window - 1) ** 2} rows, heads = "
+            f"{want[1]}); {got[0]} rows " +
+            (f"is window {implied}" if implied else "fits no window size"))
+  elif key.endswith(_INDEX_LEAF) and len(got) == 2:
+    r = math.isqrt(int(got[0]))
+    msg += f" for window_size={window}; [{got[0]}, {got[1]}] " + (
+        f"is window {r}" if r * r == got[0] else "fits no window size")
+  return msg
+
+
+def _raise(what, missing, unexpected, misshaped, bad_index):
+  lines = []
+  if missing:
+    lines.append(f"{len(missing)} missing {what}: " + ", ".join(missing))
+  if unexpected:
+    lines.append(f"{len(unexpected)} unexpected {what}: " + ", ".join(unexpected))
+  if misshaped:
+    lines.append(f"{len(misshaped)} mis-shaped {what}: " + "; ".join(misshaped))
+  if bad_index:
+    lines.append(f"{len(bad_index)} relative_position_index buffers differ from the formula "
+                 "(dy+w-1)*(2w-1)+(dx+w-1): " + ", ".join(bad_index))
+  if lines:
+    raise SwinConversionError("Swin conversion failed:\n" + "\n".join(lines))
+
+
+def swin_params_from_state_dict(state_dict, model, prefix: str = "backbone.",
+                                check_index: bool = True):
+  """detectron2 Swin state_dict -> params of `model` (a SwinTransformer), as a nested numpy dict.
+
+  Keys that do not start with `prefix` are ignored (so a full detrex state_dict can be passed).
+  The `relative_position_index` buffers must be present and equal the formula for the model's
+  window (set `check_index=False` to allow them to be absent; present ones are still checked).
+
+  Raises:
+    SwinConversionError naming every missing, unexpected and mis-shaped key.
+  """
+  table = swin_key_table(model, prefix)
+  window = int(model.window_size)
+  expected_index = relative_position_index(window)
+  ours = [k for k in state_dict if k.startswith(prefix)]
+  missing = [k for k, (path, _, _) in table.items()
+             if k not in state_dict and (path is not None or check_index)]
+  unexpected = [k for k in ours if k not in table]
+  misshaped, bad_index = [], []
+  params: Dict = {}
+  for key in ours:
+    if key not in table:
+      continue
+    path, kind, shape = table[key]
+    value = np.asarray(state_dict[key])
+    if tuple(value.shape) != shape:
+      misshaped.append(_shape_problem(key, value.shape, shape, window))
+      continue
+    if path is None:
+      if not np.array_equal(value, expected_index):
+        bad_index.append(key)
+      continue
+    node = params
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = _to_ours(value, kind)
+  _raise("keys", missing, unexpected, misshaped, bad_index)
+  return params
+
+
+def _flatten(tree, prefix=()):
+  for k, v in tree.items():
+    if hasattr(v, "items"):
+      yield from _flatten(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
+
+
+def swin_params_to_state_dict(params, model, prefix: str = "backbone."):
+  """params of `model` (nested dict, e.g. `variables['params']`) -> detectron2 Swin state_dict.
+
+  Keys come in detectron2's state_dict order, `relative_position_index` buffers included (int64),
+  weights as numpy arrays in torch layout.
+
+  Raises:
+    SwinConversionError naming every missing, unexpected and mis-shaped parameter path.
+  """
+  table = swin_key_table(model, prefix)
+  window = int(model.window_size)
+  flat = {"/".join(path): value for path, value in _flatten(params)}
+  wanted = {"/".join(path): (key, kind, shape) for key, (path, kind, shape) in table.items()
+            if path is not None}
+  missing = [p for p in wanted if p not in flat]
+  unexpected = [p for p in flat if p not in wanted]
+  misshaped = []
+  for p, (key, kind, shape) in wanted.items():
+    if p in flat and tuple(np.shape(flat[p])) != _ours_shape(shape, kind):
+      misshaped.append(_shape_problem(p, np.shape(flat[p]), _ours_shape(shape, kind), window))
+  _raise("parameters", missing, unexpected, misshaped, [])
+  out = {}
+  index = relative_position_index(window)
+  for key, (path, kind, _) in table.items():
+    out[key] = index.copy() if path is None else _to_torch(flat["/".join(path)], kind)
+  return out

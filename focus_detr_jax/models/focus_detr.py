@@ -1,0 +1,347 @@
+"""Focus-DETR (detrex `FOCUS_DETR` + `FOCUS_DETRTransformer`), composed from the model files.
+
+    images -> backbone -> neck (4 levels) -> masks, sine positions, level embeddings
+      -> Foreground Token Selector scores -> fixed-capacity cascade of top-k token sets
+      -> dual-attention encoder (OESM self-attention + deformable attention on selected tokens)
+      -> two-stage top-Q proposals -> DINO decoder (+ optional denoising queries) -> heads
+
+One jit compilation per padded input shape: every size here is static (decisions §2-3), dynamic
+counts are masks. Teacher forcing (decisions §8) replaces the three data-dependent top-k's with
+given indices. Intermediates for parity checks are `sow`n into the `intermediates` collection.
+"""
+
+import math
+from typing import Any, Dict, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from focus_detr_jax.models import token_selection
+from focus_detr_jax.models.decoder import DecoderLayer
+from focus_detr_jax.models.encoder import FocusEncoderLayer
+from focus_detr_jax.models.layers import MLP, gather_rows, layer_norm, scatter_rows
+from focus_detr_jax.models.neck import ChannelMapper
+from focus_detr_jax.models.position import sine_box_embedding, sine_position_embedding
+from focus_detr_jax.ops.boxes import inverse_sigmoid
+
+_PRIOR_PROB_BIAS = -math.log((1 - 0.01) / 0.01)
+
+
+def feature_level_shapes(height: int, width: int, num_levels: int = 4):
+  """Static (H_l, W_l) of the neck levels (strides 8, 16, 32, 64) for a padded input size.
+
+  Every stride-2 stage (convs with padding, Swin patch merging) rounds up.
+  """
+  h, w = height, width
+  shapes = []
+  for _ in range(3):
+    h, w = -(-h // 2), -(-w // 2)
+  for _ in range(num_levels):
+    shapes.append((h, w))
+    h, w = -(-h // 2), -(-w // 2)
+  return tuple(shapes)
+
+
+def nearest_resize_mask(mask, out_hw):
+  """torch F.interpolate(mode="nearest") of a [B, H, W] bool mask (src = floor(dst * in/out))."""
+  def indices(in_size, out_size):
+    scale = np.float32(in_size / out_size)
+    src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int32)
+    return np.minimum(src, in_size - 1)
+  return mask[:, indices(mask.shape[1], out_hw[0])][:, :, indices(mask.shape[2], out_hw[1])]
+
+
+def encoder_proposals(level_masks, spatial_shapes):
+  """detrex/DINO grid proposals of every token.
+
+  Args:
+    level_masks: list of [B, H_l, W_l] bool, True = padded.
+  Returns:
+    proposals_unact [B, N, 4] (log-odds cxcywh; +inf where invalid or padded),
+    valid [B, N] bool (all four coordinates in (0.01, 0.99) and not padded).
+  """
+  proposals = []
+  for lvl, (mask, (h, w)) in enumerate(zip(level_masks, spatial_shapes)):
+    b = mask.shape[0]
+    valid_h = (~mask[:, :, 0]).sum(axis=1).astype(jnp.float32)
+    valid_w = (~mask[:, 0, :]).sum(axis=1).astype(jnp.float32)
+    gy, gx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
+                          indexing="ij")
+    cx = (gx[None] + 0.5) / valid_w[:, None, None]
+    cy = (gy[None] + 0.5) / valid_h[:, None, None]
+    size = jnp.full_like(cx, 0.05 * (2.0 ** lvl))
+    proposals.append(jnp.stack([cx, cy, size, size], axis=-1).reshape(b, h * w, 4))
+  proposals = jnp.concatenate(proposals, axis=1)
+  padded = jnp.concatenate([m.reshape(m.shape[0], -1) for m in level_masks], axis=1)
+  valid = jnp.all((proposals > 0.01) & (proposals < 0.99), axis=-1) & ~padded
+  unact = jnp.log(proposals / (1 - proposals))
+  unact = jnp.where(valid[..., None], unact, jnp.inf)
+  return unact, valid
+
+
+def encoder_reference_points(spatial_shapes, valid_ratios):
+  """2-d reference points of every token: [B, N, L, 2] (x, y), spec §6."""
+  refs = []
+  for lvl, (h, w) in enumerate(spatial_shapes):
+    ry, rx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) + 0.5,
+                          jnp.arange(w, dtype=jnp.float32) + 0.5, indexing="ij")
+    ry = ry.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
+    rx = rx.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
+    refs.append(jnp.stack([rx, ry], axis=-1))
+  refs = jnp.concatenate(refs, axis=1)
+  return refs[:, :, None] * valid_ratios[:, None]
+
+
+def _uniform(low, high):
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, low, high)
+  return init
+
+
+class FocusDETR(nn.Module):
+  """Focus-DETR detector. Build with `FocusDETR.from_config(config.model)`.
+
+  Attributes mirror `config.model` (configs/common.py).
+  """
+  num_classes: int = 80
+  backbone: Any = None                     # ConfigDict-like settings of the backbone
+  hidden_dim: int = 256
+  num_heads: int = 8
+  ffn_dim: int = 2048
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  num_levels: int = 4
+  num_points: int = 4
+  num_queries: int = 900
+  topk_sa: int = 300
+  focus_rho: float = 0.5
+  cascade: Sequence[float] = (1.0, 0.8, 0.6, 0.6, 0.4, 0.2)
+  pos_temperature: float = 10000.0
+  pos_offset: float = -0.5
+  eval_padding_mask: bool = True
+  batch_group_size: int = 2
+  dtype: Any = jnp.float32
+
+  @classmethod
+  def from_config(cls, model_config):
+    """The one place where `config.model` becomes constructor arguments."""
+    c = model_config
+    if len(c.cascade) != c.num_encoder_layers:
+      raise ValueError(f"model.cascade has {len(c.cascade)} entries for "
+                       f"{c.num_encoder_layers} encoder layers")
+    if c.num_levels != 4:
+      raise ValueError("Focus-DETR's top-down score modulation is defined for exactly 4 levels")
+    return cls(
+        num_classes=c.num_classes, backbone=dict(c.backbone), hidden_dim=c.hidden_dim,
+        num_heads=c.num_heads, ffn_dim=c.ffn_dim, num_encoder_layers=c.num_encoder_layers,
+        num_decoder_layers=c.num_decoder_layers, num_levels=c.num_levels,
+        num_points=c.num_points, num_queries=c.num_queries, topk_sa=c.topk_sa,
+        focus_rho=c.focus_rho, cascade=tuple(c.cascade), pos_temperature=c.pos_temperature,
+        pos_offset=c.pos_offset, eval_padding_mask=c.eval_padding_mask,
+        batch_group_size=c.batch_group_size,
+        dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[c.dtype])
+
+  def setup(self):
+    d, dt = self.hidden_dim, self.dtype
+    bb = dict(self.backbone or {"name": "resnet", "depth": 50, "norm": "frozen_bn",
+                                "freeze_at": 1, "base_width": 64})
+    if bb["name"] == "resnet":
+      from focus_detr_jax.models.resnet import ResNet
+      self.backbone_net = ResNet(depth=bb["depth"], norm=bb["norm"], freeze_at=bb["freeze_at"],
+                                 base_width=bb.get("base_width", 64), dtype=dt, name="backbone")
+    elif bb["name"] == "swin":
+      from focus_detr_jax.models.swin import SwinTransformer
+      self.backbone_net = SwinTransformer(
+          embed_dim=bb["embed_dim"], depths=tuple(bb["depths"]), num_heads=tuple(bb["num_heads"]),
+          window_size=bb["window_size"], drop_path_rate=bb["drop_path_rate"], dtype=dt,
+          name="backbone")
+    else:
+      raise ValueError(f"unknown backbone {bb['name']!r}; expected 'resnet' or 'swin'")
+    self.neck = ChannelMapper(d, self.num_levels, dtype=dt)
+    self.level_embeds = self.param("level_embeds", nn.initializers.normal(1.0),
+                                   (self.num_levels, d))
+    self.alpha = self.param("alpha", _uniform(-0.3, 0.3), (self.num_levels - 1,))
+    self.enc_output = nn.Dense(d, kernel_init=nn.initializers.xavier_uniform(), dtype=dt)
+    self.enc_output_norm = layer_norm(dtype=dt)
+    self.enc_mask_predictor = token_selection.MaskPredictor(d, dtype=dt)
+    self.tgt_embed = self.param("tgt_embed", nn.initializers.xavier_uniform(),
+                                (self.num_queries, d))
+    self.label_enc = self.param("label_enc", nn.initializers.normal(1.0), (self.num_classes, d))
+    layer_args = dict(embed_dim=d, num_heads=self.num_heads, ffn_dim=self.ffn_dim,
+                      num_levels=self.num_levels, num_points=self.num_points, dtype=dt)
+    self.encoder_layers = [FocusEncoderLayer(topk_sa=self.topk_sa, **layer_args)
+                           for _ in range(self.num_encoder_layers)]
+    self.decoder_layers = [DecoderLayer(**layer_args) for _ in range(self.num_decoder_layers)]
+    self.ref_point_head = MLP(d, d, 2, dtype=dt)
+    self.decoder_norm = layer_norm(dtype=dt)
+    # 7 class/box heads: 0..L-1 decoder layers, L = two-stage proposals and the encoder's MCSP.
+    self.class_embed = [nn.Dense(self.num_classes, dtype=dt,
+                                 bias_init=nn.initializers.constant(_PRIOR_PROB_BIAS))
+                        for _ in range(self.num_decoder_layers + 1)]
+    self.bbox_embed = [MLP(d, 4, 3, dtype=dt, last_zero_init=True)
+                       for _ in range(self.num_decoder_layers + 1)]
+
+  def __call__(self, images, padding_mask=None, *, train: bool = False,
+               denoising: Optional[Dict[str, jnp.ndarray]] = None,
+               forced: Optional[Dict[str, Any]] = None):
+    """Run the detector.
+
+    Args:
+      images: [B, H, W, 3] normalised, zero-padded after normalisation.
+      padding_mask: [B, H, W] bool, True = padded pixel (None: no padding).
+      train: training mode (masks always on, batch groups of `batch_group_size`, drop path).
+      denoising: optional CDN queries: `labels` [B, S] int, `boxes_unact` [B, S, 4],
+        `attn_mask` [B, S+Q, S+Q] bool (True = blocked).
+      forced: optional teacher-forced indices: `fg_inds` (tuple of [B, K_l]), `oesm_sel_local`
+        (tuple of [B, S_l]), `enc_topk_proposals` [B, Q].
+    Returns:
+      dict: pred_logits [B,Q,C], pred_boxes [B,Q,4], aux_pred_logits [L-1,B,Q,C],
+      aux_pred_boxes [L-1,B,Q,4], enc_pred_logits [B,Q,C], enc_pred_boxes [B,Q,4],
+      init_reference [B,Q,4], inter_references [L,B,Q,4], fg_score [B,N], padding_mask_flat [B,N],
+      enc_topk_proposals [B,Q]; with denoising also dn_pred_logits [L,B,S,C], dn_pred_boxes.
+    """
+    forced = forced or {}
+    b = images.shape[0]
+    use_mask = (train or self.eval_padding_mask) and padding_mask is not None
+    # Batch groups couple images like one detrex per-GPU batch in training; never at inference.
+    group_size = self.batch_group_size if train else 1
+
+    features = self.backbone_net(images.astype(self.dtype), train=train)
+    srcs = self.neck(features)
+    spatial_shapes = tuple((int(s.shape[1]), int(s.shape[2])) for s in srcs)
+    self.sow("intermediates", "backbone_features", tuple(features))
+    self.sow("intermediates", "neck_features", tuple(srcs))
+
+    # Masks, positions, flattening (spec §1.4).
+    image_mask = padding_mask if use_mask else jnp.zeros(images.shape[:3], bool)
+    level_masks = [nearest_resize_mask(image_mask, hw) for hw in spatial_shapes]
+    pos = [sine_position_embedding(m, self.hidden_dim // 2, self.pos_temperature, self.pos_offset)
+           for m in level_masks]
+    self.sow("intermediates", "pos_embed", tuple(pos))
+    feat_flat = jnp.concatenate([s.reshape(b, -1, self.hidden_dim) for s in srcs], axis=1)
+    mask_flat = jnp.concatenate([m.reshape(b, -1) for m in level_masks], axis=1)
+    lvl_pos = jnp.concatenate(
+        [(p + self.level_embeds[l]).reshape(b, -1, self.hidden_dim) for l, p in enumerate(pos)],
+        axis=1).astype(self.dtype)
+    valid_ratios = jnp.stack(
+        [jnp.stack([(~m[:, 0, :]).sum(1) / m.shape[2], (~m[:, :, 0]).sum(1) / m.shape[1]], -1)
+         for m in level_masks], axis=1).astype(jnp.float32)                         # [B, L, 2]
+    num_tokens = feat_flat.shape[1]
+    if num_tokens < self.num_queries:
+      raise ValueError(f"input {images.shape[1:3]} gives {num_tokens} tokens, fewer than "
+                       f"num_queries={self.num_queries}; use a larger canvas or fewer queries")
+
+    # Foreground Token Selector (spec §2).
+    proposals_unact, proposals_valid = encoder_proposals(level_masks, spatial_shapes)
+    fts_memory = self.enc_output_norm(self.enc_output(
+        jnp.where(proposals_valid[..., None], feat_flat + lvl_pos, 0.0)))
+    fg_score, _ = token_selection.foreground_scores(self.enc_mask_predictor, self.alpha,
+                                                    fts_memory, spatial_shapes)
+    valid_token_nums = (~mask_flat).sum(axis=1).astype(jnp.int32)
+    fg_masked = token_selection.fill_padded_scores(fg_score, mask_flat, group_size)
+    focus_nums, layer_counts = token_selection.focus_counts(
+        valid_token_nums, self.focus_rho, self.cascade, group_size)
+    capacities = token_selection.cascade_capacities(num_tokens, self.focus_rho, self.cascade)
+    if "fg_inds" in forced:
+      fg_inds = [jnp.asarray(i, jnp.int32) for i in forced["fg_inds"]]
+    else:
+      _, ranking = jax.lax.top_k(fg_masked, capacities[0])
+      fg_inds = [ranking[:, :k] for k in capacities]
+    for name, value in dict(fts_memory_rownorm=jnp.linalg.norm(fts_memory, axis=-1),
+                            fg_score=fg_score, fg_score_masked=fg_masked,
+                            valid_token_nums=valid_token_nums, focus_token_nums=focus_nums,
+                            layer_counts=layer_counts, valid_ratios=valid_ratios,
+                            padding_mask_flat=mask_flat, proposals_valid=proposals_valid).items():
+      self.sow("intermediates", name, value)
+
+    # Dual-attention encoder on the cascade (spec §5).
+    ref_points = encoder_reference_points(spatial_shapes, valid_ratios)
+    output = feat_flat
+    mcsp_head = self.class_embed[self.num_decoder_layers]
+    for l, layer in enumerate(self.encoder_layers):
+      idx = fg_inds[l]
+      k = idx.shape[1]
+      rows = jnp.arange(k)[None, :]
+      candidate_valid = rows < layer_counts[:, l:l + 1]
+      write_back = rows < jnp.minimum(focus_nums, layer_counts[:, l])[:, None]
+      query = gather_rows(output, idx)
+      forced_sel = forced["oesm_sel_local"][l] if "oesm_sel_local" in forced else None
+      updated, info = layer(query, gather_rows(lvl_pos, idx), gather_rows(ref_points, idx),
+                            gather_rows(fg_masked, idx), candidate_valid,
+                            ~gather_rows(mask_flat, idx), feat_flat, mask_flat, spatial_shapes,
+                            mcsp_head, forced_sel)
+      output = scatter_rows(output, idx, jnp.where(write_back[..., None], updated, query))
+      info = dict(info, fg_inds=idx, out_rownorm=jnp.linalg.norm(updated, axis=-1))
+      self.sow("intermediates", f"encoder_layer{l}", info)
+    memory = output if "memory" not in forced else jnp.asarray(forced["memory"])
+    self.sow("intermediates", "memory", memory)
+
+    # Two-stage query selection (spec §7.1).
+    output_memory = self.enc_output_norm(self.enc_output(
+        jnp.where(proposals_valid[..., None], memory, 0.0)))
+    enc_class = mcsp_head(output_memory).astype(jnp.float32)
+    enc_coord_unact = (self.bbox_embed[self.num_decoder_layers](output_memory).astype(jnp.float32)
+                       + proposals_unact)
+    enc_class_max = enc_class.max(axis=-1)
+    self.sow("intermediates", "enc_outputs_class_max_all", enc_class_max)
+    if "enc_topk_proposals" in forced:
+      topk_proposals = jnp.asarray(forced["enc_topk_proposals"], jnp.int32)
+    else:
+      _, topk_proposals = jax.lax.top_k(enc_class_max, self.num_queries)
+    topk_coords_unact = gather_rows(enc_coord_unact, topk_proposals)
+    target_unact = gather_rows(output_memory, topk_proposals)
+    enc_pred_logits = mcsp_head(target_unact).astype(jnp.float32)
+    enc_pred_boxes = jax.nn.sigmoid(topk_coords_unact)
+    reference = jax.lax.stop_gradient(enc_pred_boxes)
+    target = jnp.broadcast_to(self.tgt_embed[None], (b,) + self.tgt_embed.shape).astype(self.dtype)
+    attn_mask = None
+    num_dn = 0
+    if denoising is not None:
+      dn_labels = denoising["labels"]
+      num_dn = dn_labels.shape[1]
+      dn_target = jnp.take(self.label_enc, dn_labels, axis=0).astype(self.dtype)
+      target = jnp.concatenate([dn_target, target], axis=1)
+      reference = jnp.concatenate([jax.nn.sigmoid(denoising["boxes_unact"]), reference], axis=1)
+      attn_mask = denoising["attn_mask"]
+    # Keep label_enc in the gradient graph even without denoising (detrex's DDP hack, no effect).
+    target = target + (self.label_enc[0, 0] * 0.0).astype(target.dtype)
+
+    # Decoder with look-forward-twice box refinement (spec §7.2).
+    init_reference = reference
+    vr4 = jnp.concatenate([valid_ratios, valid_ratios], axis=-1)                   # [B, L, 4]
+    x = target
+    hidden, references = [], []
+    for l, layer in enumerate(self.decoder_layers):
+      ref_in = reference[:, :, None] * vr4[:, None]
+      query_pos = self.ref_point_head(
+          sine_box_embedding(ref_in[:, :, 0, :], self.hidden_dim // 2).astype(self.dtype))
+      x = layer(x, query_pos, memory, mask_flat, ref_in, spatial_shapes, attn_mask)
+      new_reference = jax.nn.sigmoid(self.bbox_embed[l](x).astype(jnp.float32)
+                                     + inverse_sigmoid(reference))
+      hidden.append(self.decoder_norm(x))
+      references.append(new_reference)
+      reference = jax.lax.stop_gradient(new_reference)
+
+    logits, boxes = [], []
+    for l in range(self.num_decoder_layers):
+      ref_l = init_reference if l == 0 else references[l - 1]
+      logits.append(self.class_embed[l](hidden[l]).astype(jnp.float32))
+      boxes.append(jax.nn.sigmoid(self.bbox_embed[l](hidden[l]).astype(jnp.float32)
+                                  + inverse_sigmoid(ref_l)))
+    logits = jnp.stack(logits)
+    boxes = jnp.stack(boxes)
+    inter_references = jnp.stack(references)
+    self.sow("intermediates", "dec_hidden_rownorm",
+             jnp.stack([jnp.linalg.norm(h[:, num_dn:], axis=-1) for h in hidden]))
+    outputs = dict(
+        pred_logits=logits[-1, :, num_dn:], pred_boxes=boxes[-1, :, num_dn:],
+        aux_pred_logits=logits[:-1, :, num_dn:], aux_pred_boxes=boxes[:-1, :, num_dn:],
+        enc_pred_logits=enc_pred_logits, enc_pred_boxes=enc_pred_boxes,
+        init_reference=init_reference[:, num_dn:], inter_references=inter_references[:, :, num_dn:],
+        fg_score=fg_score, padding_mask_flat=mask_flat, enc_topk_proposals=topk_proposals)
+    if denoising is not None:
+      outputs["dn_pred_logits"] = logits[:, :, :num_dn]
+      outputs["dn_pred_boxes"] = boxes[:, :, :num_dn]
+    return outputs

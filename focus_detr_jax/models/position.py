@@ -1,0 +1,46 @@
+"""Sine positional encodings (detrex PositionEmbeddingSine and get_sine_pos_embed)."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def _dim_t(num_pos_feats, temperature):
+  """T^(2*floor(k/2)/F), k = 0..F-1, computed in float32 like torch."""
+  k = np.arange(num_pos_feats, dtype=np.float32)
+  return jnp.asarray(np.float32(temperature) ** (2 * np.floor(k / 2) / np.float32(num_pos_feats)),
+                     dtype=jnp.float32)
+
+
+def _interleave_sin_cos(x):
+  """[..., F] phases -> [..., F] as [sin(x0), cos(x1), sin(x2), cos(x3), ...]."""
+  return jnp.stack([jnp.sin(x[..., 0::2]), jnp.cos(x[..., 1::2])], axis=-1).reshape(x.shape)
+
+
+def sine_position_embedding(padding_mask, num_pos_feats=128, temperature=10000.0, offset=-0.5,
+                            scale=2 * math.pi, eps=1e-6):
+  """PositionEmbeddingSine(normalize=True) of one level.
+
+  Args:
+    padding_mask: [B, H, W] bool, True = padded.
+  Returns:
+    [B, H, W, 2F] float32, channels [pos_y (F) | pos_x (F)], sin/cos interleaved.
+  """
+  not_mask = (~padding_mask).astype(jnp.float32)
+  y_embed = jnp.cumsum(not_mask, axis=1)
+  x_embed = jnp.cumsum(not_mask, axis=2)
+  y_embed = (y_embed + offset) / (y_embed[:, -1:, :] + eps) * scale
+  x_embed = (x_embed + offset) / (x_embed[:, :, -1:] + eps) * scale
+  dim_t = _dim_t(num_pos_feats, temperature)
+  pos_x = _interleave_sin_cos(x_embed[..., None] / dim_t)
+  pos_y = _interleave_sin_cos(y_embed[..., None] / dim_t)
+  return jnp.concatenate([pos_y, pos_x], axis=-1)
+
+
+def sine_box_embedding(boxes, num_pos_feats=128, temperature=10000.0, scale=2 * math.pi):
+  """get_sine_pos_embed(exchange_xy=True) of cxcywh boxes: [..., 4] -> [..., 4F] as [y, x, w, h]."""
+  dim_t = _dim_t(num_pos_feats, temperature)
+  embeds = [_interleave_sin_cos(boxes[..., i:i + 1] * scale / dim_t) for i in range(4)]
+  embeds[0], embeds[1] = embeds[1], embeds[0]
+  return jnp.concatenate(embeds, axis=-1)

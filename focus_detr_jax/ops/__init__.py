@@ -1,0 +1,1 @@
+"""focus_detr_jax.ops."""

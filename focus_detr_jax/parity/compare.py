@@ -1,0 +1,109 @@
+"""Comparison rules of the parity contract (decisions §8): tolerances and tie-aware index sets."""
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class StageResult:
+  """One row of the parity report."""
+  stage: str
+  max_error: float
+  tolerance: str
+  passed: bool
+  detail: str = ""
+
+  def row(self):
+    status = "PASS" if self.passed else "FAIL"
+    return f"{self.stage:44s} {self.max_error:11.3e}  {self.tolerance:28s} {status}  {self.detail}"
+
+
+def compare_close(stage, ours, ref, atol=0.0, rtol=0.0, detail=""):
+  """|ours - ref| <= atol + rtol * |ref| elementwise; reports the max abs error."""
+  ours = np.asarray(ours, np.float64)
+  ref = np.asarray(ref, np.float64)
+  if ours.shape != ref.shape:
+    return StageResult(stage, float("inf"), f"shape {ref.shape}", False,
+                       f"shape mismatch: ours {ours.shape}")
+  err = np.abs(ours - ref)
+  ok = bool(np.all(err <= atol + rtol * np.abs(ref)))
+  tol = " + ".join(t for t in ((f"atol {atol:g}" if atol else ""), (f"rtol {rtol:g}" if rtol else ""))
+                   if t) or "exact"
+  return StageResult(stage, float(err.max()) if err.size else 0.0, tol, ok, detail)
+
+
+def compare_exact(stage, ours, ref, detail=""):
+  ours, ref = np.asarray(ours), np.asarray(ref)
+  if ours.shape != ref.shape:
+    return StageResult(stage, float("inf"), "exact", False, f"shape mismatch: ours {ours.shape} "
+                       f"vs {ref.shape}")
+  mismatches = int(np.sum(ours != ref))
+  return StageResult(stage, float(mismatches), "exact (count)", mismatches == 0, detail)
+
+
+def tie_aware_topk_mismatch(ours_idx, ref_idx, ref_key, eps, check_order=True):
+  """Tie-aware comparison of one top-k index list (decisions §8).
+
+  Args:
+    ours_idx, ref_idx: [k] indices into the candidates, sorted by decreasing key.
+    ref_key: [n] the reference key of every candidate.
+    eps: elements whose reference key is within eps of the k-th key may differ; in order
+      checks, neighbours closer than eps may swap.
+  Returns:
+    number of mismatching elements (0 = equal up to ties).
+  """
+  ours_idx = np.asarray(ours_idx)
+  ref_idx = np.asarray(ref_idx)
+  ref_key = np.asarray(ref_key, np.float64)
+  k = len(ref_idx)
+  if len(ours_idx) != k:
+    return max(k, len(ours_idx))
+  kth = ref_key[ref_idx].min()
+  ambiguous = lambda idx: np.abs(ref_key[idx] - kth) <= eps
+  ours_set = set(ours_idx[~ambiguous(ours_idx)].tolist())
+  ref_set = set(ref_idx[~ambiguous(ref_idx)].tolist())
+  bad = len(ours_set ^ ref_set)
+  if check_order:
+    # The reference keys read in our order must follow the reference's sorted keys within eps.
+    bad += int(np.sum(np.abs(ref_key[ours_idx] - ref_key[ref_idx]) > eps))
+  return bad
+
+
+def compare_topk(stage, ours_idx, ref_idx, ref_key, eps, check_order=True):
+  """Tie-aware comparison of batched top-k lists [B, k] with keys [B, n]."""
+  ours_idx, ref_idx, ref_key = np.asarray(ours_idx), np.asarray(ref_idx), np.asarray(ref_key)
+  bad = sum(tie_aware_topk_mismatch(o, r, key, eps, check_order)
+            for o, r, key in zip(ours_idx, ref_idx, ref_key))
+  exact = int(np.sum(ours_idx != ref_idx)) if ours_idx.shape == ref_idx.shape else -1
+  return StageResult(stage, float(bad), f"tie-aware exact (eps {eps:g})", bad == 0,
+                     f"{exact} raw position differences")
+
+
+def compare_detections(stage, ours, ref, image_size, score_eps=2e-3, box_atol_frac=5e-4):
+  """Sorted top-k detections: scores atol; labels/boxes tie-aware (decisions §8).
+
+  ours/ref: dicts with `scores` [k], `labels` [k], `boxes` [k, 4] xyxy pixels.
+  """
+  box_atol = box_atol_frac * max(image_size)
+  s_o, s_r = np.asarray(ours["scores"], np.float64), np.asarray(ref["scores"], np.float64)
+  results = [compare_close(f"{stage} scores", s_o, s_r, atol=score_eps)]
+  kth = s_r.min()
+  bad = 0
+  worst_box = 0.0
+  for i in range(len(s_r)):
+    if abs(s_r[i] - kth) <= score_eps:
+      continue  # may fall out of our top-k through a near-tie at the boundary
+    cand = np.where((np.abs(s_o - s_r[i]) <= score_eps) & (np.asarray(ours["labels"]) ==
+                                                             ref["labels"][i]))[0]
+    if len(cand) == 0:
+      bad += 1
+      continue
+    err = np.abs(np.asarray(ours["boxes"])[cand] - ref["boxes"][i]).max(axis=1)
+    worst_box = max(worst_box, float(err.min()))
+    bad += int(err.min() > box_atol)
+  results.append(StageResult(f"{stage} labels+boxes", float(bad),
+                             f"tie-aware (eps {score_eps:g}), box atol {box_atol:.3g}", bad == 0,
+                             f"worst matched box error {worst_box:.3e}"))
+  return results

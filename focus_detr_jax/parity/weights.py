@@ -1,0 +1,55 @@
+"""Deterministic reference weights, rebuilt from a `state_dict_manifest.json` (parity/README §4).
+
+The recorded reference sets overwrite every float entry of the detrex state_dict with a value drawn
+from `default_rng(crc32(key) + seed)` by a per-key rule; aliases (shared modules saved under several
+paths) point at their canonical key. This rebuilds that state_dict bitwise in numpy.
+"""
+
+import json
+import zlib
+
+import numpy as np
+
+
+def rule_value(key, shape, rule, seed):
+  """The value of one canonical key under the recording's weight rule."""
+  rng = np.random.default_rng(zlib.crc32(key.encode()) + seed)
+  s = tuple(shape)
+  if rule == "running_var":
+    a = rng.uniform(0.5, 1.5, s)
+  elif rule == "running_mean":
+    a = rng.normal(0, 0.1, s)
+  elif rule == "norm_weight":
+    a = 1 + rng.normal(0, 0.1, s)
+  elif rule == "vec":
+    a = rng.normal(0, 0.02, s)
+  elif rule == "embedding":
+    a = rng.normal(0, 1, s)
+  elif rule == "fan_in":
+    a = rng.normal(0, 1, s) * np.sqrt(1.0 / int(np.prod(s[1:])))
+  elif rule == "int_buffer":
+    window = int(round(np.sqrt(s[0])))
+    if s != (window * window, window * window):
+      raise ValueError(f"int_buffer rule only covers Swin relative_position_index, got {key} {s}")
+    from focus_detr_jax.models.swin import relative_position_index
+    return relative_position_index(window).astype(np.int64)
+  else:
+    raise ValueError(f"unknown weight rule {rule!r} for key {key}")
+  return a.astype(np.float32)
+
+
+def load_manifest(path):
+  """[(key, shape, dtype, rule, alias_of)] in state_dict order."""
+  with open(path) as f:
+    return [tuple(row) for row in json.load(f)]
+
+
+def build_state_dict(manifest_path, seed, prefix=""):
+  """Rebuild the recorded state_dict: {key: np.ndarray}; aliases share the canonical array."""
+  state_dict = {}
+  for key, shape, _, rule, alias_of in load_manifest(manifest_path):
+    if alias_of is not None:
+      state_dict[key] = state_dict[alias_of]
+    else:
+      state_dict[key] = rule_value(prefix + key, shape, rule, seed)
+  return state_dict

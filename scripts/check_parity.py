@@ -1,0 +1,45 @@
+"""Compare focus_detr_jax with data recorded from the official detrex implementation.
+
+  python scripts/check_parity.py --reference-dir ../shared/parity/public [--json out.json]
+
+Prints one row per stage (max error, tolerance, pass/fail); exits non-zero on any failure or if
+no stage ran. Works on any directory laid out like shared/parity/public (decisions.md §8).
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from focus_detr_jax.parity import check  # noqa: E402
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+  parser.add_argument("--reference-dir", required=True, type=Path)
+  parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
+  parser.add_argument("--stages", nargs="*", default=None,
+                      help="stage groups to run (default: all the directory allows)")
+  args = parser.parse_args(argv)
+  results, skipped = check.run_all(args.reference_dir, args.stages)
+  for r in results:
+    print(r.row())
+  for s in skipped:
+    print(f"skipped: {s}")
+  failed = [r for r in results if not r.passed]
+  print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed, {len(skipped)} skipped "
+        f"groups")
+  if args.json:
+    args.json.write_text(json.dumps({"results": [dataclasses.asdict(r) for r in results],
+                                     "skipped": skipped}, indent=1))
+  if not results:
+    print("no stage ran", file=sys.stderr)
+    return 2
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
