@@ -75,3 +75,20 @@ def test_manifest_weights_match_fingerprint(reference):
     arr = sd[key].astype(np.float64)
     assert np.isclose(arr.sum(), total, rtol=1e-9, atol=1e-9), key
     assert np.isclose(np.abs(arr).sum(), abs_total, rtol=1e-9, atol=1e-9), key
+
+
+def test_criterion_on_stored_outputs(reference):
+  _assert_all_pass(check.criterion_only_stages(reference["dir"]))
+
+
+@pytest.mark.parametrize("with_dn", [False, True], ids=["dn_off", "dn_on"])
+def test_training_losses_and_gradients(reference, config, with_dn):
+  """All 40 loss terms, the 7 matchings, DN queries/outputs, and the gradients (issue 10)."""
+  if with_dn:
+    rows = check.dn_stages(reference, config)
+    assert any("attn_mask" in r.stage for r in rows)
+  else:
+    rows = check.train_loss_stages(reference, config)
+  rows += check.gradient_stages(reference, config, with_dn)
+  assert sum("/grad " in r.stage for r in rows) >= 23
+  _assert_all_pass(rows)

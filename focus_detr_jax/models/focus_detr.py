@@ -193,7 +193,7 @@ class FocusDETR(nn.Module):
       padding_mask: [B, H, W] bool, True = padded pixel (None: no padding).
       train: training mode (masks always on, batch groups of `batch_group_size`, drop path).
       denoising: optional CDN queries: `labels` [B, S] int, `boxes_unact` [B, S, 4],
-        `attn_mask` [B, S+Q, S+Q] bool (True = blocked).
+        `attn_mask` [B, S+Q, S+Q] bool (True = blocked), `valid` [B, S] bool (filled slots).
       forced: optional teacher-forced indices: `fg_inds` (tuple of [B, K_l]), `oesm_sel_local`
         (tuple of [B, S_l]), `enc_topk_proposals` [B, Q].
     Returns:
@@ -302,6 +302,8 @@ class FocusDETR(nn.Module):
       dn_labels = denoising["labels"]
       num_dn = dn_labels.shape[1]
       dn_target = jnp.take(self.label_enc, dn_labels, axis=0).astype(self.dtype)
+      if "valid" in denoising:  # detrex leaves unfilled slots as zero vectors
+        dn_target = jnp.where(denoising["valid"][..., None], dn_target, 0.0)
       target = jnp.concatenate([dn_target, target], axis=1)
       reference = jnp.concatenate([jax.nn.sigmoid(denoising["boxes_unact"]), reference], axis=1)
       attn_mask = denoising["attn_mask"]

@@ -60,7 +60,10 @@ def load_reference(reference_dir):
               forward_eval=_npz(d / "forward_eval.npz"),
               losses_train=_npz(d / "losses_train.npz"),
               foreground_labels=_npz(d / "foreground_labels.npz"),
-              ms_deform_attn=_npz(d / "ms_deform_attn.npz"))
+              ms_deform_attn=_npz(d / "ms_deform_attn.npz"),
+              dn_train=_npz(d / "dn_train.npz"),
+              grads_train=_npz(d / "grads_train.npz"),
+              grads_train_dn=_npz(d / "grads_train_dn.npz"))
 
 
 def make_batch(inputs, prefix=""):
@@ -331,7 +334,12 @@ def run_all(reference_dir, only: Optional[List[str]] = None):
   results, skipped = [], []
   groups = [("msda", "ms_deform_attn", lambda: msda_stages(reference["ms_deform_attn"])),
             ("eval", "forward_eval", lambda: eval_stages(reference, config)),
-            ("train", "losses_train", lambda: train_stages(reference, config))]
+            ("train", "losses_train", lambda: train_stages(reference, config)),
+            ("criterion", "losses_train", lambda: criterion_only_stages(reference["dir"])),
+            ("losses", "losses_train", lambda: train_loss_stages(reference, config)),
+            ("grads", "grads_train", lambda: gradient_stages(reference, config, False)),
+            ("dn", "dn_train", lambda: dn_stages(reference, config)),
+            ("grads_dn", "grads_train_dn", lambda: gradient_stages(reference, config, True))]
   for name, file_key, fn in groups:
     if only and name not in only:
       continue
@@ -340,3 +348,189 @@ def run_all(reference_dir, only: Optional[List[str]] = None):
       continue
     results += fn()
   return results, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# Training objective: model forward (teacher-forced) + criterion, with DN off and on, and the
+# gradients of the total loss.
+
+TOL_LOSS = 1e-4
+TOL_GRAD_NORM = 1e-2
+TOL_GRAD_NORM_ATOL = 1e-8          # where the reference norm is below 1e-6
+TOL_GRAD_REL_L2 = 2e-2
+TOL_GRAD_MAX = 3e-2
+MATCH_NAMES = ("final", "aux0", "aux1", "aux2", "aux3", "aux4", "enc")
+
+
+def _train_batch(reference, max_boxes):
+  from focus_detr_jax.parity.loss_stages import load_targets
+  images, mask, _ = make_batch(reference["inputs"], prefix="train_")
+  targets = load_targets(reference["dir"], max_boxes)
+  return dict(image=jnp.asarray(images), padding_mask=jnp.asarray(mask),
+              **{k: jnp.asarray(v) for k, v in targets.items()})
+
+
+def _objective(reference, config, ref, with_dn):
+  """(model, variables, batch, loss_fn(params) -> (total, aux)) for one recorded train run."""
+  from focus_detr_jax.train import denoising as denoising_lib
+  from focus_detr_jax.train.objective import model_loss
+  config = config.copy_and_resolve_references()
+  if not with_dn:
+    config.model.dn_number = 0
+  batch = _train_batch(reference, config.data.max_boxes)
+  model, variables = build_model(config, reference["dir"], batch["image"].shape, train=True)
+  forced = forced_from(ref, config.model.num_encoder_layers)
+  draws = None
+  if with_dn:
+    draws = denoising_lib.cdn_draws_from_detrex_rows(ref, batch["image"].shape[0],
+                                                     2 * config.model.dn_number)
+  extra = {k: v for k, v in variables.items() if k != "params"}
+
+  def loss_fn(params):
+    return model_loss(model, params, extra, batch, config, dn_draws=draws, forced=forced)
+
+  return model, variables, batch, loss_fn
+
+
+def _loss_rows(tag, ref, aux):
+  rows = []
+  names = [str(n) for n in ref["loss_names"]]
+  ours = np.asarray([float(aux["losses"][n]) for n in names])
+  rows.append(compare_close(f"{tag}/loss_terms ({len(names)})", ours, ref["loss_raw"],
+                            rtol=TOL_LOSS, detail="worst: " + names[int(np.argmax(
+                                np.abs(ours - ref["loss_raw"]) / np.maximum(
+                                    np.abs(ref["loss_raw"]), 1e-30)))]))
+  total = sum(float(aux["weighted"][n]) for n in names)
+  rows.append(compare_close(f"{tag}/loss_total", total, ref["loss_total"], rtol=TOL_LOSS))
+  matching = aux["matching"]
+  bad = 0
+  for k, name in enumerate(MATCH_NAMES):
+    for b in range(matching.query_index.shape[1]):
+      if f"match_{name}_src_{b}" not in ref:
+        continue
+      src, tgt = ref[f"match_{name}_src_{b}"], ref[f"match_{name}_tgt_{b}"]
+      ours = {int(t): int(q) for t, q in enumerate(np.asarray(matching.query_index[k, b]))
+              if bool(matching.matched[k, b, t])}
+      bad += int(ours != {int(t): int(s) for s, t in zip(src, tgt)})
+  rows.append(StageResult(f"{tag}/hungarian_matchings (7 calls x images)", float(bad),
+                          "exact", bad == 0))
+  return rows
+
+
+_OBJECTIVE_CACHE = {}
+
+
+def run_objective(reference, config, with_dn):
+  """Loss parts and gradients of one recorded train run, one compiled program (cached)."""
+  key = (str(reference["dir"]), with_dn)
+  if key not in _OBJECTIVE_CACHE:
+    ref = reference["dn_train"] if with_dn else reference["losses_train"]
+    _, variables, _, loss_fn = _objective(reference, config, ref, with_dn=with_dn)
+    (_, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+    _OBJECTIVE_CACHE.clear()  # keep one full-size result alive at a time
+    _OBJECTIVE_CACHE[key] = (variables, jax.device_get(aux), jax.device_get(grads))
+  return _OBJECTIVE_CACHE[key]
+
+
+def train_loss_stages(reference, config):
+  """DN-off losses and matchings of losses_train.npz from our teacher-forced forward."""
+  _, aux, _ = run_objective(reference, config, with_dn=False)
+  return _loss_rows("train_dn_off", reference["losses_train"], aux)
+
+
+def dn_stages(reference, config):
+  """DN-on run of dn_train.npz: queries, mask, DN decoder outputs, losses, matchings."""
+  ref = reference["dn_train"]
+  variables, aux, _ = run_objective(reference, config, with_dn=True)
+  dn, out = aux["denoising"], aux["outputs"]
+  label_enc = np.asarray(variables["params"]["label_enc"])
+  query_label = np.where(np.asarray(dn.dn_valid)[..., None], label_enc[np.asarray(dn.dn_labels)],
+                         0.0)
+  s = ref["input_query_label"].shape[1]
+  rows = [
+      compare_close("train_dn_on/input_query_label", query_label[:, :s], ref["input_query_label"],
+                    atol=1e-6),
+      compare_close("train_dn_on/input_query_bbox", np.asarray(dn.dn_boxes_unact)[:, :s],
+                    ref["input_query_bbox"], atol=TOL_MODULE),
+      compare_exact("train_dn_on/num_groups", np.asarray(dn.num_groups),
+                    np.full_like(np.asarray(dn.num_groups), int(ref["dn_num_groups"]))),
+  ]
+  # Our mask has the static capacity S = 2 * dn_number; detrex's has pad_size DN slots.
+  mask = np.asarray(dn.dn_attn_mask)
+  total_q = ref["attn_mask"].shape[0]
+  q = out["pred_logits"].shape[1]
+  keep = np.r_[0:total_q - q, mask.shape[1] - q:mask.shape[1]]
+  for b in range(mask.shape[0]):
+    rows.append(compare_exact(f"train_dn_on/attn_mask_img{b}", mask[b][np.ix_(keep, keep)],
+                              ref["attn_mask"]))
+  rows.append(compare_close("train_dn_on/dn_pred_logits_all_layers",
+                            out["dn_pred_logits"][:, :, :s], ref["dn_pred_logits_all_layers"],
+                            atol=TOL_DEC_LOGITS))
+  rows.append(compare_close("train_dn_on/dn_pred_boxes_all_layers",
+                            out["dn_pred_boxes"][:, :, :s], ref["dn_pred_boxes_all_layers"],
+                            atol=TOL_DEC_BOXES))
+  for key, tol in (("pred_logits", TOL_DEC_LOGITS), ("pred_boxes", TOL_DEC_BOXES),
+                   ("aux_pred_logits", TOL_DEC_LOGITS), ("aux_pred_boxes", TOL_DEC_BOXES)):
+    rows.append(compare_close(f"train_dn_on/{key}", out[key], ref[key], atol=tol))
+  rows += _loss_rows("train_dn_on", ref, aux)
+  return rows
+
+
+def gradient_stages(reference, config, with_dn):
+  """Gradients of the total loss vs grads_train(_dn).npz: norms per parameter, full arrays."""
+  tag = "grads_dn_on" if with_dn else "grads_dn_off"
+  grads_ref = reference["grads_train_dn" if with_dn else "grads_train"]
+  _, _, grads = run_objective(reference, config, with_dn)
+  names = [str(n) for n in grads_ref["param_names"]]
+  backbone_mapper = None
+  if config.model.backbone.name == "swin":
+    from focus_detr_jax.convert import swin as swin_convert
+    backbone_mapper = swin_convert.swin_key_to_path
+  ours = detrex_convert.variables_to_state_dict(
+      {"params": grads}, names, config.model.num_decoder_layers, config.model.num_encoder_layers,
+      backbone_mapper=backbone_mapper)
+  ref_norm = grads_ref["grad_stats"][:, 2]
+  our_norm = np.asarray([np.linalg.norm(ours[n].astype(np.float64)) for n in names])
+  small = ref_norm < 1e-6
+  err = np.abs(our_norm - ref_norm)
+  ok = np.where(small, err <= TOL_GRAD_NORM_ATOL, err <= TOL_GRAD_NORM * ref_norm)
+  rel = np.where(small, 0.0, err / np.maximum(ref_norm, 1e-30))
+  worst = int(np.argmax(rel))
+  rows = [StageResult(f"{tag}/grad_norms ({len(names)} params)", float(rel.max()),
+                      f"rtol {TOL_GRAD_NORM:g} (atol {TOL_GRAD_NORM_ATOL:g} if norm<1e-6)",
+                      bool(ok.all()), f"worst rel {names[worst]}; {int((~ok).sum())} failing: " +
+                      ", ".join(np.asarray(names)[~ok][:5]))]
+  # Our param tree must hold exactly the reference's trainable parameters.
+  ours_count = len(jax.tree_util.tree_leaves(grads))
+  rows.append(compare_exact(f"{tag}/trainable_param_count", ours_count, len(names) + len(
+      grads_ref["frozen_param_names"])))
+  for frozen in grads_ref["frozen_param_names"]:
+    rule = detrex_convert.detrex_key_to_path(str(frozen))
+    node = grads
+    for p in tuple(rule[1]) + (rule[3],):
+      node = node[p]
+    rows.append(compare_exact(f"{tag}/frozen {frozen} grad == 0", np.asarray(node),
+                              np.zeros_like(np.asarray(node))))
+  for key in sorted(k for k in grads_ref if k.startswith("grad__")):
+    name = key[len("grad__"):]
+    g_ref = grads_ref[key].astype(np.float64)
+    g = ours[name].astype(np.float64)
+    rel_l2 = np.linalg.norm(g - g_ref) / max(np.linalg.norm(g_ref), 1e-30)
+    max_rel = np.abs(g - g_ref).max() / max(np.abs(g_ref).max(), 1e-30)
+    rows.append(StageResult(f"{tag}/grad {name}", float(rel_l2),
+                            f"rel L2 {TOL_GRAD_REL_L2:g}, max {TOL_GRAD_MAX:g}",
+                            bool(rel_l2 <= TOL_GRAD_REL_L2 and max_rel <= TOL_GRAD_MAX),
+                            f"max diff / max abs {max_rel:.2e}"))
+  return rows
+
+
+def criterion_only_stages(reference_dir):
+  """Criterion on the stored outputs (helper rows of parity/loss_stages.py)."""
+  from focus_detr_jax.parity import loss_stages
+  rows = []
+  for r in loss_stages.loss_stage_rows(reference_dir):
+    if r.passed is None:
+      continue
+    rows.append(StageResult(f"criterion/{r.stage}", float(r.max_error), f"{r.tolerance:g}",
+                            bool(r.passed)))
+  return rows

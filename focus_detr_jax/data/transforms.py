@@ -1,0 +1,352 @@
+"""Per-example detection transforms in TF (detrex `coco_detr.py` + `DetrDatasetMapper`, spec §9).
+
+Training: horizontal flip (p 0.5); then 50/50 either
+  (a) ResizeShortestEdge(short in `train_scales`, max `train_max_size`), or
+  (b) ResizeShortestEdge(short in `crop_resize_scales`, no max) -> RandomCrop("absolute_range",
+      `crop_size_range`) -> ResizeShortestEdge(short in `train_scales`, max `train_max_size`);
+crowd boxes dropped, boxes clipped to the image and empty ones removed (width or height <= 1e-5 px,
+detectron2 `filter_empty_instances`). Evaluation: ResizeShortestEdge(`eval_scale`, `eval_max_size`).
+Finally the image is scaled down if it does not fit its canvas and placed top-left in it.
+
+Boxes travel as absolute-pixel xyxy float32 and leave as normalised cxcywh relative to the
+resized, unpadded image. Images stay uint8 (resized with antialiased bilinear, rounded like PIL);
+normalisation happens on the host after batching (`pipeline.py`) so tf.data buffers and iterator
+checkpoints stay 4x smaller.
+
+All randomness is stateless, keyed by (seed, position of the example in its stream), so the
+output is a pure function of the position: exact resume only needs the position.
+"""
+
+import dataclasses
+from typing import Sequence
+
+import tensorflow as tf
+
+from focus_detr_jax.data import canvas as canvas_lib
+
+# Per-example counters produced by the map (summed over the stream by `pipeline.py`).
+EXAMPLE_STATS = (
+    "images_without_annotations",   # training: skipped (detectron2 filter_empty=True)
+    "images_rescaled_to_fit",       # did not fit its canvas after the resize: scaled down
+    "images_truncated",             # had more than max_boxes boxes
+    "boxes_crowd_dropped",          # is_crowd boxes (never targets)
+    "boxes_clipped",                # partly outside the image: clipped to it
+    "boxes_invalid_dropped",        # zero-area, inverted, non-finite or entirely outside
+    "boxes_emptied_by_augmentation",  # cropped away / degenerate after resize
+    "boxes_truncated",              # beyond max_boxes
+)
+EMPTY_BOX_THRESHOLD = 1e-5  # detectron2 Boxes.nonempty(threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformConfig:
+  """Static transform settings (built once from the data config)."""
+  max_boxes: int = 100
+  augment: bool = True
+  flip_prob: float = 0.5
+  crop_prob: float = 0.5
+  train_scales: tuple[int, ...] = tuple(range(480, 801, 32))
+  train_max_size: int = 1333
+  crop_resize_scales: tuple[int, ...] = (400, 500, 600)
+  crop_resize_max_size: int = 0          # 0: unlimited (detectron2 default sys.maxsize)
+  crop_size_range: tuple[int, int] = (384, 600)
+  eval_scale: int = 800
+  eval_max_size: int = 1333
+  drop_crowd: bool = True
+  skip_images_without_annotations: bool = True
+
+  @classmethod
+  def from_config(cls, config) -> "TransformConfig":
+    return cls(
+        max_boxes=int(config.max_boxes),
+        augment=bool(config.augment),
+        flip_prob=float(config.flip_prob),
+        crop_prob=float(config.crop_prob),
+        train_scales=tuple(int(s) for s in config.train_scales),
+        train_max_size=int(config.train_max_size),
+        crop_resize_scales=tuple(int(s) for s in config.crop_resize_scales),
+        crop_resize_max_size=int(config.crop_resize_max_size or 0),
+        crop_size_range=tuple(int(s) for s in config.crop_size_range),
+        eval_scale=int(config.eval_scale),
+        eval_max_size=int(config.eval_max_size),
+        drop_crowd=bool(config.drop_crowd),
+        skip_images_without_annotations=bool(config.skip_images_without_annotations),
+    )
+
+
+# ----------------------------------------------------------------------------- geometry helpers
+
+def decode_image(encoded: tf.Tensor) -> tf.Tensor:
+  """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 [h, w, 3] RGB (grayscale/RGBA/CMYK converted).
+
+  Raises (inside tf.data: the element is dropped by `ignore_errors` and counted) on corrupt or
+  truncated data.
+  """
+  image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+  image.set_shape([None, None, 3])
+  tf.debugging.assert_positive(tf.size(image), message="empty image")
+  return image
+
+
+def resize_shortest_edge_size(hw: tf.Tensor, short, max_size) -> tf.Tensor:
+  """detectron2 `ResizeShortestEdge.get_output_shape`: int32 [2] (new h, new w).
+
+  `short` may be a tensor; `max_size` <= 0 means unlimited. float64 like detectron2's Python.
+  """
+  h = tf.cast(hw[0], tf.float64)
+  w = tf.cast(hw[1], tf.float64)
+  size = tf.cast(short, tf.float64)
+  scale = size / tf.minimum(h, w)
+  newh = tf.where(h < w, size, scale * h)
+  neww = tf.where(h < w, scale * w, size)
+  if max_size and max_size > 0:
+    m = tf.constant(float(max_size), tf.float64)
+    over = tf.maximum(newh, neww) > m
+    rescale = m / tf.maximum(newh, neww)
+    newh = tf.where(over, newh * rescale, newh)
+    neww = tf.where(over, neww * rescale, neww)
+  newh = tf.floor(newh + 0.5)
+  neww = tf.floor(neww + 0.5)
+  return tf.maximum(tf.cast(tf.stack([newh, neww]), tf.int32), 1)
+
+
+def resize_image(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+  """uint8 [h, w, 3] -> uint8 [size[0], size[1], 3], bilinear with antialias (PIL-like), rounded."""
+  out = tf.image.resize(image, size, method="bilinear", antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+
+
+def scale_boxes(boxes: tf.Tensor, from_hw: tf.Tensor, to_hw: tf.Tensor) -> tf.Tensor:
+  """xyxy [N, 4] absolute boxes from an image of size from_hw to one of size to_hw."""
+  sy = tf.cast(to_hw[0], tf.float32) / tf.cast(from_hw[0], tf.float32)
+  sx = tf.cast(to_hw[1], tf.float32) / tf.cast(from_hw[1], tf.float32)
+  return boxes * tf.stack([sx, sy, sx, sy])
+
+
+def clip_boxes(boxes: tf.Tensor, hw: tf.Tensor) -> tf.Tensor:
+  w = tf.cast(hw[1], tf.float32)
+  h = tf.cast(hw[0], tf.float32)
+  return tf.clip_by_value(boxes, 0.0, tf.stack([w, h, w, h]))
+
+
+def nonempty(boxes: tf.Tensor) -> tf.Tensor:
+  """bool [N]: width and height > 1e-5 (detectron2 `Boxes.nonempty`)."""
+  return tf.logical_and(boxes[:, 2] - boxes[:, 0] > EMPTY_BOX_THRESHOLD,
+                        boxes[:, 3] - boxes[:, 1] > EMPTY_BOX_THRESHOLD)
+
+
+def hflip(image: tf.Tensor, boxes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """Horizontal flip of a uint8 image and its xyxy boxes (x -> w - x)."""
+  w = tf.cast(tf.shape(image)[1], tf.float32)
+  flipped = tf.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
+  return tf.reverse(image, axis=[1]), flipped
+
+
+def _count(mask: tf.Tensor) -> tf.Tensor:
+  return tf.reduce_sum(tf.cast(mask, tf.int64))
+
+
+def clean_boxes(bbox_yxyx: tf.Tensor, labels: tf.Tensor, is_crowd: tf.Tensor, hw: tf.Tensor,
+                drop_crowd: bool):
+  """TFDS boxes (normalised [ymin, xmin, ymax, xmax]) -> absolute xyxy, cleaned.
+
+  Returns (boxes [N', 4] float32, labels [N'] int32, is_crowd [N'] bool, stats dict): crowd boxes
+  dropped if `drop_crowd`; non-finite, zero-area, inverted and fully-outside boxes dropped; boxes
+  partly outside the image clipped.
+  """
+  bbox = tf.reshape(tf.cast(bbox_yxyx, tf.float32), [-1, 4])
+  n = tf.shape(bbox)[0]
+  labels = tf.cast(labels, tf.int32)[:n]
+  is_crowd = tf.cast(is_crowd, tf.bool)[:n]
+  h = tf.cast(hw[0], tf.float32)
+  w = tf.cast(hw[1], tf.float32)
+  raw = tf.stack([bbox[:, 1] * w, bbox[:, 0] * h, bbox[:, 3] * w, bbox[:, 2] * h], axis=1)
+  finite = tf.reduce_all(tf.math.is_finite(raw), axis=1)
+  raw = tf.where(finite[:, None], raw, 0.0)
+  clipped = clip_boxes(raw, hw)
+  was_clipped = tf.reduce_any(tf.abs(clipped - raw) > 1e-3, axis=1)
+  valid = tf.logical_and(finite, nonempty(clipped))
+  crowd = tf.logical_and(is_crowd, drop_crowd)
+  keep = tf.logical_and(valid, tf.logical_not(crowd))
+  stats = {
+      "boxes_crowd_dropped": _count(crowd),
+      "boxes_invalid_dropped": _count(tf.logical_and(tf.logical_not(valid),
+                                                     tf.logical_not(crowd))),
+      "boxes_clipped": _count(tf.logical_and(keep, was_clipped)),
+  }
+  return (tf.boolean_mask(clipped, keep), tf.boolean_mask(labels, keep),
+          tf.boolean_mask(is_crowd, keep), stats)
+
+
+def random_crop(image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, crop_range, keys):
+  """detectron2 RandomCrop("absolute_range"): ch ~ U[min(h, lo), min(h, hi)], same for cw.
+
+  Boxes are shifted, clipped to the crop and the empty ones removed. Returns (image, boxes,
+  labels, number of boxes removed).
+  """
+  lo, hi = crop_range
+  h = tf.shape(image)[0]
+  w = tf.shape(image)[1]
+  ch = tf.random.stateless_uniform([], keys[0], minval=tf.minimum(h, lo),
+                                   maxval=tf.minimum(h, hi) + 1, dtype=tf.int32)
+  cw = tf.random.stateless_uniform([], keys[1], minval=tf.minimum(w, lo),
+                                   maxval=tf.minimum(w, hi) + 1, dtype=tf.int32)
+  y0 = tf.random.stateless_uniform([], keys[2], minval=0, maxval=h - ch + 1, dtype=tf.int32)
+  x0 = tf.random.stateless_uniform([], keys[3], minval=0, maxval=w - cw + 1, dtype=tf.int32)
+  image = image[y0:y0 + ch, x0:x0 + cw]
+  offset = tf.cast(tf.stack([x0, y0, x0, y0]), tf.float32)
+  boxes = clip_boxes(boxes - offset, tf.stack([ch, cw]))
+  keep = nonempty(boxes)
+  return (image, tf.boolean_mask(boxes, keep), tf.boolean_mask(labels, keep),
+          _count(tf.logical_not(keep)))
+
+
+def _choice(values: Sequence[int], key) -> tf.Tensor:
+  values = tf.constant(list(values), tf.int32)
+  idx = tf.random.stateless_uniform([], key, minval=0, maxval=tf.size(values), dtype=tf.int32)
+  return values[idx]
+
+
+def targets_from_boxes(boxes: tf.Tensor, labels: tf.Tensor, hw: tf.Tensor, max_boxes: int):
+  """Absolute xyxy boxes -> padded normalised cxcywh targets.
+
+  Returns (boxes [M, 4] float32, labels [M] int32, box_valid [M] bool, truncated box count).
+  The first `max_boxes` boxes are kept (decisions §7: truncated, counted, reported).
+  """
+  n = tf.shape(boxes)[0]
+  h = tf.cast(hw[0], tf.float32)
+  w = tf.cast(hw[1], tf.float32)
+  cxcywh = tf.stack([(boxes[:, 0] + boxes[:, 2]) / 2 / w, (boxes[:, 1] + boxes[:, 3]) / 2 / h,
+                     (boxes[:, 2] - boxes[:, 0]) / w, (boxes[:, 3] - boxes[:, 1]) / h], axis=1)
+  kept = tf.minimum(n, max_boxes)
+  pad = max_boxes - kept
+  out_boxes = tf.pad(cxcywh[:kept], [[0, pad], [0, 0]])
+  out_labels = tf.pad(labels[:kept], [[0, pad]])
+  valid = tf.range(max_boxes) < kept
+  out_boxes = tf.ensure_shape(out_boxes, [max_boxes, 4])
+  out_labels = tf.ensure_shape(out_labels, [max_boxes])
+  return out_boxes, out_labels, valid, tf.cast(n - kept, tf.int64)
+
+
+# ----------------------------------------------------------------------------- whole examples
+
+def _zero_stats():
+  return {k: tf.constant(0, tf.int64) for k in EXAMPLE_STATS}
+
+
+def _finish(image, boxes, labels, target_hw, canvas, cfg: TransformConfig, stats, orig_hw,
+            image_id, keep):
+  """Fit `target_hw` into the canvas, resize once, pad, make targets. `canvas` None: no padding."""
+  in_hw = tf.shape(image)[:2]
+  if canvas is not None:
+    target_hw, rescaled = canvas_lib.tf_fit_size(target_hw, canvas)
+    stats["images_rescaled_to_fit"] = tf.cast(rescaled, tf.int64)
+  image = resize_image(image, target_hw)
+  boxes = clip_boxes(scale_boxes(boxes, in_hw, target_hw), target_hw)
+  ne = nonempty(boxes)
+  stats["boxes_emptied_by_augmentation"] += _count(tf.logical_not(ne))
+  boxes = tf.boolean_mask(boxes, ne)
+  labels = tf.boolean_mask(labels, ne)
+  if canvas is not None:
+    image = tf.image.pad_to_bounding_box(image, 0, 0, canvas[0], canvas[1])
+    image = tf.ensure_shape(image, [canvas[0], canvas[1], 3])
+  tboxes, tlabels, valid, truncated = targets_from_boxes(boxes, labels, target_hw,
+                                                         cfg.max_boxes)
+  stats["boxes_truncated"] = truncated
+  stats["images_truncated"] = tf.cast(truncated > 0, tf.int64)
+  return {
+      "image": image,
+      "image_size": tf.cast(target_hw, tf.int32),
+      "orig_size": tf.cast(orig_hw, tf.int32),
+      "image_id": tf.cast(image_id, tf.int64),
+      "boxes": tboxes,
+      "labels": tlabels,
+      "box_valid": valid,
+      "keep": tf.convert_to_tensor(keep),
+      "stats": tf.stack([stats[k] for k in EXAMPLE_STATS]),
+  }
+
+
+def _dummy(canvas, cfg: TransformConfig, image_id, stats):
+  shape = [canvas[0], canvas[1], 3] if canvas is not None else [1, 1, 3]
+  m = cfg.max_boxes
+  return {
+      "image": tf.zeros(shape, tf.uint8),
+      "image_size": tf.ones([2], tf.int32),
+      "orig_size": tf.ones([2], tf.int32),
+      "image_id": tf.cast(image_id, tf.int64),
+      "boxes": tf.zeros([m, 4], tf.float32),
+      "labels": tf.zeros([m], tf.int32),
+      "box_valid": tf.zeros([m], tf.bool),
+      "keep": tf.constant(False),
+      "stats": tf.stack([stats[k] for k in EXAMPLE_STATS]),
+  }
+
+
+def train_example(example, key: tf.Tensor, canvas, cfg: TransformConfig):
+  """One training example. `example`: TFDS coco features with `image` still encoded.
+
+  `key`: int64 [2] stateless seed of this example. Output: see `_finish` (`keep` False for
+  images skipped because they have no non-crowd annotation).
+  """
+  objects = example["objects"]
+  is_crowd = tf.cast(objects["is_crowd"], tf.bool)
+  has_annotations = tf.reduce_any(tf.logical_not(is_crowd))
+  if not cfg.skip_images_without_annotations:
+    has_annotations = tf.constant(True)
+
+  def skipped():
+    stats = _zero_stats()
+    stats["images_without_annotations"] = tf.constant(1, tf.int64)
+    return _dummy(canvas, cfg, example["image/id"], stats)
+
+  def processed():
+    image = decode_image(example["image"])
+    orig_hw = tf.shape(image)[:2]
+    boxes, labels, _, stats = clean_boxes(objects["bbox"], objects["label"], is_crowd, orig_hw,
+                                          cfg.drop_crowd)
+    stats = {**_zero_stats(), **stats}
+    if not cfg.augment:
+      target = resize_shortest_edge_size(orig_hw, cfg.eval_scale, cfg.eval_max_size)
+      return _finish(image, boxes, labels, target, canvas, cfg, stats, orig_hw,
+                     example["image/id"], True)
+    keys = tf.random.experimental.stateless_split(key, num=10)
+    flip = tf.random.stateless_uniform([], keys[0]) < cfg.flip_prob
+    image, boxes = tf.cond(flip, lambda: hflip(image, boxes), lambda: (image, boxes))
+    use_crop = tf.random.stateless_uniform([], keys[1]) < cfg.crop_prob
+    final_short = _choice(cfg.train_scales, keys[2])
+
+    def plain():
+      return image, boxes, labels, tf.constant(0, tf.int64)
+
+    def crop():
+      hw1 = resize_shortest_edge_size(orig_hw, _choice(cfg.crop_resize_scales, keys[3]),
+                                      cfg.crop_resize_max_size)
+      im1 = resize_image(image, hw1)
+      b1 = clip_boxes(scale_boxes(boxes, orig_hw, hw1), hw1)
+      return random_crop(im1, b1, labels, cfg.crop_size_range, keys[4:8])
+
+    image2, boxes2, labels2, removed = tf.cond(use_crop, crop, plain)
+    stats["boxes_emptied_by_augmentation"] += removed
+    target = resize_shortest_edge_size(tf.shape(image2)[:2], final_short, cfg.train_max_size)
+    return _finish(image2, boxes2, labels2, target, canvas, cfg, stats, orig_hw,
+                   example["image/id"], True)
+
+  return tf.cond(has_annotations, processed, skipped)
+
+
+def eval_example(example, canvas, cfg: TransformConfig):
+  """One evaluation example: ResizeShortestEdge(eval_scale, eval_max_size), fit, pad.
+
+  Images without annotations are kept (COCO evaluation counts them). `canvas` None: no padding
+  (exact mode, one shape per image).
+  """
+  objects = example["objects"]
+  image = decode_image(example["image"])
+  orig_hw = tf.shape(image)[:2]
+  boxes, labels, _, stats = clean_boxes(objects["bbox"], objects["label"], objects["is_crowd"],
+                                        orig_hw, cfg.drop_crowd)
+  stats = {**_zero_stats(), **stats}
+  target = resize_shortest_edge_size(orig_hw, cfg.eval_scale, cfg.eval_max_size)
+  return _finish(image, boxes, labels, target, canvas, cfg, stats, orig_hw, example["image/id"],
+                 True)

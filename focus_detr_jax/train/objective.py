@@ -1,0 +1,70 @@
+"""The training objective: denoising queries + model forward + the detrex criterion.
+
+`model_loss` is the one function that the train step, the parity checks and the gradient
+comparison call, so they all differentiate the same thing.
+"""
+
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+
+from focus_detr_jax.models.focus_detr import feature_level_shapes
+from focus_detr_jax.train.criterion import LossConfig, focus_detr_loss
+from focus_detr_jax.train.denoising import CdnDraws, build_cdn_queries, sample_cdn_draws
+
+
+def denoising_queries(config, batch, key=None, draws: Optional[CdnDraws] = None):
+  """CDN queries of a batch from a PRNG key (training) or from given draws (parity)."""
+  m = config.model
+  if m.dn_number <= 0:
+    return None
+  b = batch["labels"].shape[0]
+  if draws is None:
+    if key is None:
+      raise ValueError("denoising needs a PRNG key or given draws")
+    draws = sample_cdn_draws(key, b, 2 * m.dn_number, m.num_classes)
+  return build_cdn_queries(
+      batch["labels"], batch["boxes"], batch["box_valid"], draws, dn_number=m.dn_number,
+      num_queries=m.num_queries, label_noise_ratio=m.label_noise_ratio,
+      box_noise_scale=m.box_noise_scale, batch_group_size=m.batch_group_size)
+
+
+def model_loss(model, params, extra_variables, batch, config, *, key=None,
+               dn_draws: Optional[CdnDraws] = None, forced: Optional[Dict[str, Any]] = None,
+               num_boxes=None, loss_config: Optional[LossConfig] = None):
+  """Total weighted loss of one batch and its parts.
+
+  Args:
+    model: FocusDETR; params: the trainable `params` tree; extra_variables: other collections
+      (`frozen` FrozenBN statistics), may be empty.
+    batch: `image` [B,H,W,3], `padding_mask` [B,H,W], `boxes` [B,M,4] cxcywh, `labels` [B,M],
+      `box_valid` [B,M], `image_size` [B,2].
+    key: PRNG key for the denoising noise and drop path (training).
+    dn_draws: given denoising draws (parity); overrides the key for the noise.
+    forced: teacher-forced top-k indices (parity).
+    num_boxes: valid targets of the global batch (default: of this batch).
+  Returns:
+    (total, aux) as `focus_detr_loss`, aux also holding `outputs` and `denoising`.
+  """
+  dn_key = drop_key = None
+  if key is not None:
+    dn_key, drop_key = jax.random.split(key)
+  dn = denoising_queries(config, batch, dn_key, dn_draws)
+  denoising = None
+  if dn is not None:
+    denoising = dict(labels=dn.dn_labels, boxes_unact=dn.dn_boxes_unact,
+                     attn_mask=dn.dn_attn_mask, valid=dn.dn_valid)
+  rngs = {"dropout": drop_key} if drop_key is not None else {}
+  outputs = model.apply({"params": params, **extra_variables}, batch["image"],
+                        batch["padding_mask"], train=True, denoising=denoising, forced=forced,
+                        rngs=rngs)
+  targets = dict(boxes=batch["boxes"], labels=batch["labels"], box_valid=batch["box_valid"],
+                 image_size=batch["image_size"])
+  if num_boxes is None:
+    num_boxes = batch["box_valid"].sum()
+  level_shapes = feature_level_shapes(*batch["image"].shape[1:3], config.model.num_levels)
+  total, aux = focus_detr_loss(outputs, targets, num_boxes, level_shapes=level_shapes,
+                               config=loss_config or LossConfig.from_config(config), dn=dn)
+  aux = dict(aux, outputs=outputs, denoising=dn)
+  return total, aux
