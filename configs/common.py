@@ -65,10 +65,42 @@ def get_base_config():
   loss.fg_strides = (8, 16, 32, 64)
   loss.fg_ranges = ((-1, 64), (64, 128), (128, 256), (256, 999999))
 
-  config.data = data = ml_collections.ConfigDict()
-  data.max_boxes = 100
-  data.pixel_mean = (123.675, 116.28, 103.53)
-  data.pixel_std = (58.395, 57.12, 57.375)
+  # Input pipeline (batch_size is the global training batch, eval_batch_size the global eval
+  # batch, max_boxes the target slots per image, canvases the static padded shapes).
+  from focus_detr_jax.data.pipeline import get_data_config
+  config.data = get_data_config("coco")
+
+  # Optimiser (spec §9): AdamW, backbone lr x0.1, no weight decay on norms, clip 0.1, step drops.
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.lr = 1e-4
+  optim.backbone_lr_mult = 0.1
+  optim.weight_decay = 1e-4
+  optim.b1 = 0.9
+  optim.b2 = 0.999
+  optim.clip_norm = 0.1
+  optim.lr_drop_steps = (82500,)       # 12ep: x0.1 at 82.5k of 90k iterations (batch 16)
+  optim.lr_drop_factor = 0.1
+  optim.warmup_steps = 0               # linear warmup from warmup_factor * lr
+  optim.warmup_factor = 0.001
+  optim.grad_accum_steps = 1
+  optim.ema_decay = 0.0                # 0 = no EMA of the parameters
+
+  config.train = train = ml_collections.ConfigDict()
+  train.num_steps = 90000
+  train.log_every = 50
+  train.checkpoint_every = 1000
+  train.keep_checkpoints = 3
+  train.eval_every = 5000
+  train.image_log_every = 5000
+  train.max_minutes = 0.0              # stop (and checkpoint) after this wall time; 0 = no limit
+  train.mesh_fsdp = 1                  # devices per FSDP shard group (1 = pure data parallel)
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.max_batches = 0          # 0 = the whole split (per evaluation)
+
+  config.init = ml_collections.ConfigDict()
+  config.init.backbone = ""            # ImageNet backbone file (convert/backbones.py formats)
+  config.init.checkpoint = ""          # full model checkpoint (ours or converted detrex)
 
   config.seed = 0
   return config

@@ -13,4 +13,6 @@ def get_config():
   config.model.backbone.depth = 101
   config.model.pos_temperature = 20.0
   config.model.pos_offset = 0.0
+  config.train.num_steps = 180000
+  config.optim.lr_drop_steps = (150000,)
   return config

@@ -13,4 +13,8 @@ def get_config():
   config.model.backbone.depth = 101
   config.model.pos_temperature = 20.0
   config.model.pos_offset = 0.0
+  # lr_multiplier_3x: 1000-step linear warmup from 0.001, x0.1 at 210k and x0.01 at 250k.
+  config.train.num_steps = 270000
+  config.optim.lr_drop_steps = (210000, 250000)
+  config.optim.warmup_steps = 1000
   return config

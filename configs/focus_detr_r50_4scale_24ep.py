@@ -11,4 +11,6 @@ def get_config():
   config.name = "focus_detr_r50_4scale_24ep"
   config.model.pos_temperature = 20.0
   config.model.pos_offset = 0.0
+  config.train.num_steps = 180000
+  config.optim.lr_drop_steps = (150000,)
   return config

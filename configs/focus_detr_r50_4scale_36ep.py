@@ -11,4 +11,8 @@ def get_config():
   config.name = "focus_detr_r50_4scale_36ep"
   config.model.pos_temperature = 20.0
   config.model.pos_offset = 0.0
+  # detrex's lr_multiplier_24_36ep is missing upstream (issue #314); noah-research defines it
+  # as 36 epochs with the drop at epoch 20 (spec §9).
+  config.train.num_steps = 270000
+  config.optim.lr_drop_steps = (150000,)
   return config

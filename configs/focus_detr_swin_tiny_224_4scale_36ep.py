@@ -7,4 +7,6 @@ from configs import swin
 def get_config():
   config = swin.apply_swin(common.get_base_config(), "tiny_224")
   config.name = "focus_detr_swin_tiny_224_4scale_36ep"
+  config.train.num_steps = 270000
+  config.optim.lr_drop_steps = (225000,)
   return config

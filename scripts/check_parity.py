@@ -1,6 +1,7 @@
 """Compare focus_detr_jax with data recorded from the official detrex implementation.
 
   python scripts/check_parity.py --reference-dir ../shared/parity/public [--json out.json]
+  python scripts/check_parity.py --reference-dir ../shared/parity/swin_tiny --sensitivity
 
 Prints one row per stage (max error, tolerance, pass/fail); exits non-zero on any failure or if
 no stage ran. Works on any directory laid out like shared/parity/public (decisions.md §8).
@@ -23,7 +24,14 @@ def main(argv=None):
   parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
   parser.add_argument("--stages", nargs="*", default=None,
                       help="stage groups to run (default: all the directory allows)")
+  parser.add_argument("--sensitivity", action="store_true",
+                      help="only print the decoder-sensitivity diagnostic (memory forced to the "
+                           "reference, then with N(0, 1e-6) noise); no pass/fail stages")
   args = parser.parse_args(argv)
+  if args.sensitivity:
+    for name, value in check.decoder_sensitivity(args.reference_dir):
+      print(f"{name:70s} {value:11.3e}")
+    return 0
   results, skipped = check.run_all(args.reference_dir, args.stages)
   for r in results:
     print(r.row())

@@ -45,8 +45,8 @@ from PIL import Image, ImageOps
 Image.MAX_IMAGE_PIXELS = None  # large aerial/medical images are legitimate data
 
 PREPARE_STATS = (
-    "images_listed", "images_written", "images_missing", "images_unreadable",
-    "images_truncated_or_corrupt", "images_invalid_entry", "images_duplicate_id", "images_png",
+    "images_listed", "images_written", "images_missing", "images_corrupt",
+    "images_invalid_entry", "images_duplicate_id", "images_png",
     "images_grayscale", "images_converted_cmyk", "images_converted_alpha",
     "images_converted_palette", "images_converted_high_bit_depth",
     "images_converted_other_format", "images_exif_rotated", "images_size_mismatch_rescaled",
@@ -109,7 +109,7 @@ def load_image(path: str, json_hw: tuple[int, int] | None, verify: str = "full")
     im = Image.open(io.BytesIO(data))
     fmt = im.format
   except Exception as e:  # pylint: disable=broad-except
-    raise BadImage("images_unreadable", str(e)) from e
+    raise BadImage("images_corrupt", f"unreadable: {e}") from e
   notes = []
   try:
     if verify == "full":
@@ -146,7 +146,7 @@ def load_image(path: str, json_hw: tuple[int, int] | None, verify: str = "full")
   except BadImage:
     raise
   except Exception as e:  # pylint: disable=broad-except  # truncated/corrupt pixel data
-    raise BadImage("images_truncated_or_corrupt", str(e)) from e
+    raise BadImage("images_corrupt", f"truncated or corrupt: {e}") from e
 
 
 def read_categories(annotation_paths) -> list[dict]:

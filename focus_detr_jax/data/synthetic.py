@@ -240,8 +240,8 @@ def render_image(rng: np.random.Generator, h: int, w: int, difficulty: str = "ea
       region[mask] = idx
       colour = _colour(rng, spec, cls)
       ramp = np.linspace(rng.uniform(0.85, 1.0), rng.uniform(1.0, 1.15), ow, dtype=np.float32)
-      patch = colour[None, None, :] * ramp[None, :, None]
-      patch = patch + rng.normal(0, 2 + 4 * spec.texture, size=patch.shape)
+      patch = np.broadcast_to(colour[None, None, :] * ramp[None, :, None], (oh, ow, 3))
+      patch = patch + rng.normal(0, 2 + 4 * spec.texture, size=(oh, ow, 3))
       sub = img[y0:y0 + oh, x0:x0 + ow]
       sub[mask] = patch[mask]
       break

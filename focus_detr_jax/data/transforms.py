@@ -26,7 +26,12 @@ from focus_detr_jax.data import canvas as canvas_lib
 
 # Per-example counters produced by the map (summed over the stream by `pipeline.py`).
 EXAMPLE_STATS = (
-    "images_without_annotations",   # training: skipped (detectron2 filter_empty=True)
+    "images_without_annotations",   # no non-crowd box: skipped in training (detectron2
+                                    # filter_empty=True), kept in evaluation (COCO counts them)
+    "images_png",                   # PNG data (any file name): decoded, used
+    "images_grayscale",             # 1-channel (or gray+alpha) data: replicated to RGB, used
+    "images_cmyk",                  # 4-component JPEG (CMYK/YCCK): converted to RGB, used
+    "images_gif_or_bmp",            # GIF/BMP data: decoded (first frame), used
     "images_rescaled_to_fit",       # did not fit its canvas after the resize: scaled down
     "images_truncated",             # had more than max_boxes boxes
     "boxes_crowd_dropped",          # is_crowd boxes (never targets)
@@ -76,13 +81,38 @@ class TransformConfig:
 
 # ----------------------------------------------------------------------------- geometry helpers
 
+def format_stats(encoded: tf.Tensor, header=None) -> dict:
+  """Counters of the image container/colour format, read from the header (never raises).
+
+  `header`: the example's `image/header` if the pipeline already read it (else read here).
+  """
+  if header is None:
+    _, kind, channels = canvas_lib.tf_encoded_image_info(encoded)
+  else:
+    kind, channels = header["kind"], header["channels"]
+  one = lambda c: tf.cast(c, tf.int64)  # pylint: disable=unnecessary-lambda-assignment
+  return {
+      "images_png": one(tf.equal(kind, canvas_lib.KIND_PNG)),
+      "images_grayscale": one(tf.logical_or(tf.equal(channels, 1), tf.equal(channels, 2))),
+      "images_cmyk": one(tf.logical_and(tf.equal(kind, canvas_lib.KIND_JPEG),
+                                        tf.equal(channels, 4))),
+      "images_gif_or_bmp": one(tf.logical_or(tf.equal(kind, canvas_lib.KIND_GIF),
+                                             tf.equal(kind, canvas_lib.KIND_BMP))),
+  }
+
+
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
   """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 [h, w, 3] RGB (grayscale/RGBA/CMYK converted).
 
+  JPEGs are decoded with libjpeg's accurate integer IDCT: bit-identical to PIL, which detectron2
+  reads images with (TF's default fast IDCT differs by up to ~15 levels at sharp edges).
   Raises (inside tf.data: the element is dropped by `ignore_errors` and counted) on corrupt or
   truncated data.
   """
-  image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+  image = tf.cond(
+      tf.io.is_jpeg(encoded),
+      lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
+      lambda: tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False))
   image.set_shape([None, None, 3])
   tf.debugging.assert_positive(tf.size(image), message="empty image")
   return image
@@ -111,8 +141,16 @@ def resize_shortest_edge_size(hw: tf.Tensor, short, max_size) -> tf.Tensor:
 
 
 def resize_image(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
-  """uint8 [h, w, 3] -> uint8 [size[0], size[1], 3], bilinear with antialias (PIL-like), rounded."""
-  out = tf.image.resize(image, size, method="bilinear", antialias=True)
+  """uint8 [h, w, 3] -> uint8 [size[0], size[1], 3], bilinear like PIL, rounded.
+
+  Antialiased (PIL's bilinear widens its filter when shrinking) only if a side shrinks: when
+  enlarging, the antialias kernel is plain bilinear (same pixels up to rounding) and ~3x slower.
+  """
+  size = tf.cast(size, tf.int32)
+  shrinks = tf.reduce_any(size < tf.shape(image)[:2])
+  out = tf.cond(shrinks,
+                lambda: tf.image.resize(image, size, method="bilinear", antialias=True),
+                lambda: tf.image.resize(image, size, method="bilinear", antialias=False))
   return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
 
 
@@ -305,7 +343,8 @@ def train_example(example, key: tf.Tensor, canvas, cfg: TransformConfig):
     orig_hw = tf.shape(image)[:2]
     boxes, labels, _, stats = clean_boxes(objects["bbox"], objects["label"], is_crowd, orig_hw,
                                           cfg.drop_crowd)
-    stats = {**_zero_stats(), **stats}
+    stats = {**_zero_stats(), **stats,
+             **format_stats(example["image"], example.get("image/header"))}
     if not cfg.augment:
       target = resize_shortest_edge_size(orig_hw, cfg.eval_scale, cfg.eval_max_size)
       return _finish(image, boxes, labels, target, canvas, cfg, stats, orig_hw,
@@ -346,7 +385,9 @@ def eval_example(example, canvas, cfg: TransformConfig):
   orig_hw = tf.shape(image)[:2]
   boxes, labels, _, stats = clean_boxes(objects["bbox"], objects["label"], objects["is_crowd"],
                                         orig_hw, cfg.drop_crowd)
-  stats = {**_zero_stats(), **stats}
+  stats = {**_zero_stats(), **stats,
+           **format_stats(example["image"], example.get("image/header"))}
+  stats["images_without_annotations"] = tf.cast(tf.equal(tf.size(labels), 0), tf.int64)
   target = resize_shortest_edge_size(orig_hw, cfg.eval_scale, cfg.eval_max_size)
   return _finish(image, boxes, labels, target, canvas, cfg, stats, orig_hw, example["image/id"],
                  True)

@@ -2,18 +2,91 @@
 
 Sampling follows `grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)`:
 the pixel coordinate of a normalised location `u` on a level of width W is `u * W - 0.5`, and
-corner taps outside the map contribute zero. The formulation gathers value rows from one flat
-`[B * N * M, Dh]` table, corner by corner, and accumulates weighted sums (decisions §11: ~5x
-faster on CPU than per-level `take_along_axis`).
+corner taps outside the map contribute zero. Every formulation below computes that same function
+with the same per-corner float32 arithmetic (torch's, op for op); they differ in how the value
+rows are fetched and in the order of the final float32 sums (differences ~1e-7):
+
+- `gather`: one flat `[B * N * M, Dh]` table, one row gather per bilinear corner (4 gathers), a
+  weighted sum per corner, then the attention-weighted sum (decisions §11). The reference.
+- `window`: per level, the map gets a one-pixel zero border (`[B (H_l+2), W_l+2, M, Dh]`), so
+  the 4 corners of a sample are one 2x2 window: one gather with 4x fewer indices, the border
+  replaces the per-corner bounds masks, and the backward scatter-adds 4x fewer windows. The
+  bilinear combination has a hand-written VJP (see `_bilinear_combine`); reverse mode only.
+- `gather_window_vjp`: the `gather` forward with the `window` backward (a custom VJP that saves
+  only the inputs and re-gathers windows in the backward): the fastest forward and backward
+  measured on XLA:CPU, and the smallest residuals. Reverse mode only.
+- `per_level`: per level and corner, `take_along_axis` on `[B, M, H_l W_l, Dh]` (the layout of
+  the PyTorch reference `multi_scale_deformable_attn_pytorch`); the naive baseline.
+- `onehot_matmul`: per level, a dense sampling matrix `[B, M, Q, H_l W_l]` built from separable
+  one-hot bilinear weights (attention folded in), contracted with the values by a matmul
+  (`precision=HIGHEST`), chunked over queries to bound memory (the backward recomputes each
+  chunk's matrices). Gather-free, for matmul-rich, gather-poor accelerators; quadratic in
+  tokens (slow on CPU).
+
+`ms_deform_attn` dispatches to the module-level choice (`set_implementation`, the
+`use_implementation` context manager, or the `FOCUS_DETR_MSDA` environment variable) or to its
+`implementation` argument; `"auto"` resolves per `jax.default_backend()` via
+`AUTO_IMPLEMENTATION` (measurements: BENCHMARKS.md, "Deformable attention formulations"). The
+choice is read when a function is traced: changing it does not affect functions that `jax.jit`
+has already compiled.
 """
 
+import contextlib
+import functools
 import math
+import os
 from typing import Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+IMPLEMENTATIONS = ("gather", "window", "gather_window_vjp", "per_level", "onehot_matmul")
+# CPU: measured (BENCHMARKS.md): `gather_window_vjp` has gather's forward (the fastest, or tied,
+# at encoder and decoder size) and window's backward (3-6x faster than gather's).
+# GPU/TPU: not measured in this project yet (no accelerator in CI); they keep `gather`, the
+# formulation the full-size parity checks were established with, until
+# `scripts/benchmark_msda.py` has been run there.
+AUTO_IMPLEMENTATION = {"cpu": "gather_window_vjp", "gpu": "gather", "tpu": "gather"}
+# Elements of one dense sampling-matrix chunk in `onehot_matmul` (float32: 4 bytes each).
+ONEHOT_CHUNK_ELEMENTS = 1 << 26
+
+_implementation = os.environ.get("FOCUS_DETR_MSDA", "auto")
+
+
+def set_implementation(name: str):
+  """Sets the process-wide formulation used by `ms_deform_attn` ("auto" or IMPLEMENTATIONS)."""
+  global _implementation
+  if name != "auto" and name not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown deformable attention implementation {name!r}; "
+                     f"expected 'auto' or one of {IMPLEMENTATIONS}")
+  _implementation = name
+
+
+def get_implementation() -> str:
+  return _implementation
+
+
+@contextlib.contextmanager
+def use_implementation(name: str):
+  """Temporarily selects a formulation (affects functions traced inside the block)."""
+  previous = _implementation
+  set_implementation(name)
+  try:
+    yield
+  finally:
+    set_implementation(previous)
+
+
+def resolve_implementation(name: Optional[str] = None, backend: Optional[str] = None) -> str:
+  """The concrete formulation `name` (default: the module-level choice) means on `backend`."""
+  name = name or _implementation
+  if name == "auto":
+    return AUTO_IMPLEMENTATION.get(backend or jax.default_backend(), "gather")
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown deformable attention implementation {name!r}")
+  return name
 
 
 def level_start_index(spatial_shapes: Sequence[Tuple[int, int]]):
@@ -22,7 +95,8 @@ def level_start_index(spatial_shapes: Sequence[Tuple[int, int]]):
   return tuple(int(s) for s in np.concatenate([[0], np.cumsum(sizes)[:-1]]))
 
 
-def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
+def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights,
+                   implementation: Optional[str] = None):
   """Core multi-scale deformable attention.
 
   Args:
@@ -30,29 +104,56 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
     spatial_shapes: static tuple of L (H_l, W_l).
     sampling_locations: [B, Q, M, L, P, 2] normalised (x, y) in the padded map of each level.
     attention_weights: [B, Q, M, L, P], already softmaxed over (L, P).
+    implementation: formulation to use; default the module-level choice ("auto").
   Returns:
-    [B, Q, M * Dh].
+    [B, Q, M * Dh] in value's dtype (sums in float32).
   """
-  b, n, m, dh = value.shape
-  _, q, _, num_levels, num_points, _ = sampling_locations.shape
-  starts = jnp.asarray(level_start_index(spatial_shapes), jnp.int32)[:, None]      # [L, 1]
+  spatial_shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
+  impl = resolve_implementation(implementation)
+  return _FORMULATIONS[impl](value, spatial_shapes, sampling_locations, attention_weights)
+
+
+def _pixel_coordinates(spatial_shapes, sampling_locations):
+  """torch's grid_sample arithmetic, op for op: grid = 2 loc - 1, pixel = ((grid+1) size - 1) / 2.
+
+  Returns x, y [B, Q, M, L, P] float32 pixel coordinates and the [L, 1] int32 heights, widths.
+  """
   heights = jnp.asarray([s[0] for s in spatial_shapes], jnp.int32)[:, None]       # [L, 1]
   widths = jnp.asarray([s[1] for s in spatial_shapes], jnp.int32)[:, None]
-  # torch's arithmetic, op for op: grid = 2 * loc - 1, pixel = ((grid + 1) * size - 1) / 2.
   grid = 2.0 * sampling_locations.astype(jnp.float32) - 1.0
   x = ((grid[..., 0] + 1.0) * widths.astype(jnp.float32) - 1.0) / 2.0              # [B,Q,M,L,P]
   y = ((grid[..., 1] + 1.0) * heights.astype(jnp.float32) - 1.0) / 2.0
+  return x, y, heights, widths
+
+
+def _corner_weights(x, y):
+  """Floor corner and the 4 bilinear weights {(dx, dy): w} exactly as grid_sample computes them."""
   x_nw = jnp.floor(x)
   y_nw = jnp.floor(y)
-  # Bilinear corner weights as grid_sample computes them (nw, ne, sw, se).
-  corner_weights = {
+  weights = {
       (0, 0): (x_nw + 1.0 - x) * (y_nw + 1.0 - y),
       (1, 0): (x - x_nw) * (y_nw + 1.0 - y),
       (0, 1): (x_nw + 1.0 - x) * (y - y_nw),
       (1, 1): (x - x_nw) * (y - y_nw),
   }
-  x0 = x_nw.astype(jnp.int32)
-  y0 = y_nw.astype(jnp.int32)
+  return x_nw.astype(jnp.int32), y_nw.astype(jnp.int32), weights
+
+
+def _attend(sampled, attention_weights, value_dtype):
+  """Attention-weighted sum of bilinear samples [B, Q, M, K, Dh] (K = L P) -> [B, Q, M * Dh]."""
+  b, q, m, k, dh = sampled.shape
+  weights = attention_weights.astype(jnp.float32).reshape(b, q, m, k)
+  out = jnp.einsum("bqmk,bqmkd->bqmd", weights, sampled)
+  return out.reshape(b, q, m * dh).astype(value_dtype)
+
+
+def _ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights):
+  """4 row gathers (one per corner) from the flat [B * N * M, Dh] value table."""
+  b, n, m, dh = value.shape
+  _, q, _, num_levels, num_points, _ = sampling_locations.shape
+  starts = jnp.asarray(level_start_index(spatial_shapes), jnp.int32)[:, None]      # [L, 1]
+  x, y, heights, widths = _pixel_coordinates(spatial_shapes, sampling_locations)
+  x0, y0, corner_weights = _corner_weights(x, y)
   # Row of (image, token, head) in the flat value table, without the token part.
   base = (jnp.arange(b, dtype=jnp.int32)[:, None, None, None, None] * n * m
           + jnp.arange(m, dtype=jnp.int32)[None, None, :, None, None])
@@ -69,9 +170,191 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
         b, q, m, num_levels * num_points, dh)
     sampled = sampled + tap * gathered.astype(jnp.float32)
   # Bilinear value of every (level, point) first, then the attention-weighted sum (as torch).
-  weights = attention_weights.astype(jnp.float32).reshape(b, q, m, num_levels * num_points)
-  out = jnp.einsum("bqmk,bqmkd->bqmd", weights, sampled)
+  return _attend(sampled, attention_weights, value.dtype)
+
+
+def _ms_deform_attn_window(value, spatial_shapes, sampling_locations, attention_weights):
+  """Per level, one 2x2-window gather per sample from the zero-bordered level map."""
+  b, n, m, dh = value.shape
+  _, q, _, num_levels, num_points, _ = sampling_locations.shape
+  x, y, _, _ = _pixel_coordinates(spatial_shapes, sampling_locations)
+  x0, y0, corner_weights = _corner_weights(x, y)
+  attn = attention_weights.astype(jnp.float32)
+  dnums = jax.lax.GatherDimensionNumbers(offset_dims=(1, 2, 3), collapsed_slice_dims=(2,),
+                                         start_index_map=(0, 1, 2))
+  out = jnp.zeros((b, q, m, dh), jnp.float32)
+  for lvl, ((h, w), s) in enumerate(zip(spatial_shapes, level_start_index(spatial_shapes))):
+    # One zero row/column around the level (grid_sample's zero padding); M stays inside the
+    # row so no transpose is needed. [B (H + 2), W + 2, M, Dh]
+    table = jnp.pad(value[:, s:s + h * w].reshape(b, h, w, m, dh),
+                    ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0))).reshape(b * (h + 2), w + 2, m, dh)
+    xl, yl = x0[:, :, :, lvl], y0[:, :, :, lvl]                              # [B, Q, M, P]
+    # The sample touches the level iff its floor corner lies in [-1, W-1] x [-1, H-1]; then its
+    # four corners lie on the level or its zero border. Other samples are masked.
+    inside = (xl >= -1) & (xl < w) & (yl >= -1) & (yl < h)
+    col = jnp.clip(xl, -1, w - 1) + 1
+    row = (jnp.clip(yl, -1, h - 1) + 1
+           + jnp.arange(b, dtype=jnp.int32)[:, None, None, None] * (h + 2))
+    head = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32)[None, None, :, None], row.shape)
+    starts = jnp.stack([row, col, head], axis=-1).reshape(-1, 3)           # [B Q M P, 3]
+    window = jax.lax.gather(table, starts, dnums, slice_sizes=(2, 2, 1, dh),
+                            mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+    window = window.reshape(b, q, m, num_points, 2, 2, dh).astype(jnp.float32)  # [.., dy, dx, Dh]
+    cw = {k: v[:, :, :, lvl] for k, v in corner_weights.items()}
+    taps = jnp.stack([jnp.stack([cw[(0, 0)], cw[(1, 0)]], -1),
+                      jnp.stack([cw[(0, 1)], cw[(1, 1)]], -1)], -2)             # [B,Q,M,P,2,2]
+    taps = jnp.where(inside[..., None, None], taps, 0.0)
+    sampled = _bilinear_combine(taps, window)                               # [B, Q, M, P, Dh]
+    # Attention-weighted sum per level (bilinear value first, as torch), levels summed after.
+    out = out + jnp.einsum("bqmp,bqmpd->bqmd", attn[:, :, :, lvl], sampled)
   return out.reshape(b, q, m * dh).astype(value.dtype)
+
+
+def _bilinear_combine_elementwise(taps, window):
+  """taps [..., 2, 2], window [..., 2, 2, Dh] -> [..., Dh]: grid_sample's corner order (nw, ne,
+  sw, se) as one elementwise expression, which XLA fuses with the window gather."""
+  return (taps[..., 0, 0, None] * window[..., 0, 0, :] + taps[..., 0, 1, None] * window[..., 0, 1, :]
+          + taps[..., 1, 0, None] * window[..., 1, 0, :]
+          + taps[..., 1, 1, None] * window[..., 1, 1, :])
+
+
+@jax.custom_vjp
+def _bilinear_combine(taps, window):
+  """Bilinear combination of 2x2 windows with a hand-written VJP.
+
+  The forward is elementwise (an einsum here becomes millions of 4-long dots, ~3x slower on
+  XLA:CPU); autodiff of the elementwise form would reduce over Dh with a slow XLA:CPU reduction
+  fusion, so the taps' cotangent is written as an einsum instead (~3x faster backward).
+  Reverse mode only: `jax.jvp` through the `window` formulation is not supported.
+  """
+  return _bilinear_combine_elementwise(taps, window)
+
+
+def _bilinear_combine_fwd(taps, window):
+  return _bilinear_combine_elementwise(taps, window), (taps, window)
+
+
+def _bilinear_combine_bwd(residuals, g):
+  taps, window = residuals
+  d_taps = jnp.einsum("...ijd,...d->...ij", window, g)
+  d_window = taps[..., None] * g[..., None, None, :]
+  return d_taps, d_window
+
+
+_bilinear_combine.defvjp(_bilinear_combine_fwd, _bilinear_combine_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _ms_deform_attn_gather_window_vjp(value, spatial_shapes, sampling_locations,
+                                      attention_weights):
+  """`gather` forward, `window` backward (its VJP re-gathers from the saved inputs)."""
+  return _ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+def _gather_window_vjp_fwd(value, spatial_shapes, sampling_locations, attention_weights):
+  out = _ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
+  return out, (value, sampling_locations, attention_weights)
+
+
+def _gather_window_vjp_bwd(spatial_shapes, residuals, g):
+  _, vjp = jax.vjp(lambda v, loc, a: _ms_deform_attn_window(v, spatial_shapes, loc, a),
+                   *residuals)
+  return vjp(g)
+
+
+_ms_deform_attn_gather_window_vjp.defvjp(_gather_window_vjp_fwd, _gather_window_vjp_bwd)
+
+
+def _ms_deform_attn_per_level(value, spatial_shapes, sampling_locations, attention_weights):
+  """Per level and corner, `take_along_axis` on [B, M, H_l W_l, Dh] (the PyTorch-reference layout)."""
+  b, n, m, dh = value.shape
+  _, q, _, num_levels, num_points, _ = sampling_locations.shape
+  x, y, heights, widths = _pixel_coordinates(spatial_shapes, sampling_locations)
+  x0, y0, corner_weights = _corner_weights(x, y)
+  starts = level_start_index(spatial_shapes)
+  per_level = []
+  for lvl, ((h, w), s) in enumerate(zip(spatial_shapes, starts)):
+    v = jnp.transpose(value[:, s:s + h * w], (0, 2, 1, 3))                 # [B, M, HW, Dh]
+    sampled = jnp.zeros((b, m, q * num_points, dh), jnp.float32)
+    for (dx, dy), cw in corner_weights.items():
+      xi = x0[:, :, :, lvl] + dx                                            # [B, Q, M, P]
+      yi = y0[:, :, :, lvl] + dy
+      inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+      token = jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)
+      token = jnp.transpose(token, (0, 2, 1, 3)).reshape(b, m, q * num_points, 1)
+      tap = jnp.transpose(jnp.where(inside, cw[:, :, :, lvl], 0.0), (0, 2, 1, 3))
+      gathered = jnp.take_along_axis(v, token, axis=2)                      # [B, M, Q P, Dh]
+      sampled = sampled + tap.reshape(b, m, q * num_points, 1) * gathered.astype(jnp.float32)
+    per_level.append(jnp.transpose(sampled.reshape(b, m, q, num_points, dh), (0, 2, 1, 3, 4)))
+  sampled = jnp.stack(per_level, axis=3).reshape(b, q, m, num_levels * num_points, dh)
+  return _attend(sampled, attention_weights, value.dtype)
+
+
+def _onehot_axis(i0, frac0, frac1, size):
+  """Separable bilinear weights along one axis: [..., size] with frac0 at i0 and frac1 at i0+1.
+
+  `jax.nn.one_hot` of an index outside [0, size) is all zeros: grid_sample's zero padding.
+  """
+  return (jax.nn.one_hot(i0, size, dtype=jnp.float32) * frac0[..., None]
+          + jax.nn.one_hot(i0 + 1, size, dtype=jnp.float32) * frac1[..., None])
+
+
+def _ms_deform_attn_onehot_matmul(value, spatial_shapes, sampling_locations, attention_weights):
+  """Dense per-level sampling matrices times the values (matmuls, no gathers)."""
+  b, n, m, dh = value.shape
+  _, q, _, num_levels, num_points, _ = sampling_locations.shape
+  x, y, _, _ = _pixel_coordinates(spatial_shapes, sampling_locations)
+  x_nw = jnp.floor(x)
+  y_nw = jnp.floor(y)
+  # The 1-d factors of grid_sample's corner weights (nw = fx0 * fy0, ne = fx1 * fy0, ...).
+  fx0, fx1 = x_nw + 1.0 - x, x - x_nw
+  fy0, fy1 = y_nw + 1.0 - y, y - y_nw
+  x0, y0 = x_nw.astype(jnp.int32), y_nw.astype(jnp.int32)
+  attn = attention_weights.astype(jnp.float32)
+  starts = level_start_index(spatial_shapes)
+  levels = [jnp.transpose(value[:, s:s + h * w], (0, 2, 1, 3)).astype(jnp.float32)
+            for (h, w), s in zip(spatial_shapes, starts)]                   # [B, M, HW, Dh]
+  hp = jax.lax.Precision.HIGHEST
+
+  def block(args):
+    """Queries of one chunk: args are [B, Qc, M, L, P] arrays -> [B, Qc, M, Dh]."""
+    x0c, y0c, fx0c, fx1c, fy0c, fy1c, attnc = args
+    out = 0.0
+    for lvl, (h, w) in enumerate(spatial_shapes):
+      wy = _onehot_axis(y0c[:, :, :, lvl], fy0c[:, :, :, lvl], fy1c[:, :, :, lvl], h)
+      wx = _onehot_axis(x0c[:, :, :, lvl], fx0c[:, :, :, lvl], fx1c[:, :, :, lvl], w)
+      wy = wy * attnc[:, :, :, lvl, :, None]                               # [B, Qc, M, P, H]
+      dense = jnp.einsum("bqmph,bqmpw->bmqhw", wy, wx, precision=hp)
+      dense = dense.reshape(b, m, -1, h * w)                               # [B, M, Qc, HW]
+      out = out + jnp.einsum("bmqn,bmnd->bqmd", dense, levels[lvl], precision=hp)
+    return out
+
+  # Rematerialised: the backward rebuilds each chunk's sampling matrices instead of saving them
+  # (saved, they would be the whole dense [B, M, Q, N] matrix: ~8 GB at encoder size).
+  block = jax.checkpoint(block)
+  args = (x0, y0, fx0, fx1, fy0, fy1, attn)
+  chunk = max(1, min(q, ONEHOT_CHUNK_ELEMENTS // max(1, b * m * n)))
+  if chunk >= q:
+    out = block(args)
+  else:
+    num_chunks = -(-q // chunk)
+    pad = num_chunks * chunk - q
+    # Padded queries sample nowhere (zero attention) and are dropped afterwards.
+    padded = [jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2)) for a in args]
+    chunked = [jnp.moveaxis(a.reshape((b, num_chunks, chunk) + a.shape[2:]), 1, 0)
+               for a in padded]
+    out = jax.lax.map(block, tuple(chunked))                              # [C, B, Qc, M, Dh]
+    out = jnp.moveaxis(out, 0, 1).reshape(b, num_chunks * chunk, m, dh)[:, :q]
+  return out.reshape(b, q, m * dh).astype(value.dtype)
+
+
+_FORMULATIONS = {
+    "gather": _ms_deform_attn_gather,
+    "window": _ms_deform_attn_window,
+    "gather_window_vjp": _ms_deform_attn_gather_window_vjp,
+    "per_level": _ms_deform_attn_per_level,
+    "onehot_matmul": _ms_deform_attn_onehot_matmul,
+}
 
 
 def _sampling_offsets_bias_init(num_heads, num_levels, num_points):

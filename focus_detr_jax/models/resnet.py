@@ -4,6 +4,7 @@ Parameter names follow detectron2 (`stem_conv1`, `res{2..5}_{i}/conv{1,2,3}`, `s
 converter maps `backbone.res3.0.conv2.weight` -> `backbone/res3_0/conv2/kernel` directly.
 """
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -11,15 +12,25 @@ import jax.numpy as jnp
 
 from focus_detr_jax.models.layers import Conv2d, FrozenBatchNorm, group_norm
 
-RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+# Bottleneck blocks per stage; 26 is a light variant for CPU demos and tests.
+RESNET_BLOCKS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 
 def _norm(kind, name):
   if kind == "frozen_bn":
     return FrozenBatchNorm(name=name)
   if kind == "group_norm":
-    return group_norm(32, name)
+    return _GroupNorm32(name=name)
   raise ValueError(f"unknown backbone norm {kind!r}; expected 'frozen_bn' or 'group_norm'")
+
+
+class _GroupNorm32(nn.Module):
+  """GroupNorm with 32 groups, or as many as the channels allow for narrow test networks."""
+
+  @nn.compact
+  def __call__(self, x):
+    groups = math.gcd(32, x.shape[-1])
+    return group_norm(groups, "norm")(x)
 
 
 class Bottleneck(nn.Module):

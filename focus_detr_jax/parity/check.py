@@ -534,3 +534,34 @@ def criterion_only_stages(reference_dir):
     rows.append(StageResult(f"criterion/{r.stage}", float(r.max_error), f"{r.tolerance:g}",
                             bool(r.passed)))
   return rows
+
+
+def decoder_sensitivity(reference_dir, sigma: float = 1e-6, trials: int = 3, seed: int = 0):
+  """Diagnostic (not a pass/fail stage): how much the decoder amplifies tiny memory changes.
+
+  Runs the eval forward with every index and the encoder `memory` forced to the reference's,
+  then again with N(0, sigma^2) noise added to that memory. Returns rows (name, max abs error):
+  the decoder outputs against the reference with the reference's own memory, and the change of
+  our own outputs caused by the noise. When a noise far below the reference's own thread-to-thread
+  variation of `memory` (parity READMEs) moves the outputs by more than the decoder tolerance,
+  that tolerance cannot be met reliably on that input (decisions §8: such stages keep failing and
+  the evidence goes to the notes).
+  """
+  reference = load_reference(reference_dir)
+  config = config_for_reference(reference["meta"])
+  ref = reference["forward_eval"]
+  images, mask, _ = make_batch(reference["inputs"])
+  model, variables = build_model(config, reference["dir"], images.shape, train=False)
+  forced = forced_from(ref, config.model.num_encoder_layers)
+  memory = np.asarray(ref["memory"], np.float32)
+  keys = ("pred_logits", "pred_boxes")
+  outputs, _ = run_forward(model, variables, images, mask, False, dict(forced, memory=memory))
+  rows = [(f"memory forced to reference: {k} vs reference",
+           float(np.abs(outputs[k] - ref[k]).max())) for k in keys]
+  rng = np.random.default_rng(seed)
+  for t in range(trials):
+    noisy = memory + rng.normal(scale=sigma, size=memory.shape).astype(np.float32)
+    perturbed, _ = run_forward(model, variables, images, mask, False, dict(forced, memory=noisy))
+    rows += [(f"memory + N(0, {sigma:g}) noise, trial {t}: change of our {k}",
+              float(np.abs(perturbed[k] - outputs[k]).max())) for k in keys]
+  return rows

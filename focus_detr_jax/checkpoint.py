@@ -1,0 +1,58 @@
+"""Model checkpoints: variables (`params`, `frozen`) + the config that built them.
+
+A model checkpoint directory holds `variables/` (orbax StandardCheckpointer) and `config.json`.
+Converters write it, training exports it, predict/evaluate/fine-tuning read it. Training state
+checkpoints (optimiser, step, RNG, input position) live in the training workdir instead
+(train/checkpointing.py) and can be turned into a model checkpoint.
+"""
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+VARIABLES_DIR = "variables"
+CONFIG_FILE = "config.json"
+REPORT_FILE = "conversion_report.json"
+
+
+def save_model_checkpoint(directory, variables: Dict[str, Any], config: ml_collections.ConfigDict,
+                          report: Optional[Dict[str, Any]] = None):
+  """Write variables + config (+ an optional JSON report) to `directory` (created)."""
+  directory = Path(directory).absolute()
+  directory.mkdir(parents=True, exist_ok=True)
+  # Arrays spread over several hosts stay global jax.Arrays (orbax writes them collectively;
+  # every process must call this then); everything else is saved from host memory.
+  tree = jax.tree_util.tree_map(
+      lambda x: x if isinstance(x, jax.Array) and not x.is_fully_addressable else np.asarray(x),
+      dict(variables))
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(directory / VARIABLES_DIR, tree, force=True)
+  if jax.process_index() == 0:
+    (directory / CONFIG_FILE).write_text(config.to_json_best_effort(indent=1))
+    if report is not None:
+      (directory / REPORT_FILE).write_text(json.dumps(report, indent=1, default=str))
+  return directory
+
+
+def load_config(directory) -> ml_collections.ConfigDict:
+  """The config saved beside a model checkpoint."""
+  path = Path(directory) / CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(f"{directory} is not a model checkpoint: {CONFIG_FILE} is missing")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def load_model_checkpoint(directory) -> Tuple[Dict[str, Any], ml_collections.ConfigDict]:
+  """(variables, config) of a model checkpoint directory (numpy arrays on the host)."""
+  directory = Path(directory).absolute()
+  config = load_config(directory)
+  if not (directory / VARIABLES_DIR).exists():
+    raise FileNotFoundError(f"{directory} is not a model checkpoint: {VARIABLES_DIR}/ is missing")
+  with ocp.StandardCheckpointer() as checkpointer:
+    variables = checkpointer.restore(directory / VARIABLES_DIR)
+  return variables, config

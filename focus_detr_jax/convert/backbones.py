@@ -1,0 +1,426 @@
+"""ImageNet backbone weights (torchvision, detectron2 model zoo, official Swin) -> our backbone.
+
+Every format is first renamed to the detectron2 names that detrex uses under `backbone.`
+(decisions §5, spec §12.1), then mapped by the one name mapping of `convert/detrex.py`
+(`detrex_key_to_path`, ResNet) or `convert/swin.py` (`swin_key_to_path`, Swin):
+
+  torchvision ResNet-50/101 (`resnet50-*.pth`, also timm's plain `resnet50`):
+    conv1.weight                      backbone.stem.conv1.weight
+    bn1.{weight,bias,running_*}       backbone.stem.conv1.norm.*
+    layer{n}.{b}.conv{k}.weight       backbone.res{n+1}.{b}.conv{k}.weight
+    layer{n}.{b}.bn{k}.*              backbone.res{n+1}.{b}.conv{k}.norm.*
+    layer{n}.0.downsample.{0,1}.*     backbone.res{n+1}.0.shortcut(.norm).*
+    fc.*                              skipped: the ImageNet classifier
+    *.num_batches_tracked             skipped: BatchNorm step counter
+  detectron2 pickles converted from torchvision (`ImageNetPretrained/torchvision/R-50.pkl`,
+  `r50_v1.pkl`: `{"model": {name: np.ndarray}, "__author__": ...}`) already use these names
+  without the prefix (`stem.conv1.weight`, `res2.0.conv1.norm.weight`; the converter's leftover
+  `stem.fc.*` is the classifier). A full detectron2 detection model (`backbone.bottom_up.*`) or
+  detrex model (`backbone.*`) gives its ResNet body; its other keys are skipped, by name.
+  official Swin (`swin_tiny_patch4_window7_224.pth`, `swin_{base,large}_patch4_window12_384_22k`):
+    {patch_embed,layers}.*            backbone.{patch_embed,layers}.* (same names as detectron2)
+    layers.*.attn.relative_position_index   checked against the formula for the config's window
+    layers.*.attn_mask                skipped: shift mask of the pre-training resolution
+    norm.*                            skipped: classification LayerNorm after the last stage
+    head.*                            skipped: the ImageNet classifier
+    (the detector's output norms `norm1..3` are not in the file: re-initialised)
+
+Caffe2/MSRA ResNets (`ImageNetPretrained/MSRA/R-50.pkl`, blob names `conv1_w`,
+`res_conv1_bn_s`, `res2_0_branch2a_w`) are refused: they take BGR input in 0..255 with unit std
+and put the stride of each first bottleneck in the 1x1 conv, which our torchvision-style ResNet
+does not do (spec §12.1).
+
+The functions here rename and check; `convert/init.py` merges the result into a model's
+variables and reports it.
+"""
+
+import re
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from focus_detr_jax.convert.detrex import ConversionError, _transform, detrex_key_to_path
+from focus_detr_jax.convert.swin import _shape_problem, _window_of_table, swin_key_to_path
+from focus_detr_jax.models.swin import relative_position_index
+
+BACKBONE_FORMATS = ("torchvision", "detectron2", "swin", "detrex")
+# Keys whose value wraps the weights in a checkpoint dict: detectron2/detrex/Swin `model`,
+# mmcv/Lightning `state_dict`.
+_WRAPPER_KEYS = ("model", "state_dict", "module")
+
+
+class Caffe2WeightsError(ConversionError):
+  """Caffe2/MSRA ResNet weights: BGR input and stride in the 1x1, not our ResNet."""
+
+
+Row = Dict[str, Any]
+
+
+def row(status, source=None, target=None, shape=None, reason=""):
+  """One report line: status in {mapped, checked, skipped, reinitialised}."""
+  return {"status": status, "source": source, "target": target,
+          "shape": None if shape is None else tuple(int(s) for s in shape), "reason": reason}
+
+
+def _is_array(v):
+  return isinstance(v, np.ndarray) or (hasattr(v, "shape") and hasattr(v, "dtype"))
+
+
+def unwrap_state_dict(obj, source: str = "") -> Tuple[Dict[str, np.ndarray], Dict[str, Any],
+                                                      List[Row]]:
+  """A loaded file -> (flat {key: array} state dict, metadata, rows for the entries beside it).
+
+  Accepts a bare state dict or a checkpoint dict holding it under `model` / `state_dict` /
+  `module` (the other top-level entries, e.g. `optimizer`, `iteration`, `__author__`, are listed as
+  skipped). Strips a `module.` prefix (DataParallel) carried by every key.
+  """
+  if not isinstance(obj, dict):
+    raise ConversionError(f"{source}: expected a dict of weights, found {type(obj).__name__}")
+  meta, rows = {}, []
+  if obj and all(_is_array(v) for v in obj.values()):
+    sd = obj
+  else:
+    wrapper = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+    if wrapper is None:
+      raise ConversionError(
+          f"{source}: cannot find the weights: top-level keys {sorted(map(str, obj))[:20]} hold "
+          f"no state dict (expected arrays, or a dict under one of {list(_WRAPPER_KEYS)})")
+    sd = obj[wrapper]
+    for k, v in obj.items():
+      if k == wrapper:
+        continue
+      if isinstance(v, (str, int, float, bool)) or v is None:
+        meta[k] = v
+      rows.append(row("skipped", source=str(k), reason=f"top-level entry beside '{wrapper}' "
+                      "(training state or metadata, not weights)"))
+  bad = [k for k, v in sd.items() if not _is_array(v)]
+  if bad:
+    raise ConversionError(f"{source}: {len(bad)} state dict entries are not arrays: "
+                          + ", ".join(f"{k} ({type(sd[k]).__name__})" for k in bad[:20]))
+  sd = {str(k): np.asarray(v) for k, v in sd.items()}
+  if sd and all(k.startswith("module.") for k in sd):
+    sd = {k[len("module."):]: v for k, v in sd.items()}
+    meta["stripped_prefix"] = "module."
+  return sd, meta, rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Format detection
+# ------------------------------------------------------------------------------------------------
+
+_CAFFE2_KEY = re.compile(r"^(conv1_w|conv1_b|res_conv1_bn_[sb]"
+                         r"|res\d+_\d+_branch\d[abc]?(_bn)?_[wbs]|fc1000_[wb]|.*_momentum)$")
+
+
+def caffe2_keys(state_dict) -> List[str]:
+  """Keys named like Caffe2/Detectron1 blobs (`conv1_w`, `res2_0_branch2a_w`, ...)."""
+  return [k for k in state_dict if _CAFFE2_KEY.match(k)]
+
+
+def check_not_caffe2(state_dict, meta=None, source: str = ""):
+  """Raise `Caffe2WeightsError` for Caffe2/MSRA ResNet weights, saying why."""
+  keys = caffe2_keys(state_dict)
+  author = str((meta or {}).get("__author__", ""))
+  if keys or author.lower() in ("caffe2", "msra") or "blobs" in state_dict:
+    found = ", ".join(keys[:4]) if keys else f"__author__ = {author!r}"
+    raise Caffe2WeightsError(
+        f"{source}: Caffe2/MSRA ResNet weights ({found}) are refused: that network takes BGR "
+        "images in 0..255 with pixel std 1 and puts the stride-2 of each stage's first "
+        "bottleneck in the 1x1 conv (stride_in_1x1), while this ResNet, like detrex's, takes RGB "
+        "images normalised by the ImageNet mean/std and strides in the 3x3. Its weights would "
+        "load without error and give a broken backbone. Use the torchvision weights instead: "
+        "torchvision's resnet50/resnet101 .pth (--format torchvision) or detectron2's "
+        "ImageNetPretrained/torchvision/R-50.pkl (--format detectron2).")
+
+
+def detect_format(state_dict) -> str:
+  """Best guess of the key layout: caffe2 | torchvision | detectron2 | swin | detrex | unknown."""
+  keys = set(state_dict)
+  if caffe2_keys(state_dict):
+    return "caffe2"
+  if any(k.startswith("transformer.") for k in keys) and any(k.startswith("backbone.")
+                                                             for k in keys):
+    return "detrex"
+  if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
+    return "torchvision"
+  if any(re.match(r"^(backbone\.(bottom_up\.)?)?(stem\.conv1|res2\.0\.)", k) for k in keys):
+    return "detectron2"
+  if any(re.match(r"^(backbone\.)?patch_embed\.proj\.weight$", k) for k in keys):
+    return "swin"
+  return "unknown"
+
+
+# ------------------------------------------------------------------------------------------------
+# Renaming to detectron2 / detrex backbone keys
+# ------------------------------------------------------------------------------------------------
+
+_CLASSIFIER = "ImageNet classifier head, not part of the detector"
+_BN_COUNTER = "BatchNorm step counter, not a weight (FrozenBN has none)"
+
+
+def _torchvision_name(key: str) -> Optional[str]:
+  if key == "conv1.weight":
+    return "stem.conv1.weight"
+  m = re.fullmatch(r"bn1\.(weight|bias|running_mean|running_var)", key)
+  if m:
+    return f"stem.conv1.norm.{m.group(1)}"
+  m = re.fullmatch(r"layer(\d)\.(\d+)\.(.+)", key)
+  if not m:
+    return None
+  stage, block, rest = int(m.group(1)), m.group(2), m.group(3)
+  prefix = f"res{stage + 1}.{block}"
+  m2 = re.fullmatch(r"conv(\d)\.weight", rest)
+  if m2:
+    return f"{prefix}.conv{m2.group(1)}.weight"
+  m2 = re.fullmatch(r"bn(\d)\.(weight|bias|running_mean|running_var)", rest)
+  if m2:
+    return f"{prefix}.conv{m2.group(1)}.norm.{m2.group(2)}"
+  if rest == "downsample.0.weight":
+    return f"{prefix}.shortcut.weight"
+  m2 = re.fullmatch(r"downsample\.1\.(weight|bias|running_mean|running_var)", rest)
+  if m2:
+    return f"{prefix}.shortcut.norm.{m2.group(1)}"
+  return None
+
+
+def rename_to_detrex(state_dict, fmt: str) -> Tuple[Dict[str, Tuple[np.ndarray, str]],
+                                                    List[Row], List[str]]:
+  """Rename a backbone file's keys to detrex `backbone.*` keys.
+
+  Returns ({detrex key: (array, source key)}, skipped rows, unknown source keys).
+  """
+  out, rows, unknown = {}, [], []
+
+  def skip(k, reason):
+    rows.append(row("skipped", source=k, shape=np.shape(state_dict[k]), reason=reason))
+
+  if fmt == "torchvision":
+    for k, v in state_dict.items():
+      if k.endswith("num_batches_tracked"):
+        skip(k, _BN_COUNTER)
+      elif re.fullmatch(r"fc\.(weight|bias)", k):
+        skip(k, _CLASSIFIER)
+      else:
+        name = _torchvision_name(k)
+        if name is None:
+          unknown.append(k)
+        else:
+          out["backbone." + name] = (v, k)
+  elif fmt == "detectron2":
+    prefix = ""
+    if any(k.startswith("backbone.bottom_up.") for k in state_dict):
+      prefix = "backbone.bottom_up."
+    elif any(k.startswith("backbone.") for k in state_dict):
+      prefix = "backbone."
+    for k, v in state_dict.items():
+      if not k.startswith(prefix):
+        skip(k, "outside the ResNet body (another part of a detection model)")
+        continue
+      name = k[len(prefix):]
+      if name.endswith("num_batches_tracked"):
+        skip(k, _BN_COUNTER)
+      elif re.fullmatch(r"(stem\.)?(fc|linear)\d*\.(weight|bias)", name):
+        skip(k, _CLASSIFIER)
+      elif re.fullmatch(r"(stem\.conv1|res\d\.\d+\.(conv\d|shortcut))(\.norm)?\."
+                        r"(weight|bias|running_mean|running_var)", name):
+        out["backbone." + name] = (v, k)
+      elif prefix and not re.match(r"(stem|res\d)\.", name):
+        skip(k, "outside the ResNet body (another part of a detection model)")
+      else:
+        unknown.append(k)
+  elif fmt == "swin":
+    prefix = "backbone." if any(k.startswith("backbone.patch_embed.") for k in state_dict) else ""
+    for k, v in state_dict.items():
+      if not k.startswith(prefix):
+        skip(k, "outside the Swin backbone (another part of a detection model)")
+        continue
+      name = k[len(prefix):]
+      if re.fullmatch(r"head\.(weight|bias)", name):
+        skip(k, _CLASSIFIER)
+      elif not prefix and re.fullmatch(r"norm\.(weight|bias)", name):
+        skip(k, "classification LayerNorm after the last stage (the detector has its own output "
+                "norms norm1..norm3)")
+      elif re.fullmatch(r"layers\.\d+\.blocks\.\d+\.attn_mask", name):
+        skip(k, "shift-window mask of the pre-training resolution (rebuilt for every input "
+                "size)")
+      else:
+        out["backbone." + name] = (v, k)
+  elif fmt == "detrex":
+    for k, v in state_dict.items():
+      if k.startswith("backbone."):
+        out[k] = (v, k)
+      else:
+        skip(k, "not a backbone key (a backbone init loads only `backbone.*`; load the whole "
+                "model with init.checkpoint)")
+  else:
+    raise ConversionError(f"unknown backbone format {fmt!r}; expected one of {BACKBONE_FORMATS}")
+  return out, rows, unknown
+
+
+# ------------------------------------------------------------------------------------------------
+# Mapping into the model's backbone variables
+# ------------------------------------------------------------------------------------------------
+
+
+def _resnet_depth_of(keys) -> Optional[int]:
+  blocks = {int(m.group(1)) for k in keys for m in [re.match(r"backbone\.res4\.(\d+)\.", k)] if m}
+  if not blocks:
+    return None
+  return {6: 50, 23: 101}.get(max(blocks) + 1)
+
+
+def _swin_arch_of(keys_to_arrays) -> Dict[str, Any]:
+  """What a Swin state dict says about its architecture (for error messages)."""
+  info = {}
+  w = keys_to_arrays.get("backbone.patch_embed.proj.weight")
+  if w is not None:
+    info["embed_dim"] = int(np.shape(w[0])[0])
+  depths = {}
+  heads = {}
+  for k, (v, _) in keys_to_arrays.items():
+    m = re.match(r"backbone\.layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table$", k)
+    if m:
+      i, j = int(m.group(1)), int(m.group(2))
+      depths[i] = max(depths.get(i, 0), j + 1)
+      heads[i] = int(np.shape(v)[1])
+      info["window_size"] = _window_of_table(np.shape(v)[0])
+  if depths:
+    info["depths"] = tuple(depths[i] for i in sorted(depths))
+    info["num_heads"] = tuple(heads[i] for i in sorted(heads))
+  return info
+
+
+def _describe_backbone_config(bb) -> str:
+  if bb["name"] == "swin":
+    return (f"Swin embed_dim={bb['embed_dim']}, depths={tuple(bb['depths'])}, "
+            f"num_heads={tuple(bb['num_heads'])}, window_size={bb['window_size']}")
+  return f"ResNet-{bb['depth']} (base_width {bb.get('base_width', 64)}, norm {bb['norm']})"
+
+
+def map_backbone(renamed, reference_flat, backbone_config, source: str = ""):
+  """Map detrex-named backbone arrays onto the model's backbone variables.
+
+  Args:
+    renamed: {detrex key: (array, source key)} from `rename_to_detrex`.
+    reference_flat: {(collection, 'backbone', ...): shape-carrying leaf} of the whole model.
+    backbone_config: `config.model.backbone` (dict-like).
+  Returns:
+    ({target path tuple: (array in our layout, source key)}, rows) where rows cover every
+    mapped/checked key and every backbone variable left to re-initialise.
+  Raises:
+    ConversionError naming each unexpected, mis-shaped and missing key.
+  """
+  bb = dict(backbone_config)
+  swin = bb["name"] == "swin"
+  targets = {p: tuple(np.shape(v)) for p, v in reference_flat.items() if p[1:2] == ("backbone",)}
+  loaded, rows = {}, []
+  unexpected, misshaped = [], []
+  window = int(bb.get("window_size", 7))
+  for key, (value, src) in renamed.items():
+    if swin and key.endswith(".attn.relative_position_index"):
+      want = relative_position_index(window)
+      if tuple(np.shape(value)) != want.shape:
+        misshaped.append(f"{src}: " + _shape_problem(key, np.shape(value), want.shape, window))
+      elif not np.array_equal(np.asarray(value), want):
+        misshaped.append(f"{src}: relative_position_index differs from the formula "
+                         f"(dy+w-1)*(2w-1)+(dx+w-1) for window_size={window}")
+      else:
+        rows.append(row("checked", source=src, shape=np.shape(value),
+                        reason=f"constant: equals the formula for window {window}"))
+      continue
+    rule = swin_key_to_path(key) if swin else detrex_key_to_path(key)
+    if rule is None:
+      unexpected.append(src)
+      continue
+    collection, path, kind, leaf = rule
+    target = (collection,) + tuple(path) + (leaf,)
+    if target not in targets:
+      unexpected.append(src)
+      continue
+    array = _transform(value, kind)
+    if tuple(array.shape) != targets[target]:
+      msg = f"{src}: {tuple(np.shape(value))}, model expects {targets[target]} ({kind} layout)"
+      if swin:
+        t = targets[target]
+        want_torch = {"linear": t[::-1], "conv": (t[3], t[2], t[0], t[1]) if len(t) == 4 else t
+                      }.get(kind, t)
+        msg = f"{src}: " + _shape_problem(key, np.shape(value), want_torch, window)
+      misshaped.append(msg)
+      continue
+    loaded[target] = (array, src)
+    rows.append(row("mapped", source=src, target="/".join(target), shape=array.shape))
+  missing = []
+  for target in targets:
+    if target in loaded:
+      continue
+    if swin and re.fullmatch(r"norm\d+", target[2]):
+      rows.append(row("reinitialised", target="/".join(target), shape=targets[target],
+                      reason="detector output norm of a Swin stage: not in an ImageNet checkpoint"))
+    else:
+      missing.append("/".join(target))
+  if unexpected or misshaped or missing:
+    lines = [f"{source}: the backbone weights do not fit the config's backbone "
+             f"({_describe_backbone_config(bb)})"]
+    if swin:
+      arch = _swin_arch_of(renamed)
+      if arch:
+        lines.append("the file holds Swin " + ", ".join(f"{k}={v}" for k, v in arch.items()))
+    else:
+      depth = _resnet_depth_of(renamed)
+      if depth and depth != bb["depth"]:
+        lines.append(f"the file holds a ResNet-{depth}; set --config.model.backbone.depth={depth} "
+                     "or use a ResNet-{} file".format(bb["depth"]))
+    if missing:
+      lines.append(f"{len(missing)} backbone variables have no key in the file: "
+                   + ", ".join(missing[:40]) + (" ..." if len(missing) > 40 else ""))
+    if unexpected:
+      lines.append(f"{len(unexpected)} unexpected keys: " + ", ".join(unexpected[:40])
+                   + (" ..." if len(unexpected) > 40 else ""))
+    if misshaped:
+      lines.append(f"{len(misshaped)} mis-shaped keys: " + "; ".join(misshaped[:40]))
+    raise ConversionError("\n".join(lines))
+  return loaded, rows
+
+
+def import_backbone(state_dict, fmt: str, reference_flat, backbone_config, meta=None,
+                    source: str = ""):
+  """Backbone file (already unwrapped) -> mapped backbone arrays and report rows.
+
+  Args:
+    state_dict: {key: array} of the file.
+    fmt: "torchvision" | "detectron2" | "swin" | "detrex" | "auto".
+    reference_flat: {(collection, 'backbone', ...): leaf with a shape} of the whole model.
+    backbone_config: `config.model.backbone`.
+  Returns:
+    (loaded {target path: (array, source key)}, rows, fmt).
+  Raises:
+    Caffe2WeightsError, ConversionError naming the keys at fault.
+  """
+  bb = dict(backbone_config)
+  check_not_caffe2(state_dict, meta, source)
+  detected = detect_format(state_dict)
+  if fmt == "auto":
+    if detected not in BACKBONE_FORMATS:
+      raise ConversionError(f"{source}: cannot tell the key layout of this file (first keys: "
+                            f"{list(state_dict)[:6]}); pass the format explicitly")
+    fmt = detected
+  if fmt not in BACKBONE_FORMATS:
+    raise ConversionError(f"unknown backbone format {fmt!r}; expected one of {BACKBONE_FORMATS}")
+  is_swin_file = fmt == "swin" or (fmt == "detrex" and detected == "detrex" and any(
+      k.startswith("backbone.patch_embed.") for k in state_dict))
+  if is_swin_file != (bb["name"] == "swin"):
+    raise ConversionError(
+        f"{source}: a {'Swin' if is_swin_file else 'ResNet'} backbone file, but the config "
+        f"builds model.backbone.name={bb['name']!r}; use a matching config")
+  if bb["name"] == "resnet" and bb["norm"] != "frozen_bn":
+    raise ConversionError(
+        f"{source}: ImageNet ResNet weights carry BatchNorm statistics, which load into "
+        f"model.backbone.norm='frozen_bn' (detrex's setting), not {bb['norm']!r}")
+  renamed, rows, unknown = rename_to_detrex(state_dict, fmt)
+  if unknown:
+    hint = (f" (this looks like a {detected} file: try --format {detected})"
+            if detected not in (fmt, "unknown") else "")
+    raise ConversionError(f"{source}: {len(unknown)} keys are not {fmt} backbone keys{hint}: "
+                          + ", ".join(unknown[:40]) + (" ..." if len(unknown) > 40 else ""))
+  loaded, mapped_rows = map_backbone(renamed, reference_flat, bb, source)
+  return loaded, rows + mapped_rows, fmt

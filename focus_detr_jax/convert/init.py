@@ -1,0 +1,441 @@
+"""Start a model from other weights: a backbone file or a whole checkpoint (partial restore).
+
+    variables = init_variables(config)                       # fresh init (or the trainer's)
+    variables, report = init_from_config(variables, config)  # config.init.backbone / .checkpoint
+    print(format_report(report))
+
+Sources (`init_from_checkpoint(variables, source, config, kind=, format=)`):
+  * kind "backbone": a torchvision / detectron2 / official Swin / detrex file
+    (`convert/backbones.py`). The backbone is loaded; the rest of the model keeps its fresh init.
+  * kind "model": one of our model checkpoints (a directory, `checkpoint.py`), or a detrex state
+    dict (`.pth` / `.pkl` / `.npz`, `convert/detrex.py`). Everything is loaded, except that the
+    class heads (`class_embed_*`) and the denoising label embedding (`label_enc`) are
+    re-initialised when the checkpoint's number of classes differs from the config's.
+
+Loading never silently drops anything: every input key is either loaded (mapped), checked (Swin
+constant buffers, detrex aliases), or skipped with a reason, and every model variable is either
+loaded or re-initialised with a reason. Anything else (a missing, unexpected or mis-shaped key) is a
+`ConversionError` that names it. The report lists all three groups and the counts behind the
+`mapped N/M keys` line (M counts the input state dict's keys, aliases once; decisions §9).
+"""
+
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from focus_detr_jax.convert import backbones, torch_io
+from focus_detr_jax.convert.backbones import ConversionError, row
+from focus_detr_jax.convert.detrex import _alias_map, canonical_key, state_dict_to_variables
+from focus_detr_jax.convert.swin import swin_key_to_path
+
+# Input used to trace the model for shapes / init: large enough that every level has more tokens
+# than the 900 queries and the 300 OESM tokens of the standard configs.
+INIT_IMAGE_SIZE = (320, 480)
+SKIP_COLLECTIONS = ("intermediates",)   # sown activations, not variables
+MODEL_FORMATS = ("ours", "detrex")
+_HEAD = re.compile(r"^params/(class_embed_\d+/(kernel|bias)|label_enc)$")
+
+
+def is_class_head(path) -> bool:
+  """True for the variables whose shape follows num_classes (re-initialised on a change)."""
+  return bool(_HEAD.match(path if isinstance(path, str) else "/".join(path)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Trees
+# ------------------------------------------------------------------------------------------------
+
+
+def flatten(tree, prefix=()) -> Dict[Tuple[str, ...], Any]:
+  out = {}
+  for k, v in tree.items():
+    if hasattr(v, "items"):
+      out.update(flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def unflatten(flat) -> Dict[str, Any]:
+  out: Dict[str, Any] = {}
+  for path, v in flat.items():
+    node = out
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = v
+  return out
+
+
+def _model(config):
+  from focus_detr_jax.models.focus_detr import FocusDETR
+  return FocusDETR.from_config(config.model)
+
+
+def _inputs(height, width):
+  return (jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32),
+          jax.ShapeDtypeStruct((1, height, width), jnp.bool_))
+
+
+def model_shapes(config, image_size=INIT_IMAGE_SIZE):
+  """{collection: tree of jax.ShapeDtypeStruct} of the model's variables (`params`, `frozen`)."""
+  model = _model(config)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *_inputs(*image_size))
+  return {k: v for k, v in shapes.items() if k not in SKIP_COLLECTIONS}
+
+
+def init_variables(config, seed: Optional[int] = None, image_size=INIT_IMAGE_SIZE):
+  """A fresh init of the model (numpy arrays), seeded by `config.seed` unless `seed` is given.
+
+  The init is jitted with the forward pass dead-code-eliminated; on CPU it is compiled without
+  backend optimisation (the init runs once, compiling it fully takes several times longer).
+  """
+  model = _model(config)
+  key = jax.random.PRNGKey(int(config.get("seed", 0) if seed is None else seed))
+  height, width = image_size
+
+  def init(k):
+    v = model.init(k, jnp.zeros((1, height, width, 3), jnp.float32),
+                   jnp.zeros((1, height, width), bool))
+    return {c: v[c] for c in v if c not in SKIP_COLLECTIONS}
+
+  lowered = jax.jit(init).lower(key)
+  options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+  compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+  return jax.tree_util.tree_map(np.asarray, jax.device_get(compiled(key)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading a source
+# ------------------------------------------------------------------------------------------------
+
+
+def _is_model_checkpoint_dir(path: Path) -> bool:
+  from focus_detr_jax import checkpoint as ckpt
+  return path.is_dir() and (path / ckpt.CONFIG_FILE).exists()
+
+
+def read_source(source, fmt: str = "auto"):
+  """(state dict or None, our flat variables or None, metadata, rows, format) of a source path."""
+  path = Path(source)
+  if path.is_dir():
+    if not _is_model_checkpoint_dir(path):
+      raise ConversionError(f"{path} is a directory but not a model checkpoint (no config.json)")
+    if fmt not in ("auto", "ours"):
+      raise ConversionError(f"{path} is one of our model checkpoints, not format {fmt!r}")
+    from focus_detr_jax.checkpoint import load_model_checkpoint
+    variables, cfg = load_model_checkpoint(path)
+    flat = {p: np.asarray(v) for p, v in flatten(variables).items()}
+    return None, flat, {"config": cfg}, [], "ours"
+  obj = torch_io.load_file(path)
+  state_dict, meta, rows = backbones.unwrap_state_dict(obj, str(path))
+  return state_dict, None, meta, rows, fmt
+
+
+def _num_classes_of(state_dict) -> Optional[int]:
+  for key in ("transformer.decoder.class_embed.0.bias", "class_embed.0.bias", "label_enc.weight"):
+    if key in state_dict:
+      return int(np.shape(state_dict[key])[0])
+  return None
+
+
+def detrex_to_flat(state_dict, target_shapes, config, source: str = ""):
+  """A detrex state dict -> ({our path: (array, detrex key)}, rows, number of alias keys).
+
+  The class heads are read at the checkpoint's own number of classes, so a checkpoint trained on
+  other classes maps completely; `restore` then decides what to do with them.
+  """
+  m = config.model
+  num_dec, num_enc = int(m.num_decoder_layers), int(m.num_encoder_layers)
+  backbone_mapper = swin_key_to_path if m.backbone.name == "swin" else None
+  rows, sd = [], {}
+  for k, v in state_dict.items():
+    if k.endswith("num_batches_tracked"):
+      rows.append(row("skipped", source=k, shape=np.shape(v),
+                      reason="BatchNorm step counter, not a weight"))
+    else:
+      sd[k] = v
+  n_src = _num_classes_of(sd)
+  reference = {}
+  for path, leaf in target_shapes.items():
+    shape = tuple(np.shape(leaf))
+    if n_src is not None and is_class_head(path):
+      shape = (n_src, shape[1]) if path[-1] == "label_enc" else (
+          (shape[0], n_src) if path[-1] == "kernel" else (n_src,))
+    reference[path] = jax.ShapeDtypeStruct(shape, jnp.float32)
+  try:
+    variables, rep = state_dict_to_variables(sd, unflatten(reference), num_dec, num_enc,
+                                             backbone_mapper=backbone_mapper)
+  except ConversionError as e:
+    raise ConversionError(
+        f"{source}: the detrex state dict does not fit the config:\n{e}") from None
+  by_path = {target: key for key, target in rep["mapped"]}
+  flat = {p: (np.asarray(v), by_path["/".join(p)]) for p, v in flatten(variables).items()}
+  alias_map = _alias_map(num_dec, num_enc)
+  aliases = [k for k in sd
+             if canonical_key(k, alias_map) != k and canonical_key(k, alias_map) in sd]
+  for k in sd:
+    if k.endswith(".attn.relative_position_index"):
+      rows.append(row("checked", source=k, shape=np.shape(sd[k]),
+                      reason="constant: equals the Swin formula"))
+  return flat, rows, aliases
+
+
+# ------------------------------------------------------------------------------------------------
+# Merging
+# ------------------------------------------------------------------------------------------------
+
+
+def restore(target, source_flat, kind: str, allowed_missing=None, source: str = "",
+            num_classes=None, make_fresh=None):
+  """Merge mapped source arrays into the target variables.
+
+  Args:
+    target: {collection: tree} of the model, arrays (values kept where re-initialised) or
+      ShapeDtypeStructs (then nothing may need re-initialising).
+    source_flat: {our path tuple: (array, source key)}.
+    kind: "backbone" (only `backbone` variables are loaded; the rest keep their init) or "model"
+      (everything is loaded; class heads of another num_classes are re-initialised).
+    allowed_missing: {path: reason} of variables that may be absent from the source.
+    num_classes: (checkpoint, config) number of classes, for the report.
+    make_fresh: optional callable returning fresh variables, called only when something must be
+      re-initialised and `target` holds shapes only.
+  Returns:
+    (variables, loaded rows, skipped rows, re-initialised rows, notes).
+  """
+  allowed_missing = allowed_missing or {}
+  target_flat = flatten(target)
+  in_scope = (lambda p: p[1:2] == ("backbone",)) if kind == "backbone" else (lambda p: True)
+  out, loaded, skipped, reinit = {}, [], [], []
+  missing, unexpected, misshaped, casts = [], [], [], {}
+  for path, (value, key) in source_flat.items():
+    if not in_scope(path):
+      skipped.append(row("skipped", source=key, shape=np.shape(value), reason="not a backbone "
+                         "variable (a backbone init loads only the backbone)"))
+    elif path not in target_flat:
+      unexpected.append(f"{key} -> {'/'.join(path)}")
+  needs_values = []
+  for path, leaf in target_flat.items():
+    name = "/".join(path)
+    want = tuple(np.shape(leaf))
+    if not in_scope(path):
+      reinit.append(row("reinitialised", target=name, shape=want,
+                        reason="not in a backbone checkpoint: fresh init"))
+      needs_values.append(path)
+      continue
+    if path not in source_flat:
+      if path in allowed_missing:
+        reinit.append(row("reinitialised", target=name, shape=want, reason=allowed_missing[path]))
+        needs_values.append(path)
+      else:
+        missing.append(name)
+      continue
+    value, key = source_flat[path]
+    if tuple(value.shape) != want:
+      if kind == "model" and is_class_head(path):
+        n_src, n_cfg = num_classes or ("?", "?")
+        skipped.append(row("skipped", source=key, shape=value.shape,
+                           reason=f"class head for {n_src} classes; the config has {n_cfg}"))
+        reinit.append(row("reinitialised", target=name, shape=want,
+                          reason=f"num_classes {n_src} -> {n_cfg}: fresh init"))
+        needs_values.append(path)
+      else:
+        misshaped.append(f"{key}: {tuple(value.shape)} (as {name}), model expects {want}")
+      continue
+    dtype = np.dtype(getattr(leaf, "dtype", np.float32))
+    if value.dtype != dtype:
+      casts[f"{value.dtype}->{dtype}"] = casts.get(f"{value.dtype}->{dtype}", 0) + 1
+      value = value.astype(dtype)
+    out[path] = value
+    loaded.append(row("mapped", source=key, target=name, shape=want))
+  order = {key: i for i, (_, key) in enumerate(source_flat.values())}
+  loaded.sort(key=lambda r: order[r["source"]])
+  if missing or unexpected or misshaped:
+    lines = [f"{source}: the checkpoint does not fit the config"]
+    if missing:
+      lines.append(f"{len(missing)} model variables are not in the checkpoint: "
+                   + ", ".join(missing[:40]) + (" ..." if len(missing) > 40 else ""))
+    if unexpected:
+      lines.append(f"{len(unexpected)} checkpoint entries have no model variable: "
+                   + ", ".join(unexpected[:40]) + (" ..." if len(unexpected) > 40 else ""))
+    if misshaped:
+      lines.append(f"{len(misshaped)} mis-shaped entries: " + "; ".join(misshaped[:40]))
+    raise ConversionError("\n".join(lines))
+  no_values = [p for p in needs_values if isinstance(target_flat[p], jax.ShapeDtypeStruct)]
+  if no_values and make_fresh is not None:
+    fresh = flatten({c: v for c, v in make_fresh().items() if c not in SKIP_COLLECTIONS})
+    target_flat = dict(target_flat)
+    for p in no_values:
+      if tuple(np.shape(fresh[p])) != tuple(np.shape(target_flat[p])):
+        raise ConversionError(f"fresh init of {'/'.join(p)} has shape {np.shape(fresh[p])}, "
+                              f"expected {np.shape(target_flat[p])}")
+      target_flat[p] = fresh[p]
+    no_values = []
+  if no_values:
+    hint = ""
+    if num_classes and num_classes[0] != num_classes[1]:
+      hint = (f"; the checkpoint has {num_classes[0]} classes and the config {num_classes[1]}: "
+              f"convert with --config.model.num_classes={num_classes[0]}, or fine-tune on other "
+              "classes with --config.init.checkpoint=PATH (the class heads are re-initialised)")
+    raise ConversionError(f"{source}: {len(no_values)} model variables would need a fresh init, "
+                          "which this exact conversion does not do: "
+                          + ", ".join("/".join(p) for p in no_values[:20]) + hint)
+  for path in needs_values:
+    out[path] = np.asarray(target_flat[path])
+  notes = [f"cast {n} arrays {what}" for what, n in casts.items()]
+  return unflatten(out), loaded, skipped, reinit, notes
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry points
+# ------------------------------------------------------------------------------------------------
+
+
+def init_from_checkpoint(variables, source, config, *, kind: str = "auto",
+                         format: str = "auto") -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """Load `source` into `variables` (a fresh init of `config`'s model).
+
+  Args:
+    variables: {collection: tree} (`params`, `frozen`) of the model built from `config`. Values
+      are kept where the source has nothing (re-initialised). ShapeDtypeStructs are accepted when
+      nothing needs re-initialising (exact conversion). Or a zero-argument callable returning
+      such variables (e.g. `lambda: init_variables(config)`): it is called only once the source
+      has been read and checked against the model's shapes, and only if something needs a fresh
+      init, so a refused file fails fast.
+    source: a backbone file, a detrex state dict file, or one of our model checkpoint dirs.
+    config: the full config (`config.model` builds the model).
+    kind: "backbone", "model" or "auto" (a directory or a detrex file: model; else backbone).
+    format: "auto", "ours", "detrex", "torchvision", "detectron2", "swin".
+  Returns:
+    (variables as numpy trees, report). The report has `loaded`, `skipped` (input keys not used,
+    with the reason) and `reinitialised` (model variables not from the input, with the reason)
+    rows, plus `num_source_keys` / `num_mapped` for the `mapped N/M keys` line.
+  Raises:
+    ConversionError (and its subclass Caffe2WeightsError), torch_io.UnsafePickleError,
+    torch_io.CheckpointFormatError, FileNotFoundError.
+  """
+  source = str(source)
+  make_fresh = None
+  if callable(variables):
+    make_fresh, variables = variables, model_shapes(config)
+  variables = {c: variables[c] for c in variables if c not in SKIP_COLLECTIONS}
+  target_shapes = flatten(variables)
+  state_dict, ours_flat, meta, rows, fmt = read_source(source, format)
+  if kind == "auto":
+    if ours_flat is not None:
+      kind = "model"
+    else:
+      detected = backbones.detect_format(state_dict) if fmt == "auto" else fmt
+      kind = "model" if detected == "detrex" else "backbone"
+  if kind not in ("backbone", "model"):
+    raise ValueError(f"kind must be 'backbone', 'model' or 'auto', not {kind!r}")
+  notes = []
+  if meta.get("stripped_prefix"):
+    notes.append(f"stripped the prefix {meta['stripped_prefix']!r} from every key")
+  allowed_missing, aliases, num_classes = {}, [], None
+  n_cfg = int(config.model.num_classes)
+  if ours_flat is not None:
+    fmt = "ours"
+    source_flat = {p: (v, "/".join(p)) for p, v in ours_flat.items()}
+    src_cfg = meta["config"]
+    num_classes = (int(src_cfg.model.num_classes) if "model" in src_cfg else "?", n_cfg)
+    num_source_keys = len(source_flat)
+  elif kind == "backbone":
+    loaded, brows, fmt = backbones.import_backbone(state_dict, fmt, target_shapes,
+                                                   config.model.backbone, meta, source)
+    source_flat = loaded
+    rows += [r for r in brows if r["status"] in ("skipped", "checked")]
+    allowed_missing = {tuple(r["target"].split("/")): r["reason"] for r in brows
+                       if r["status"] == "reinitialised"}
+    num_source_keys = len(state_dict)
+  else:
+    backbones.check_not_caffe2(state_dict, meta, source)
+    if fmt not in ("auto", "detrex"):
+      raise ConversionError(f"{source}: format {fmt!r} holds backbone weights; load it with "
+                            "kind='backbone' (init.backbone), or use format 'detrex'")
+    fmt = "detrex"
+    source_flat, drows, aliases = detrex_to_flat(state_dict, target_shapes, config, source)
+    rows += drows
+    num_classes = (_num_classes_of(state_dict), n_cfg)
+    num_source_keys = len(state_dict) - len(aliases)
+    if aliases:
+      notes.append(f"{len(aliases)} alias keys (shared modules that torch saves under several "
+                   "names) checked equal to their canonical key and counted once")
+  merged, loaded_rows, skipped_rows, reinit_rows, cast_notes = restore(
+      variables, source_flat, kind, allowed_missing, source, num_classes, make_fresh)
+  checked = [r for r in rows if r["status"] == "checked"]
+  skipped = [r for r in rows if r["status"] == "skipped"] + skipped_rows
+  report = {
+      "source": source, "kind": kind, "format": fmt,
+      "loaded": loaded_rows + checked, "skipped": skipped, "reinitialised": reinit_rows,
+      "notes": notes + cast_notes,
+      "num_source_keys": num_source_keys,
+      "num_mapped": len({r["source"] for r in loaded_rows}) + len(checked),
+  }
+  return merged, report
+
+
+def init_from_config(variables, config):
+  """Apply `config.init` (`backbone` or `checkpoint` path; empty = nothing) to fresh variables.
+
+  Returns (variables, report or None). The trainer calls this once after its own init.
+  Optional fields: `config.init.backbone_format` / `checkpoint_format` (default "auto").
+  """
+  init = config.get("init") or {}
+  backbone = init.get("backbone") or ""
+  checkpoint = init.get("checkpoint") or ""
+  if backbone and checkpoint:
+    raise ValueError("set only one of config.init.backbone and config.init.checkpoint: a model "
+                     "checkpoint already holds a backbone")
+  if checkpoint:
+    return init_from_checkpoint(variables, checkpoint, config, kind="model",
+                                format=init.get("checkpoint_format", "auto"))
+  if backbone:
+    return init_from_checkpoint(variables, backbone, config, kind="backbone",
+                                format=init.get("backbone_format", "auto"))
+  return variables, None
+
+
+def _shape(r):
+  return "x".join(map(str, r["shape"])) if r.get("shape") is not None else ""
+
+
+def format_report(report, verbose: bool = False) -> str:
+  """The printed table: mapped, checked, skipped (reason), re-initialised (reason), counts.
+
+  Re-initialised variables are grouped by module unless `verbose`; the last line is
+  `mapped N/M keys`.
+  """
+  lines = [f"source: {report['source']}  (format {report['format']}, {report['kind']} weights)"]
+  loaded = [r for r in report["loaded"] if r["status"] == "mapped"]
+  checked = [r for r in report["loaded"] if r["status"] == "checked"]
+  if loaded:
+    width = min(max(len(r["source"]) for r in loaded), 70)
+    lines.append(f"mapped ({len(loaded)}):")
+    lines += [f"  {r['source']:<{width}}  -> {r['target']}  [{_shape(r)}]" for r in loaded]
+  if checked:
+    lines.append(f"checked, not variables ({len(checked)}):")
+    lines += [f"  {r['source']}  [{_shape(r)}]  {r['reason']}" for r in checked]
+  if report["skipped"]:
+    lines.append(f"skipped ({len(report['skipped'])}):")
+    lines += [f"  {r['source']}  [{_shape(r)}]  {r['reason']}" for r in report["skipped"]]
+  reinit = report["reinitialised"]
+  if reinit:
+    lines.append(f"re-initialised ({len(reinit)} arrays):")
+    if verbose:
+      lines += [f"  {r['target']}  [{_shape(r)}]  {r['reason']}" for r in reinit]
+    else:
+      groups: Dict[Tuple[str, str], int] = {}
+      for r in reinit:
+        parts = r["target"].split("/")
+        module = "/".join(parts[:2])
+        groups[(module, r["reason"])] = groups.get((module, r["reason"]), 0) + 1
+      lines += [f"  {m}  ({n} array{'s' if n > 1 else ''})  {why}"
+                for (m, why), n in groups.items()]
+  for note in report.get("notes", []):
+    lines.append(f"note: {note}")
+  lines.append(f"mapped {report['num_mapped']}/{report['num_source_keys']} keys")
+  return "\n".join(lines)

@@ -1,0 +1,84 @@
+"""COCO evaluation of a model over the eval split (periodic in training, or standalone).
+
+Runs the jitted predict step over every eval batch of this host, drops padded examples and
+empty boxes, gathers the detections of all processes, maps labels back to the dataset's category
+ids and scores them with pycocotools. Results JSON and metrics land in the workdir.
+"""
+
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import jax
+import numpy as np
+
+from focus_detr_jax.evaluation.coco_eval import coco_evaluate, detections_to_coco, format_table
+from focus_detr_jax.train.steps import predict_step
+
+_PREDICT_KEYS = ("image", "padding_mask", "image_size", "orig_size")
+
+
+def _allgather(tree):
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+class Evaluator:
+  """`run(variables, step)` -> {AP, AP50, AP75, APs, APm, APl, ...}."""
+
+  def __init__(self, model, config, workdir=None, max_batches: Optional[int] = None):
+    from focus_detr_jax.data import pipeline
+    self.config = config
+    self.workdir = Path(workdir) if workdir else None
+    self.max_batches = max_batches
+    self._pipeline = pipeline
+    self._predict = jax.jit(functools.partial(predict_step, model=model,
+                                              num_select=config.model.num_select))
+    self.label_to_category = pipeline.label_to_category_id(config)
+    self._gt = None
+
+  @property
+  def ground_truth(self):
+    if self._gt is None:
+      self._gt = self._pipeline.coco_ground_truth(self.config)
+    return self._gt
+
+  def predict(self, variables):
+    """COCO result dicts of this evaluation (all processes)."""
+    iterator = self._pipeline.make_eval_iterator(self.config, jax.process_index(),
+                                                 jax.process_count())
+    detections = []
+    for i, batch in enumerate(iterator):
+      if self.max_batches is not None and i >= self.max_batches:
+        break
+      out = self._predict(variables, {k: batch[k] for k in _PREDICT_KEYS})
+      host = dict(image_id=batch["image_id"], example_valid=batch["example_valid"],
+                  **jax.device_get(out))
+      host = _allgather(host)
+      valid = host["valid"] & host["example_valid"][:, None]
+      detections += detections_to_coco(host["image_id"], host["scores"], host["labels"],
+                                       host["boxes"], valid, self.label_to_category)
+    return detections
+
+  def run(self, variables, step: Optional[int] = None) -> Dict[str, float]:
+    start = time.time()
+    detections = self.predict(variables)
+    image_ids = {d["image_id"] for d in detections} if self.max_batches else None
+    metrics = coco_evaluate(self.ground_truth, detections, image_ids=image_ids)
+    summary = metrics.pop("summary")
+    metrics["eval_seconds"] = time.time() - start
+    metrics["num_detections"] = len(detections)
+    if self.workdir is not None and jax.process_index() == 0:
+      out = self.workdir / "eval"
+      out.mkdir(parents=True, exist_ok=True)
+      tag = f"step_{step}" if step is not None else "final"
+      (out / f"{tag}_detections.json").write_text(json.dumps(detections))
+      (out / f"{tag}_metrics.json").write_text(json.dumps(metrics, indent=1))
+      (out / f"{tag}_summary.txt").write_text(summary + "\n" + format_table(metrics) + "\n")
+    logging.info("COCO eval (step %s):\n%s\n%s", step, summary, format_table(metrics))
+    return metrics

@@ -1,0 +1,347 @@
+"""Inference on image files, folders or a dataset split, with the evaluation's preprocessing.
+
+    config = resolve_config(None, checkpoint="checkpoints/r50")      # config.json beside weights
+    variables, _ = load_variables(config, checkpoint="checkpoints/r50")
+    model = FocusDETR.from_config(config.model)
+    for result in predict_files(model, variables, config, ["img.jpg", "folder/"]):
+      result.detections     # scores/labels/boxes (xyxy, original pixels)/valid, numpy
+    # result.maps (token maps for the selection pictures) and result.image (original RGB)
+
+Images go through exactly the evaluation transform (`transforms.eval_example`: ResizeShortestEdge
+(`eval_scale`, `eval_max_size`), scaled down to fit, placed top-left in the canvas of the closest
+aspect ratio among `data.eval_canvases or data.canvases`), are batched per canvas with padding
+slots, and run through one jitted forward per canvas (`visualize.selection_outputs`: the model,
+`postprocess` to the original pixels, and the token maps). Nothing here is backend specific.
+
+Files are read like the COCO-folder preparation (`coco_folder.load_image`: EXIF orientation
+applied, CMYK/alpha/palette/16-bit converted to RGB); unreadable ones are reported through
+`on_error` and skipped.
+"""
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+# ----------------------------------------------------------------------------- model
+
+def resolve_config(config=None, workdir=None, checkpoint=None):
+  """The given config, else the one saved beside a model checkpoint or in a training workdir."""
+  from focus_detr_jax.checkpoint import CONFIG_FILE, load_config
+  if config is not None:
+    return config
+  if checkpoint:
+    return load_config(checkpoint)
+  if workdir and (Path(workdir) / CONFIG_FILE).exists():
+    return load_config(workdir)
+  raise ValueError("no config: pass --config (a training workdir holds config.json only once "
+                   "training has started)")
+
+
+def load_variables(config, workdir=None, checkpoint=None):
+  """(variables, step) from a model checkpoint, or the latest training checkpoint of a workdir.
+
+  With a workdir the EMA parameters are used when the run keeps them; `step` is None for a
+  model checkpoint.
+  """
+  import jax
+  from focus_detr_jax.checkpoint import load_model_checkpoint
+  from focus_detr_jax.models.focus_detr import FocusDETR
+  from focus_detr_jax.train import checkpointing, optim, state as state_lib
+  from focus_detr_jax.train.loop import init_variables
+  if checkpoint:
+    variables, _ = load_model_checkpoint(checkpoint)
+    return variables, None
+  model = FocusDETR.from_config(config.model)
+  variables = init_variables(model, config, jax.random.PRNGKey(0))
+  tx, _ = optim.make_optimizer(variables["params"], config)
+  target = state_lib.create_train_state(variables, tx, jax.random.PRNGKey(0),
+                                        ema=config.optim.ema_decay > 0)
+  ckpt = checkpointing.Checkpointer(workdir)
+  state = ckpt.restore(target)
+  ckpt.close()
+  if state is None:
+    raise FileNotFoundError(f"no training checkpoint in {workdir}/checkpoints")
+  params = state.ema_params if state.ema_params is not None else state.params
+  return {"params": params, **state.extra}, int(state.step)
+
+
+def category_info(config) -> Tuple[Tuple[int, ...], Tuple[str, ...], bool]:
+  """(category id per label, name per label, found) from the config's dataset, without reading it.
+
+  COCO: the 80 COCO ids; synthetic: 1..C and its class names; a COCO folder: the categories of
+  its annotation files. When unknown or inconsistent with `model.num_classes`: (0..C-1, "0"..,
+  False).
+  """
+  n = int(config.model.num_classes)
+  ids, names = None, None
+  data = config.get("data")
+  try:
+    if data is not None and data.dataset == "coco":
+      from focus_detr_jax.data import coco_tfds
+      ids, names = coco_tfds.COCO_CATEGORY_IDS, coco_tfds.COCO_CATEGORY_NAMES
+    elif data is not None and data.dataset == "synthetic":
+      from focus_detr_jax.data import synthetic
+      names = tuple(synthetic.class_names(data.synthetic.difficulty))
+      ids = tuple(range(1, len(names) + 1))
+    elif data is not None and data.dataset == "coco_folder":
+      from focus_detr_jax.data import coco_folder
+      files = [f for f in (data.folder.train_annotations, data.folder.eval_annotations)
+               if f and Path(f).is_file()]
+      if files:
+        cats = coco_folder.read_categories(files)
+        ids, names = tuple(c["id"] for c in cats), tuple(c["name"] for c in cats)
+  except Exception as e:  # pylint: disable=broad-except  # metadata is optional
+    logging.warning("category metadata unavailable (%s); using contiguous labels", e)
+  if ids is None or len(ids) != n:
+    if ids is not None:
+      logging.warning("dataset has %d categories but the model %d; using contiguous labels",
+                      len(ids), n)
+    return tuple(range(n)), tuple(str(i) for i in range(n)), False
+  return tuple(int(i) for i in ids), tuple(names), True
+
+
+# ----------------------------------------------------------------------------- files
+
+def list_images(inputs: Sequence[str]) -> Tuple[List[Path], List[Tuple[str, str]]]:
+  """Files (given directly, any extension) and folders (their image files, sorted, not recursive).
+
+  Returns (paths, problems) where problems are (input, reason) for missing inputs.
+  """
+  paths, problems = [], []
+  for entry in inputs:
+    p = Path(entry).expanduser()
+    if p.is_dir():
+      paths += sorted(f for f in p.iterdir()
+                      if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+    elif p.is_file():
+      paths.append(p)
+    else:
+      problems.append((str(entry), "not found"))
+  return paths, problems
+
+
+def image_ids_and_names(paths: Sequence[Path]) -> Tuple[List[int], List[str]]:
+  """COCO image ids (the file stems when all are distinct integers, like COCO's file names;
+  else 0..n-1 in order) and unique output names (stem, then stem_1, ...)."""
+  stems = [p.stem for p in paths]
+  if stems and all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
+    ids = [int(s) for s in stems]
+  else:
+    ids = list(range(len(paths)))
+  names, seen = [], {}
+  for s in stems:
+    k = seen.get(s, 0)
+    seen[s] = k + 1
+    names.append(s if k == 0 else f"{s}_{k}")
+  return ids, names
+
+
+def read_image(path) -> np.ndarray:
+  """uint8 RGB [H, W, 3] of an image file, decoded as the data pipeline decodes it.
+
+  Raises `coco_folder.BadImage` (with `.reason`) for missing, unreadable or corrupt files.
+  """
+  import tensorflow as tf
+  from focus_detr_jax.data import coco_folder, transforms
+  encoded, _, _ = coco_folder.load_image(str(path), None, "full")
+  try:
+    return transforms.decode_image(tf.constant(encoded)).numpy()
+  except Exception as e:  # pylint: disable=broad-except  # TF refuses what PIL accepted
+    raise coco_folder.BadImage("images_corrupt", f"undecodable: {e}") from e
+
+
+def eval_canvases(config):
+  """The canvases of evaluation (None: `eval_exact`, one shape per image)."""
+  from focus_detr_jax.data import canvas as canvas_lib
+  data = config.data
+  if data.eval_exact:
+    return None
+  return canvas_lib.normalize_canvases(data.eval_canvases or data.canvases)
+
+
+def network_input(image: np.ndarray, config) -> Tuple[np.ndarray, Tuple[int, int], Any]:
+  """The evaluation transform of one decoded image (`transforms.eval_example`).
+
+  Returns (uint8 network image padded to its canvas [H, W, 3] (unpadded with eval_exact),
+  (h, w) of the resized image, the canvas (H, W) or None).
+  """
+  import tensorflow as tf
+  from focus_detr_jax.data import canvas as canvas_lib, transforms
+  data = config.data
+  canvases = eval_canvases(config)
+  canvas = None
+  if canvases is not None:
+    canvas = canvases[canvas_lib.canvas_index_for_size(image.shape[0], image.shape[1], canvases)]
+  img = tf.constant(image)
+  target = transforms.resize_shortest_edge_size(tf.shape(img)[:2], int(data.eval_scale),
+                                                int(data.eval_max_size))
+  if canvas is not None:
+    target, _ = canvas_lib.tf_fit_size(target, canvas)
+  out = transforms.resize_image(img, target)
+  if canvas is not None:
+    out = tf.image.pad_to_bounding_box(out, 0, 0, canvas[0], canvas[1])
+  size = tuple(int(v) for v in target.numpy())
+  return out.numpy(), size, canvas
+
+
+def normalize_batch(images_u8: np.ndarray, image_sizes: np.ndarray, config):
+  """uint8 [B, H, W, 3] -> (float32 (x - mean) / std zero-padded, padding_mask [B, H, W])."""
+  _, h, w, _ = images_u8.shape
+  mean = np.asarray(config.data.pixel_mean, np.float32)
+  std = np.asarray(config.data.pixel_std, np.float32)
+  mask = ((np.arange(h)[None, :, None] >= image_sizes[:, 0, None, None]) |
+          (np.arange(w)[None, None, :] >= image_sizes[:, 1, None, None]))
+  image = (images_u8.astype(np.float32) - mean) / std
+  image[mask] = 0.0
+  return image, mask
+
+
+@dataclasses.dataclass
+class ImageResult:
+  """Predictions of one image. Boxes are xyxy in the pixels of `image` (the original)."""
+  name: str
+  image_id: int
+  image: np.ndarray                  # uint8 [H, W, 3], the original image
+  image_size: Tuple[int, int]        # (h, w) of the network input inside the canvas
+  canvas: Tuple[int, int]            # (H, W) of the padded network input
+  detections: Dict[str, np.ndarray]  # scores [K], labels [K], boxes [K, 4], valid [K]
+  maps: Dict[str, np.ndarray]        # token maps of this image (visualize.selection_maps)
+  path: Optional[str] = None
+
+  @property
+  def orig_size(self) -> Tuple[int, int]:
+    return int(self.image.shape[0]), int(self.image.shape[1])
+
+
+class _Batcher:
+  """Collects prepared images per canvas and runs full (padded) batches of `batch_size`."""
+
+  def __init__(self, model, variables, config, batch_size: int, num_select: int):
+    self.model, self.variables, self.config = model, variables, config
+    self.batch_size = batch_size
+    self.num_select = num_select
+    self.pending: Dict[Any, list] = {}
+
+  def add(self, key, item) -> Iterator[ImageResult]:
+    self.pending.setdefault(key, []).append(item)
+    if len(self.pending[key]) >= self.batch_size:
+      yield from self._run(self.pending.pop(key))
+
+  def flush(self) -> Iterator[ImageResult]:
+    for key in list(self.pending):
+      yield from self._run(self.pending.pop(key))
+
+  def _run(self, items) -> Iterator[ImageResult]:
+    from focus_detr_jax import visualize
+    n = len(items)
+    slots = self.batch_size
+    net = np.zeros((slots,) + items[0]["network"].shape, np.uint8)
+    sizes = np.ones((slots, 2), np.int32)          # padding slots: a 1x1 image, like eval
+    orig = np.ones((slots, 2), np.int32)
+    for i, it in enumerate(items):
+      net[i] = it["network"]
+      sizes[i] = it["image_size"]
+      orig[i] = it["image"].shape[:2]
+    images, mask = normalize_batch(net, sizes, self.config)
+    dets, maps = visualize.selection_outputs(self.model, self.variables, images, mask, sizes,
+                                             orig, num_select=self.num_select)
+    for i in range(n):
+      it = items[i]
+      yield ImageResult(name=it["name"], image_id=it["image_id"], image=it["image"],
+                        image_size=tuple(int(v) for v in sizes[i]),
+                        canvas=tuple(net.shape[1:3]), detections=visualize.per_image(dets, i),
+                        maps=visualize.per_image(maps, i), path=it.get("path"))
+
+
+def _defaults(model, config, batch_size, num_select):
+  if batch_size is None:
+    batch_size = 1 if config.data.eval_exact else int(config.data.eval_batch_size)
+  if num_select is None:
+    num_select = int(config.model.num_select)
+  return batch_size, min(num_select, model.num_queries * model.num_classes)
+
+
+def predict_files(model, variables, config, inputs: Sequence[str], *,
+                  batch_size: Optional[int] = None, num_select: Optional[int] = None,
+                  max_images: Optional[int] = None,
+                  on_error: Optional[Callable[[str, str], None]] = None
+                  ) -> Iterator[ImageResult]:
+  """Predictions of image files and folders (in canvas batches; results come per batch).
+
+  Args:
+    inputs: files and/or folders; batch_size: images per forward (default `eval_batch_size`,
+      1 with `eval_exact`); num_select: detections per image (default `model.num_select`);
+    max_images: stop after this many readable images.
+    on_error: called with (input, reason) for each missing or unreadable input (default: log).
+  """
+  from focus_detr_jax.data import coco_folder
+  on_error = on_error or (lambda path, why: logging.warning("skipping %s: %s", path, why))
+  batch_size, num_select = _defaults(model, config, batch_size, num_select)
+  if eval_canvases(config) is None:
+    batch_size = 1
+  paths, problems = list_images(inputs)
+  for entry, why in problems:
+    on_error(entry, why)
+  ids, names = image_ids_and_names(paths)
+  batcher = _Batcher(model, variables, config, batch_size, num_select)
+  used = 0
+  for path, image_id, name in zip(paths, ids, names):
+    if max_images is not None and used >= max_images:
+      break
+    try:
+      image = read_image(path)
+    except coco_folder.BadImage as e:
+      on_error(str(path), str(e))
+      continue
+    network, size, canvas = network_input(image, config)
+    used += 1
+    item = dict(name=name, image_id=image_id, image=image, network=network, image_size=size,
+                path=str(path))
+    yield from batcher.add(canvas if canvas is not None else network.shape, item)
+  yield from batcher.flush()
+
+
+def predict_split(model, variables, config, split: str, *, num_select: Optional[int] = None,
+                  max_images: Optional[int] = None) -> Iterator[ImageResult]:
+  """Predictions over a split of the config's dataset (`pipeline.make_eval_iterator`).
+
+  `ImageResult.image` is the network input resized back to the original size (the original
+  pixels are not kept by the pipeline); boxes are in original pixels.
+  """
+  from focus_detr_jax import visualize
+  from focus_detr_jax.data import pipeline
+  _, num_select = _defaults(model, config, None, num_select)
+  iterator = pipeline.make_eval_iterator(config, 0, 1, split=split)
+  used = 0
+  for batch in iterator:
+    if max_images is not None and used >= max_images:
+      break
+    dets, maps = visualize.selection_outputs(model, variables, batch["image"],
+                                             batch["padding_mask"], batch["image_size"],
+                                             batch["orig_size"], num_select=num_select)
+    for i in np.nonzero(batch["example_valid"])[0]:
+      if max_images is not None and used >= max_images:
+        break
+      used += 1
+      h, w = (int(v) for v in batch["image_size"][i])
+      shown = visualize.denormalize(batch["image"][i, :h, :w], config.data.pixel_mean,
+                                    config.data.pixel_std)
+      shown = visualize.resize(shown, batch["orig_size"][i])
+      yield ImageResult(name=str(int(batch["image_id"][i])), image_id=int(batch["image_id"][i]),
+                        image=shown, image_size=(h, w), canvas=tuple(batch["image"].shape[1:3]),
+                        detections=visualize.per_image(dets, i), maps=visualize.per_image(maps, i))
+  logging.info("input: %s", pipeline.format_stats(iterator.stats))
+
+
+def coco_results(result: ImageResult, label_to_category: Sequence[int]) -> List[Dict[str, Any]]:
+  """COCO results entries of one image (valid detections; bbox xywh in original pixels)."""
+  from focus_detr_jax.evaluation.coco_eval import detections_to_coco
+  d = result.detections
+  return detections_to_coco([result.image_id], d["scores"][None], d["labels"][None],
+                            d["boxes"][None], d["valid"][None], label_to_category)

@@ -1,0 +1,164 @@
+r"""Detect objects in images, a folder or a dataset split; write COCO results and pictures.
+
+  # a model checkpoint (converted detrex weights or an exported training run); its config.json
+  # is used unless --config is given
+  python scripts/predict.py --checkpoint=checkpoints/focus_detr_r50 \
+      --inputs=photo.jpg,more_photos/ --output_dir=predictions --tokens
+
+  # the latest training checkpoint of a workdir (its config.json, or --config)
+  python scripts/predict.py --config=configs/demo_synthetic.py --workdir=/tmp/run \
+      --split=validation --max_images=8 --tokens --output_dir=/tmp/run/predictions
+
+Images go through the evaluation transform and canvases (`config.data.eval_canvases` or
+`canvases`), so each canvas compiles once; `--batch_size` images per forward (default
+`data.eval_batch_size`). Config overrides follow --config: `--config.data.eval_scale=640`.
+
+Writes to --output_dir:
+  detections.json   COCO results: image_id, category_id (the dataset's original ids when the
+                    config's dataset metadata has them, else the contiguous label), bbox [x, y, w,
+                    h] in original image pixels, score (top `model.num_select` per image, no NMS)
+  images.json       {"images": [{id, file_name, height, width}], "categories": [{id, name}]}
+  skipped.json      inputs that were missing or unreadable, with the reason (also printed)
+  overlays/NAME.png detections with score >= --score_threshold over the original image
+  tokens/NAME.png   with --tokens: foreground-score heatmaps per level, the tokens each encoder
+                    layer updates and the object tokens (paper figures 1 and 4)
+Image ids are the file stems when they are all distinct integers (COCO file names), else
+0..n-1 in input order; NAME is the file stem (or the image id of a split).
+
+Exit status: 0 when at least one image was predicted, 1 when none was (or on a load error),
+2 on a usage error. Runs unchanged on CPU, GPU and TPU (one device; single host).
+"""
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+
+def _flag_values(argv):
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file (default: the config.json of "
+                                  "--checkpoint or --workdir)", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  flags.DEFINE_string("checkpoint", None, "model checkpoint directory (variables/ + config.json)",
+                      flag_values=fv)
+  flags.DEFINE_string("workdir", None, "training workdir: its latest checkpoint", flag_values=fv)
+  flags.DEFINE_list("inputs", [], "image files and/or folders", flag_values=fv)
+  flags.DEFINE_string("split", None, "a split of the config's dataset instead of --inputs "
+                      "(e.g. validation)", flag_values=fv)
+  flags.DEFINE_string("output_dir", None, "where the results go", flag_values=fv)
+  flags.DEFINE_float("score_threshold", 0.3, "minimum score drawn in the overlays",
+                     flag_values=fv)
+  flags.DEFINE_integer("max_images", None, "stop after this many images", flag_values=fv)
+  flags.DEFINE_boolean("tokens", False, "also write token-selection pictures", flag_values=fv)
+  flags.DEFINE_boolean("overlays", True, "write detection overlays", flag_values=fv)
+  flags.DEFINE_integer("batch_size", None, "images per forward (default data.eval_batch_size)",
+                       flag_values=fv)
+  flags.DEFINE_integer("num_select", None, "detections kept per image (default "
+                       "model.num_select)", flag_values=fv)
+  return fv
+
+
+def _usage(message):
+  print(f"usage error: {message}\n{__doc__}", file=sys.stderr)
+  return 2
+
+
+def _save_png(path, array):
+  from PIL import Image
+  Image.fromarray(array).save(path)
+
+
+def run(fv) -> int:
+  """Predict with parsed flags; returns the exit status."""
+  from focus_detr_jax import inference, visualize
+  from focus_detr_jax.models.focus_detr import FocusDETR, feature_level_shapes
+  try:
+    config = inference.resolve_config(fv.config, fv.workdir, fv.checkpoint)
+    variables, step = inference.load_variables(config, fv.workdir, fv.checkpoint)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  model = FocusDETR.from_config(config.model)
+  category_ids, class_names, found = inference.category_info(config)
+  out = Path(fv.output_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  if fv.overlays:
+    (out / "overlays").mkdir(exist_ok=True)
+  if fv.tokens:
+    (out / "tokens").mkdir(exist_ok=True)
+  skipped = []
+
+  def on_error(entry, reason):
+    skipped.append({"input": entry, "reason": reason})
+    print(f"skipping {entry}: {reason}", file=sys.stderr)
+
+  if fv.split:
+    results = inference.predict_split(model, variables, config, fv.split,
+                                      num_select=fv.num_select, max_images=fv.max_images)
+  else:
+    results = inference.predict_files(model, variables, config, fv.inputs,
+                                      batch_size=fv.batch_size, num_select=fv.num_select,
+                                      max_images=fv.max_images, on_error=on_error)
+  source = (f"checkpoint {fv.checkpoint}" if fv.checkpoint else
+            f"workdir {fv.workdir} (step {step})")
+  print(f"predicting with {source} on {__import__('jax').default_backend()}", file=sys.stderr)
+  start = time.time()
+  detections, images = [], []
+  for r in results:
+    detections += inference.coco_results(r, category_ids)
+    images.append({"id": r.image_id, "file_name": Path(r.path).name if r.path else r.name,
+                   "height": r.orig_size[0], "width": r.orig_size[1]})
+    if not (fv.overlays or fv.tokens):
+      continue
+    d = r.detections
+    keep = d["valid"]
+    overlay = visualize.draw_detections(r.image, d["boxes"][keep], d["scores"][keep],
+                                        d["labels"][keep], class_names, fv.score_threshold)
+    if fv.overlays:
+      _save_png(out / "overlays" / f"{r.name}.png", overlay)
+    if fv.tokens:
+      panel = visualize.token_selection_panels(
+          r.image, r.maps, feature_level_shapes(*r.canvas, num_levels=model.num_levels),
+          r.image_size, detections_image=overlay)
+      _save_png(out / "tokens" / f"{r.name}.png", panel)
+  (out / "detections.json").write_text(json.dumps(detections))
+  categories = [{"id": int(i), "name": n} for i, n in zip(category_ids, class_names)]
+  (out / "images.json").write_text(json.dumps({"images": images, "categories": categories},
+                                              indent=1))
+  (out / "skipped.json").write_text(json.dumps(skipped, indent=1))
+  shown = sum(d["score"] >= fv.score_threshold for d in detections)
+  print(f"{len(images)} images in {time.time() - start:.1f} s, {len(detections)} detections "
+        f"({shown} with score >= {fv.score_threshold}), {len(skipped)} inputs skipped"
+        f"{'' if found else '; category_id = contiguous label (no dataset metadata)'}; "
+        f"results in {out}")
+  return 0 if images else 1
+
+
+def main(argv=None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+  fv = _flag_values(argv)
+  try:
+    rest = fv(argv)
+  except flags.Error as e:
+    return _usage(e)
+  if len(rest) > 1:
+    return _usage(f"unexpected arguments {rest[1:]}")
+  if bool(fv.checkpoint) == bool(fv.workdir):
+    return _usage("give exactly one of --checkpoint and --workdir")
+  if bool(fv.split) == bool(fv.inputs):
+    return _usage("give exactly one of --inputs and --split")
+  if not fv.output_dir:
+    return _usage("--output_dir is required")
+  logging.getLogger().setLevel(logging.INFO)
+  return run(fv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,101 @@
+"""Export to detrex: exact key set and order, and a bitwise round trip detrex -> ours -> detrex."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from focus_detr_jax.convert import init as init_lib
+from focus_detr_jax.convert import torch_io
+from focus_detr_jax.convert.detrex import ConversionError
+from focus_detr_jax.convert.export import detrex_key_order, export_detrex_state_dict
+from focus_detr_jax.parity.weights import build_state_dict
+
+REPO = Path(__file__).resolve().parents[1]
+SETS = {"public": "focus_detr_r50_4scale_12ep", "swin_tiny": "focus_detr_swin_tiny_224_4scale_12ep",
+        "swin_base_384": "focus_detr_swin_base_384_4scale_36ep"}
+
+
+def _config(name):
+  import importlib
+  return importlib.import_module(f"configs.{name}").get_config()
+
+
+def _script(name):
+  sys.path.insert(0, str(REPO / "scripts"))
+  try:
+    return __import__(name)
+  finally:
+    sys.path.pop(0)
+
+
+@pytest.mark.parametrize("reference_set", sorted(SETS))
+def test_key_order_is_the_detrex_state_dict(parity_root, reference_set):
+  manifest = json.loads((parity_root / reference_set / "state_dict_manifest.json").read_text())
+  assert detrex_key_order(_config(SETS[reference_set])) == [row[0] for row in manifest]
+
+
+def _assert_bitwise(got, want):
+  assert list(got) == list(want)
+  for key in want:
+    assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_r50_round_trip_through_files_is_bitwise(parity_root, tmp_path, capsys):
+  manifest = parity_root / "public" / "state_dict_manifest.json"
+  state_dict = build_state_dict(manifest, seed=0)
+  np.savez(tmp_path / "detrex.npz", **state_dict)
+  convert_detrex = _script("convert_detrex")
+  config = str(REPO / "configs" / "focus_detr_r50_4scale_12ep.py")
+  assert convert_detrex.main(["convert_detrex.py", "--config", config,
+                              str(tmp_path / "detrex.npz"), str(tmp_path / "ours")]) == 0
+  assert capsys.readouterr().out.strip().splitlines()[-1] == "mapped 625/625 keys"
+  convert = _script("convert_checkpoint")
+  assert convert.main(["convert_checkpoint.py", "--export", str(tmp_path / "ours"),
+                       str(tmp_path / "back.npz")]) == 0
+  _assert_bitwise(torch_io.load_file(tmp_path / "back.npz"), state_dict)
+
+
+def test_swin_round_trip_is_bitwise(parity_root, tmp_path):
+  state_dict = build_state_dict(parity_root / "swin_tiny" / "state_dict_manifest.json", seed=0)
+  np.savez(tmp_path / "swin.npz", **state_dict)
+  config = _config(SETS["swin_tiny"])
+  variables, report = init_lib.init_from_checkpoint(init_lib.model_shapes(config),
+                                                    tmp_path / "swin.npz", config)
+  assert report["num_mapped"] == report["num_source_keys"] == 627 - 80
+  back = export_detrex_state_dict(variables, config)
+  _assert_bitwise(back, state_dict)
+  assert back["backbone.layers.0.blocks.0.attn.relative_position_index"].dtype == np.int64
+  # Shared modules come out as one array under all their names, as torch saves them.
+  assert back["class_embed.6.weight"] is back["transformer.encoder.enhance_MCSP.0.weight"]
+  assert (back["bbox_embed.3.layers.2.bias"]
+          is back["transformer.decoder.bbox_embed.3.layers.2.bias"])
+
+
+def test_group_norm_backbone_has_no_detrex_layout():
+  from configs import tiny
+  with pytest.raises(ConversionError, match="GroupNorm"):
+    detrex_key_order(tiny.get_config())
+
+
+@pytest.mark.skipif(torch_io.torch_available(), reason="torch is installed: .pth is written")
+def test_pth_without_torch_says_to_use_npz(tmp_path, capsys):
+  with pytest.raises(RuntimeError, match=r"\.npz"):
+    torch_io.save_state_dict({"a": np.zeros(2, np.float32)}, tmp_path / "x.pth")
+  from focus_detr_jax.convert.export import default_output_name
+  assert default_output_name(tmp_path / "ckpt").suffix == ".npz"
+
+
+@pytest.mark.skipif(not torch_io.torch_available(), reason="torch is not installed")
+def test_pth_with_torch(tmp_path):  # pragma: no cover - optional
+  state = {"a": np.arange(4, dtype=np.float32), "b": np.ones((2, 2), np.float32)}
+  state["alias_of_a"] = state["a"]
+  torch_io.save_state_dict(state, tmp_path / "x.pth")
+  for backend in ("torch", "numpy"):
+    loaded = torch_io.load_file(tmp_path / "x.pth", backend=backend)["model"]
+    assert list(loaded) == list(state)
+    for k in state:
+      np.testing.assert_array_equal(loaded[k], state[k])
