@@ -2,15 +2,19 @@
 keep-ratio sweep against a dense encoder, bf16 vs float32. R50 and Swin-T.
 
 Every measurement runs in its own subprocess (clean compile caches and a per-measurement peak
-RSS), one after the other. Timings on a shared machine are noisy: each run measures its own
+RSS), one after the other (`--in-process`, implied by `--smoke`: all in this process). Timings on a shared machine are noisy: each run measures its own
 baseline, a plain jitted R50 backbone at 800x1333 (decisions §11 measured 1.14 s there), and
 reports every latency also as a ratio to it. Weights are random (timing and FLOPs do not depend
 on them).
 
-  PYTHONPATH=. .venv/bin/python scripts/benchmark.py                     # default (~10-15 min)
+  PYTHONPATH=. .venv/bin/python scripts/benchmark.py --smoke            # ~1 min, tiny model
+  PYTHONPATH=. .venv/bin/python scripts/benchmark.py                    # default (~20-25 min
+                                                                        # on a busy 2-core CPU)
   PYTHONPATH=. .venv/bin/python scripts/benchmark.py --parts eval,flops --configs swin_t
   PYTHONPATH=. .venv/bin/python scripts/benchmark.py --parts sweep --sweep-size 512x768
   PYTHONPATH=. .venv/bin/python scripts/benchmark.py --eval-batches 1,8  # adds batch 8 (slow)
+  PYTHONPATH=. .venv/bin/python scripts/benchmark.py --eval-cells 800x1333:1,512x768:8
+  PYTHONPATH=. .venv/bin/python scripts/benchmark.py --dry-run ...     # list the measurements
 
 Parts: baseline (always), eval (latency/throughput per config, size, batch), flops (eval FLOPs
 split backbone+neck / encoder / rest, per config at 800x1333), train (loss+grad of
@@ -46,8 +50,9 @@ CONFIGS = {"r50": "focus_detr_r50_4scale_12ep", "swin_t": "focus_detr_swin_tiny_
 def _build(spec):
   """(config, model) for a task spec, with its model overrides applied.
 
-  Override values "ones" (cascade: 1.0 for every encoder layer) and "dense" (focus_rho:
-  `dense_rho` of the spec's input size) resolve against the config.
+  Override keys may be dotted ("backbone.depth"). Values "ones" (cascade: 1.0 for every encoder
+  layer) and "dense" (focus_rho: `dense_rho` of the spec's input size) resolve against the
+  config.
   """
   import importlib
   from focus_detr_jax.models.focus_detr import FocusDETR, feature_level_shapes
@@ -58,7 +63,11 @@ def _build(spec):
     elif key == "focus_rho" and value == "dense":
       value = dense_rho(sum(h * w for h, w in feature_level_shapes(spec["height"],
                                                                   spec["width"])))
-    setattr(config.model, key, tuple(value) if isinstance(value, list) else value)
+    node = config.model
+    *parents, leaf = key.split(".")
+    for name in parents:
+      node = getattr(node, name)
+    setattr(node, leaf, tuple(value) if isinstance(value, list) else value)
   return config, FocusDETR.from_config(config.model)
 
 
@@ -105,7 +114,7 @@ def task_baseline(spec):
   """Same-run machine baseline: jitted backbone (no neck; R50 by default) forward, batch 1."""
   import jax
   from focus_detr_jax import benchmarking as bm
-  _, model = _build(dict(config=spec.get("config", "r50")))
+  _, model = _build(dict(spec, config=spec.get("config", "r50")))
   variables = random_variables(model)
   images, _, _ = _inputs(1, spec["height"], spec["width"])
   fn = jax.jit(lambda v, x: model.apply(v, x, method=lambda m, x: m.backbone_net(
@@ -224,6 +233,33 @@ def worker(spec_json):
 
 
 # ----------------------------------------------------------------------------- driver side
+
+
+_RESULT_CACHE = {}
+
+
+def _model_key(spec):
+  """What an eval measurement depends on: task, input shape, msda and the resolved model config."""
+  config, _ = _build(spec)
+  return json.dumps([spec["task"], spec["batch"], spec["height"], spec["width"],
+                     spec.get("msda"), config.model.to_json(sort_keys=True)])
+
+
+def run_cached(spec, runner):
+  """`runner(spec)`, except that an eval whose resolved model, input and options equal an
+  earlier one's (e.g. the sweep's default row and the eval cell of the same size) reuses that
+  result instead of compiling and timing the same program again (`--in-process` only)."""
+  if spec["task"] != "eval":
+    return runner(spec)
+  key = _model_key(spec)
+  cached = _RESULT_CACHE.get(key)
+  if (cached is not None and (cached["spec"].get("split") or not spec.get("split"))
+      and ("median_s" in cached or not spec.get("time", True))):
+    return dict(cached, spec=spec, reused_from=cached["spec"], wall_s=0.0)
+  result = runner(spec)
+  if "error" not in result:
+    _RESULT_CACHE[key] = result
+  return result
 
 
 def run_task_in_process(spec):
@@ -355,16 +391,17 @@ def _plan(args):
   return tasks
 
 
-# `--smoke`: configs/tiny.py shrunk further (1 decoder layer) at 64x64, one repeat, in this
-# process: eval (batch 1, with the FLOPs split) and a 2-row sweep (dense, default). Compiles dominate
-# (~1 min on a loaded 2-core machine); add `--parts eval,flops,sweep,train,bf16` to exercise the
-# train step (its compile alone takes ~2 min there) and the bf16 comparison too.
+# `--smoke`: configs/tiny.py shrunk further (ResNet-26 body, 1 decoder layer) at 64x64, one
+# repeat, in this process: eval (batch 1, with the FLOPs split) and a 2-row sweep (dense,
+# default). Compiles dominate (~1 min on a loaded 2-core machine); add
+# `--parts eval,flops,sweep,train,bf16` to exercise the train step (its compile alone takes ~2
+# min there) and the bf16 comparison too.
 SMOKE = dict(parts="eval,flops,sweep", configs="tiny", eval_sizes="64x64", eval_batches="1",
              flops_size="64x64", baseline_size="64x64", baseline_config="tiny",
              train_configs="tiny", train_size="64x64", train_batch=2, train_msda="auto",
              sweep_size="64x64", sweep_config="tiny", sweep_settings="0,2", bf16_size="64x64",
              bf16_config="tiny", repeats=1, in_process=True,
-             model_overrides='{"num_decoder_layers": 1}')
+             model_overrides='{"num_decoder_layers": 1, "backbone.depth": 26}')
 
 
 def _g(x):
@@ -481,12 +518,15 @@ def report(args, info, results, command, in_process=False):
       r["lat_vs_dense"] = r["median_s"] / dense["median_s"] if r.get("median_s") else None
       r["x_base"] = ratio(r)
       r["caps"] = ",".join(str(c) for c in r["capacities"])
+      if r.get("reused_from"):
+        r["label"] += " [same program as an eval row: its measurement]"
     sp = dense["spec"]
     out += [f"#### Keep-ratio sweep ({sp['config']}, {sp['height']}x{sp['width']}, batch 1, "
             "eval)", "",
             f"N = {dense['num_tokens']} tokens; K_l = encoder tokens updated per layer. Dense = "
-            "cascade (1,)*6 with focus_rho = (N - 0.5) / N so that K_l = N (focus_rho = 1.0 "
-            "gives N + 1 and top_k fails). Baseline of this table: the dense row, same run.", "",
+            "cascade 1.0 for every layer with focus_rho = (N - 0.5) / N so that K_l = N "
+            "(focus_rho = 1.0 gives N + 1 and top_k fails). Baseline of this table: the dense "
+            "row, same run.", "",
             bm.markdown_table(sweep, [
                 ("label", "setting", ""), ("caps", "K_l per layer", ""),
                 ("gflops", "total GFLOPs", ".1f"), ("flops_vs_dense", "vs dense", ".2f"),
@@ -552,7 +592,7 @@ def main():
                       help="run the measurements in this process (peak RSS is then the "
                            "whole run's)")
   parser.add_argument("--smoke", action="store_true",
-                      help="quick check (configs/tiny.py, 1 decoder layer, 64x64, 1 repeat, "
+                      help="quick check (configs/tiny.py, R26, 1 decoder layer, 64x64, 1 rep, "
                            "in this process): baseline, eval with FLOPs split, 2-row sweep; "
                            "sets every option left at its default (see SMOKE)")
   args = parser.parse_args()
@@ -580,7 +620,10 @@ def main():
   results = []
   t_start = time.perf_counter()
   for part, label, spec in tasks:
-    result = run_task_in_process(spec) if args.in_process else run_task(spec, args.timeout)
+    # In-process (`--smoke`) an identical eval program is measured once; in separate processes
+    # every row is measured itself, close in time to its neighbours (the machine's load drifts).
+    result = (run_cached(spec, run_task_in_process) if args.in_process
+              else run_task(spec, args.timeout))
     results.append((part, label, result))
     brief = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()
              if k not in ("spec", "memory", "error")}

@@ -19,7 +19,6 @@ and nothing else. Iterator construction (graph tracing) and the first batch are 
 """
 
 import argparse
-import datetime
 import os
 import platform
 import re

@@ -18,7 +18,6 @@ process feeds only its own slice of the global batch, as a host of a pod slice w
 import argparse
 import functools
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -43,14 +42,14 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-ARGS = parse_args()
-if ARGS.num_processes > 1:
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.num_processes > 1:
   import jax  # noqa: E402
   # CPU cross-process collectives go through gloo (jax's default for CPU; set explicitly).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=ARGS.coordinator,
                              num_processes=ARGS.num_processes, process_id=ARGS.process_id,
-                             initialization_timeout=120)
+                             initialization_timeout=300)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -1,4 +1,7 @@
-"""`scripts/benchmark.py --smoke`: every part runs on the tiny config and reports its fields."""
+"""`scripts/benchmark.py --smoke` (tiny model at 64x64, ~1 min on a loaded 2-core machine): the
+baseline, the eval latency with its FLOPs split and a dense-vs-default keep-ratio sweep run and
+report their fields. (The train and bf16 parts use the same worker code; `--smoke --parts
+eval,flops,sweep,train,bf16` runs them too, at ~3 more minutes of compiles.)"""
 
 import json
 import os
@@ -34,11 +37,11 @@ def test_smoke_json_has_every_part(smoke):
   assert not [r for r in results if "error" in r], [r["error"] for r in results if "error" in r]
   parts = [r["part"] for r in results]
   assert parts[0] == "baseline"
-  assert {"eval", "train", "sweep", "bf16"} <= set(parts)
+  assert {"eval", "sweep"} <= set(parts)
   base = results[0]
   assert base["median_s"] > 0 and base["flops"] > 0
   evals = [r for r in results if r["part"] == "eval"]
-  assert {r["spec"]["batch"] for r in evals} == {1, 2}
+  assert evals
   for r in evals:
     for key in ("median_s", "min_s", "images_per_s", "compile_s", "lower_s", "flops", "memory"):
       assert r[key] is not None, key
@@ -50,15 +53,12 @@ def test_smoke_json_has_every_part(smoke):
   assert 0 < r["flops_backbone_neck"] < r["flops"]
   assert 0 < r["flops_decoder_part"] < r["flops"]
   assert r["flops_backbone_neck"] + r["flops_decoder_part"] < r["flops"]
-  train = [r for r in results if r["part"] == "train"]
-  assert train and all(r["median_s"] > 0 and r["flops"] > 0 for r in train)
-  assert all(r["loss"] == r["loss"] for r in train)   # not NaN
 
 
 def test_smoke_sweep_dense_updates_every_token(smoke):
   saved, _ = smoke
   sweep = [r for r in saved["results"] if r["part"] == "sweep"]
-  assert len(sweep) == 4
+  assert len(sweep) == 2
   dense = sweep[0]
   assert all(c == dense["num_tokens"] for c in dense["capacities"])
   for r in sweep[1:]:
@@ -69,6 +69,14 @@ def test_smoke_sweep_dense_updates_every_token(smoke):
 def test_smoke_markdown_has_every_table(smoke):
   _, md = smoke
   for heading in ("### Run", "#### Eval forward", "#### FLOPs and latency split",
-                  "#### Train step", "#### Keep-ratio sweep", "#### bf16 vs float32"):
+                  "#### Keep-ratio sweep"):
     assert heading in md, heading
   assert "Same-run baseline" in md and "x baseline" in md and "Failed" not in md
+  sweep_table = md.split("#### Keep-ratio sweep")[1]
+  assert "dense (DINO-like" in sweep_table and "vs dense" in sweep_table
+
+
+def test_help_is_quick():
+  proc = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True,
+                        timeout=60, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO)
+  assert proc.returncode == 0 and "--smoke" in proc.stdout

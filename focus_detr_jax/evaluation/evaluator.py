@@ -49,10 +49,15 @@ class Evaluator:
     return self._gt
 
   def predict(self, variables):
-    """COCO result dicts of this evaluation (all processes)."""
+    """(COCO result dicts, ids of the images evaluated) of this evaluation (all processes).
+
+    Images the input pipeline could not use (unreadable data) are not among the ids: the COCO
+    evaluation is restricted to the ids, so they are reported (input counts) instead of being
+    scored as missed detections.
+    """
     iterator = self._pipeline.make_eval_iterator(self.config, jax.process_index(),
                                                  jax.process_count())
-    detections = []
+    detections, evaluated = [], set()
     for i, batch in enumerate(iterator):
       if self.max_batches is not None and i >= self.max_batches:
         break
@@ -63,14 +68,17 @@ class Evaluator:
       valid = host["valid"] & host["example_valid"][:, None]
       detections += detections_to_coco(host["image_id"], host["scores"], host["labels"],
                                        host["boxes"], valid, self.label_to_category)
-    return detections
+      evaluated.update(int(i) for i in
+                       np.asarray(host["image_id"])[np.asarray(host["example_valid"], bool)])
+    self._pipeline.log_stats(iterator, prefix="evaluation input")
+    return detections, evaluated
 
   def run(self, variables, step: Optional[int] = None) -> Dict[str, float]:
     start = time.time()
-    detections = self.predict(variables)
-    image_ids = {d["image_id"] for d in detections} if self.max_batches else None
-    metrics = coco_evaluate(self.ground_truth, detections, image_ids=image_ids)
+    detections, evaluated = self.predict(variables)
+    metrics = coco_evaluate(self.ground_truth, detections, image_ids=evaluated)
     summary = metrics.pop("summary")
+    metrics["num_images"] = len(evaluated)
     metrics["eval_seconds"] = time.time() - start
     metrics["num_detections"] = len(detections)
     if self.workdir is not None and jax.process_index() == 0:

@@ -13,8 +13,9 @@ rows are fetched and in the order of the final float32 sums (differences ~1e-7):
   replaces the per-corner bounds masks, and the backward scatter-adds 4x fewer windows. The
   bilinear combination has a hand-written VJP (see `_bilinear_combine`); reverse mode only.
 - `gather_window_vjp`: the `gather` forward with the `window` backward (a custom VJP that saves
-  only the inputs and re-gathers windows in the backward): the fastest forward and backward
-  measured on XLA:CPU, and the smallest residuals. Reverse mode only.
+  only the inputs and re-gathers windows in the backward): outputs bit-identical to `gather`,
+  the smallest residuals, and on XLA:CPU a forward+backward ~3x faster than gather's (a bit
+  slower than `window`'s, which does not re-gather). Reverse mode only.
 - `per_level`: per level and corner, `take_along_axis` on `[B, M, H_l W_l, Dh]` (the layout of
   the PyTorch reference `multi_scale_deformable_attn_pytorch`); the naive baseline.
 - `onehot_matmul`: per level, a dense sampling matrix `[B, M, Q, H_l W_l]` built from separable
@@ -43,11 +44,16 @@ import jax.numpy as jnp
 import numpy as np
 
 IMPLEMENTATIONS = ("gather", "window", "gather_window_vjp", "per_level", "onehot_matmul")
-# CPU: measured (BENCHMARKS.md): `gather_window_vjp` has gather's forward (the fastest, or tied,
-# at encoder and decoder size) and window's backward (3-6x faster than gather's).
-# GPU/TPU: not measured in this project yet (no accelerator in CI); they keep `gather`, the
-# formulation the full-size parity checks were established with, until
-# `scripts/benchmark_msda.py` has been run there.
+# CPU, measured (BENCHMARKS.md, "Deformable attention formulations", 3 runs on a shared 2-core
+# machine): forward, gather = gather_window_vjp = per_level (window ties at encoder size but is up
+# to 3x slower at decoder size; onehot_matmul 17-42x slower); forward+backward vs gather: window
+# 3.3-5.6x, gather_window_vjp 2.8-4.9x, per_level 1.1-1.8x, onehot_matmul 0.2-0.3x.
+# `gather_window_vjp` is picked: its forward *is* the gather program (the fastest forward, and
+# bit-identical outputs, so eval and the parity checks see exactly the reference formulation)
+# and its backward is window's; `window` would save another ~10-20% of the deformable-attention
+# fwd+bwd time in training but changes outputs by ~4e-7. GPU/TPU: not measured in this project
+# yet (no accelerator lent); they keep `gather`, the formulation the parity checks were
+# established with, until `scripts/benchmark_msda.py` has been run there.
 AUTO_IMPLEMENTATION = {"cpu": "gather_window_vjp", "gpu": "gather", "tpu": "gather"}
 # Elements of one dense sampling-matrix chunk in `onehot_matmul` (float32: 4 bytes each).
 ONEHOT_CHUNK_ELEMENTS = 1 << 26

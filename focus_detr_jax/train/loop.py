@@ -17,6 +17,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from focus_detr_jax.checkpoint import save_model_checkpoint
 from focus_detr_jax.models.focus_detr import FocusDETR
@@ -140,6 +141,7 @@ def train_and_evaluate(config, workdir, *, evaluate: bool = True,
     if best_metrics is not None:
       checkpointer.save(step, state, None, metrics=best_metrics, best=True)
 
+  preempted = False
   with _Preemption() as preemption:
     step = start_step
     while step < total_steps:
@@ -159,8 +161,12 @@ def train_and_evaluate(config, workdir, *, evaluate: bool = True,
                              total_steps, start_step)
         writer.write_scalars(step, summary)
         _append_jsonl(workdir / "metrics.jsonl", dict(step=step, **summary))
-      stop = preemption.requested or (
-          t.max_minutes and (time.time() - start_time) > 60 * t.max_minutes)
+      flags = np.asarray([preemption.requested,
+                          bool(t.max_minutes) and time.time() - start_time > 60 * t.max_minutes])
+      if jax.process_count() > 1:
+        # Every host must stop (and save) at the same step, or the collectives deadlock.
+        flags = multihost_utils.process_allgather(flags).reshape(-1, 2).any(axis=0)
+      preempted, stop = bool(flags[0]), bool(flags.any())
       if step % t.checkpoint_every == 0 or step == total_steps or stop:
         save(step)
         last_good = step
@@ -172,21 +178,21 @@ def train_and_evaluate(config, workdir, *, evaluate: bool = True,
         checkpointer.save(step, state, None, metrics={"AP": eval_metrics["AP"]}, best=True)
       if stop:
         logging.info("stopping at step %d (%s)", step,
-                     "SIGTERM" if preemption.requested else "time limit")
+                     "SIGTERM" if preempted else "time limit")
         break
   checkpointer.wait()
   pipeline.log_stats(data_iter, prefix="training input")
-  if not preemption.requested:
+  if not preempted:
     # The final parameters as a model checkpoint that predict/evaluate/fine-tuning read.
     save_model_checkpoint(workdir / MODEL_DIR, _eval_variables(state), config)
-  if evaluator is not None and not preemption.requested and (
+  if evaluator is not None and not preempted and (
       not eval_metrics or not t.eval_every or step % t.eval_every):
     eval_metrics = evaluator.run(_eval_variables(state), step)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
   writer.flush()
   checkpointer.close()
   return dict(step=step, train=metrics_host, eval=eval_metrics, state=state,
-              preempted=preemption.requested)
+              preempted=preempted)
 
 
 def _log_images(writer, step, model, state, config, meta, image_batch):
