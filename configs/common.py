@@ -93,7 +93,6 @@ def get_base_config():
   train.eval_every = 5000
   train.image_log_every = 5000
   train.max_minutes = 0.0              # stop (and checkpoint) after this wall time; 0 = no limit
-  train.mesh_fsdp = 1                  # devices per FSDP shard group (1 = pure data parallel)
 
   config.eval = ml_collections.ConfigDict()
   config.eval.max_batches = 0          # 0 = the whole split (per evaluation)

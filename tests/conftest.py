@@ -25,6 +25,16 @@ def tiny_config():
   return tiny.get_config()
 
 
+def import_script(name):
+  """A module of scripts/ (e.g. `import_script("predict").main(argv)` runs it in-process)."""
+  import sys
+  sys.path.insert(0, str(REPO / "scripts"))
+  try:
+    return __import__(name)
+  finally:
+    sys.path.pop(0)
+
+
 def make_fake_batch(batch_size=2, canvas=(128, 160), sizes=((128, 160), (96, 120)), seed=0):
   """Normalised random images zero-padded into one canvas; mask True = padded."""
   rng = np.random.default_rng(seed)

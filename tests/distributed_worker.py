@@ -121,11 +121,9 @@ class Setup:
 
   def jit_train_step(self, mesh):
     """The train step jitted exactly as train/loop.py does (replicated state, sharded batch)."""
-    return jax.jit(
+    return sharding.jit_data_parallel(
         functools.partial(steps.train_step, model=self.model, config=self.config, tx=self.tx,
-                          schedule=self.schedule, loss_config=self.loss_config),
-        in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-        out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
+                          schedule=self.schedule, loss_config=self.loss_config), mesh)
 
   def jit_probe(self, mesh):
     """The discrete choices of the step's forward pass (same key as the step): foreground
@@ -146,8 +144,7 @@ class Setup:
         if jnp.issubdtype(value.dtype, jnp.integer) or value.dtype == jnp.bool_:
           out["intermediates" + jax.tree_util.keystr(path)] = value
       return out
-    return jax.jit(probe, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-                   out_shardings=sharding.replicated(mesh))
+    return sharding.jit_data_parallel(probe, mesh)
 
 
 class _CaptureIntermediates:

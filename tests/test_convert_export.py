@@ -12,6 +12,7 @@ from focus_detr_jax.convert import torch_io
 from focus_detr_jax.convert.detrex import ConversionError
 from focus_detr_jax.convert.export import detrex_key_order, export_detrex_state_dict
 from focus_detr_jax.parity.weights import build_state_dict
+from conftest import import_script
 
 REPO = Path(__file__).resolve().parents[1]
 SETS = {"public": "focus_detr_r50_4scale_12ep", "swin_tiny": "focus_detr_swin_tiny_224_4scale_12ep",
@@ -21,14 +22,6 @@ SETS = {"public": "focus_detr_r50_4scale_12ep", "swin_tiny": "focus_detr_swin_ti
 def _config(name):
   import importlib
   return importlib.import_module(f"configs.{name}").get_config()
-
-
-def _script(name):
-  sys.path.insert(0, str(REPO / "scripts"))
-  try:
-    return __import__(name)
-  finally:
-    sys.path.pop(0)
 
 
 @pytest.mark.parametrize("reference_set", sorted(SETS))
@@ -48,12 +41,12 @@ def test_r50_round_trip_through_files_is_bitwise(parity_root, tmp_path, capsys):
   manifest = parity_root / "public" / "state_dict_manifest.json"
   state_dict = build_state_dict(manifest, seed=0)
   np.savez(tmp_path / "detrex.npz", **state_dict)
-  convert_detrex = _script("convert_detrex")
+  convert_detrex = import_script("convert_detrex")
   config = str(REPO / "configs" / "focus_detr_r50_4scale_12ep.py")
   assert convert_detrex.main(["convert_detrex.py", "--config", config,
                               str(tmp_path / "detrex.npz"), str(tmp_path / "ours")]) == 0
   assert capsys.readouterr().out.strip().splitlines()[-1] == "mapped 625/625 keys"
-  convert = _script("convert_checkpoint")
+  convert = import_script("convert_checkpoint")
   assert convert.main(["convert_checkpoint.py", "--export", str(tmp_path / "ours"),
                        str(tmp_path / "back.npz")]) == 0
   _assert_bitwise(torch_io.load_file(tmp_path / "back.npz"), state_dict)

@@ -130,3 +130,39 @@ def test_matchings_match_reference():
   assert len([r for r in ran if r.stage.startswith("dn_train.npz")]) == 7
   for row in ran:
     assert row.passed, row
+
+
+_SHARDED_SCRIPT = r"""
+import jax, jax.numpy as jnp, numpy as np
+from focus_detr_jax.train import matcher, sharding
+assert jax.device_count() == 4
+rng = np.random.default_rng(0)
+calls, b, q, c, m = 3, 8, 12, 5, 4
+logits = jnp.asarray(rng.normal(size=(calls, b, q, c)), jnp.float32)
+boxes = jnp.asarray(rng.uniform(0.2, 0.6, size=(calls, b, q, 4)), jnp.float32)
+labels = jnp.asarray(rng.integers(0, c, size=(b, m)), jnp.int32)
+tboxes = jnp.asarray(rng.uniform(0.2, 0.6, size=(b, m, 4)), jnp.float32)
+valid = jnp.asarray(rng.uniform(size=(b, m)) < 0.7)
+fn = lambda *a: matcher.match(*a)
+mesh = sharding.make_mesh()
+with jax.set_mesh(mesh):
+  jaxpr = str(jax.make_jaxpr(fn)(logits, boxes, labels, tboxes, valid))
+  sharded = jax.jit(fn)(logits, boxes, labels, tboxes, valid)
+plain_jaxpr = str(jax.make_jaxpr(fn)(logits, boxes, labels, tboxes, valid))
+plain = jax.jit(fn)(logits, boxes, labels, tboxes, valid)
+assert "shard_map" in jaxpr and "shard_map" not in plain_jaxpr
+for a, p in zip(sharded, plain):
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(p))
+print("OK")
+"""
+
+
+def test_match_runs_under_shard_map_on_a_data_mesh():
+  """With a `data` mesh in context the solver runs per device (shard_map), same matchings."""
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+  proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

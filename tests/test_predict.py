@@ -1,7 +1,6 @@
 """scripts/predict.py end to end on the tiny config (in-process: one compilation, shared)."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,18 +8,11 @@ import pytest
 from PIL import Image
 
 from focus_detr_jax import inference, visualize
+from conftest import import_script
 
 REPO = Path(__file__).resolve().parents[1]
 # (h, w): identity resize (96x128 already has the eval size), upscaled, downscaled portrait.
 SIZES = {"landscape.png": (96, 128), "small.jpg": (64, 80), "portrait.png": (200, 150)}
-
-
-def _script(name):
-  sys.path.insert(0, str(REPO / "scripts"))
-  try:
-    return __import__(name)
-  finally:
-    sys.path.pop(0)
 
 
 def _image(h, w, seed):
@@ -48,7 +40,7 @@ def predicted(tmp_path_factory, tiny_config, tiny_model_and_variables):
   (images_dir / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg" * 10)
   (images_dir / "notes.txt").write_text("not an image: ignored in folders")
   out = root / "out"
-  status = _script("predict").main([
+  status = import_script("predict").main([
       "predict", f"--checkpoint={ckpt}", f"--inputs={images_dir}", f"--output_dir={out}",
       "--tokens", "--batch_size=2", "--score_threshold=0.0"])
   return dict(status=status, out=out, ckpt=ckpt, images_dir=images_dir, originals=originals)
@@ -130,7 +122,7 @@ def test_overlays_tokens_and_the_corrupt_file(predicted):
 
 
 def test_usage_errors_and_nothing_readable(predicted, tmp_path):
-  predict = _script("predict")
+  predict = import_script("predict")
   assert predict.main(["predict", f"--inputs={predicted['images_dir']}",
                        f"--output_dir={tmp_path}"]) == 2          # no model given
   assert predict.main(["predict", f"--checkpoint={predicted['ckpt']}",
@@ -176,7 +168,7 @@ def test_training_images_for_tensorboard(predicted, tiny_config, tiny_model_and_
 def test_split_of_the_config_dataset(predicted, tmp_path):
   """--split reads the config's dataset (the tiny synthetic set) through the eval pipeline."""
   out = tmp_path / "split"
-  status = _script("predict").main([
+  status = import_script("predict").main([
       "predict", f"--checkpoint={predicted['ckpt']}", "--split=validation", "--max_images=3",
       f"--output_dir={out}", "--tokens"])
   assert status == 0

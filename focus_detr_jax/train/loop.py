@@ -115,12 +115,10 @@ def train_and_evaluate(config, workdir, *, evaluate: bool = True,
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
 
-  train_step = jax.jit(
+  train_step = sharding.jit_data_parallel(
       functools.partial(steps.train_step, model=model, config=config, tx=tx, schedule=schedule,
                         loss_config=LossConfig.from_config(config)),
-      in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-      out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
-      donate_argnums=0)
+      mesh, donate_state=True)
   evaluator = None
   if evaluate:
     from focus_detr_jax.evaluation.evaluator import Evaluator

@@ -7,21 +7,24 @@ assignment of the real targets unchanged (there are at least as many queries as 
 padded slot can take a query no real target wants).
 
 The result is one matched query per target slot: `query_index` [.., B, M] with `matched`
-[.., B, M] (= the slot holds a real box). The per-image solver is vmappable, so a later
-`shard_map` over the data axis can wrap `match` unchanged.
+[.., B, M] (= the slot holds a real box). The per-image solver is vmapped; under a mesh with a
+`data` axis it runs under `shard_map` (see `match`).
 
 Shape letters: B images, Q queries, C classes, M target slots.
 """
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from focus_detr_jax.ops.boxes import box_cxcywh_to_xyxy, pairwise_generalized_box_iou
+from focus_detr_jax.train.sharding import DATA_AXIS
 
 # A non-finite cost (NaN/inf predictions) is replaced by this finite value so that the solver
 # terminates; the count is reported. Finite costs are O(10) (focal <= ~5, L1 <= 20, GIoU <= 2),
@@ -144,7 +147,11 @@ def match(pred_logits, pred_boxes, target_labels, target_boxes, target_valid,
           config: MatcherConfig = MatcherConfig()) -> Matching:
   """Hungarian matching of a batch, with any number of leading axes (e.g. the 7 matcher calls).
 
-  Gradients do not flow through the matching (detrex runs it under `torch.no_grad`).
+  Gradients do not flow through the matching (detrex runs it under `torch.no_grad`). When traced
+  under a mesh with a `data` axis (`jax.set_mesh`, as the training loop does) and the batch
+  splits evenly over it, the solver runs under `shard_map`: each device solves its own images
+  with no communication (under plain jit with a sharded batch, the solver's while-loop
+  conditions would be all-reduced every iteration; decisions §7). Same results either way.
 
   Args:
     pred_logits: [..., B, Q, C].
@@ -159,6 +166,30 @@ def match(pred_logits, pred_boxes, target_labels, target_boxes, target_valid,
   pred_logits = jax.lax.stop_gradient(pred_logits)
   pred_boxes = jax.lax.stop_gradient(pred_boxes)
   lead = pred_logits.shape[:-3]
+  batch = pred_logits.shape[-3]
+  solve = functools.partial(_match_local, config=config)
+  mesh = jax.sharding.get_abstract_mesh()
+  if (not mesh.empty and DATA_AXIS in mesh.axis_names and mesh.shape[DATA_AXIS] > 1
+      and batch % mesh.shape[DATA_AXIS] == 0):
+    none = (None,) * len(lead)
+    per_query = P(*none, DATA_AXIS)     # [..., B, Q, *] split on B
+    per_image = P(DATA_AXIS)            # [B, ...]
+    solve = jax.shard_map(solve, mesh=mesh,
+                          in_specs=(per_query, per_query, per_image, per_image, per_image),
+                          out_specs=(per_query, per_query),
+                          # optax's solver starts its while-loop carry from constants, which
+                          # the varying-axes check would reject; every value is per device.
+                          check_vma=False)
+  query_index, num_nonfinite = solve(pred_logits, pred_boxes, target_labels, target_boxes,
+                                     target_valid)
+  matched = jnp.broadcast_to(target_valid, query_index.shape)
+  return Matching(query_index, matched, num_nonfinite)
+
+
+def _match_local(pred_logits, pred_boxes, target_labels, target_boxes, target_valid,
+                 config: MatcherConfig):
+  """`match` on the images at hand: ([..., B, M] query_index, [..., B] num_nonfinite)."""
+  lead = pred_logits.shape[:-3]
   batch, num_queries, num_classes = pred_logits.shape[-3:]
   per_image = jax.vmap(lambda lg, bx, lb, tb, tv: match_image(lg, bx, lb, tb, tv, config))
   # Fold the leading axes into the batch so one vmapped solver runs every problem at once.
@@ -170,6 +201,5 @@ def match(pred_logits, pred_boxes, target_labels, target_boxes, target_valid,
       jnp.tile(target_boxes, (num_calls, 1, 1)),
       jnp.tile(target_valid, (num_calls, 1)))
   num_slots = target_labels.shape[-1]
-  query_index = query_index.reshape(lead + (batch, num_slots))
-  matched = jnp.broadcast_to(target_valid, lead + (batch, num_slots))
-  return Matching(query_index, matched, num_nonfinite.reshape(lead + (batch,)))
+  return (query_index.reshape(lead + (batch, num_slots)),
+          num_nonfinite.reshape(lead + (batch,)))

@@ -44,3 +44,19 @@ def global_batch(local: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Arra
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local.items()}
+
+
+def jit_data_parallel(fn, mesh: Mesh, donate_state: bool = False):
+  """`fn(state, batch)` jitted with a replicated state and a data-sharded batch.
+
+  Calls (and so tracing) run with `mesh` as the context mesh (`jax.set_mesh`), which lets the
+  per-image parts that must not communicate (the Hungarian solver) run under `shard_map`.
+  """
+  jitted = jax.jit(fn, in_shardings=(replicated(mesh), batch_sharding(mesh)),
+                   out_shardings=replicated(mesh), donate_argnums=(0,) if donate_state else ())
+
+  def call(state, batch):
+    with jax.set_mesh(mesh):
+      return jitted(state, batch)
+
+  return call
