@@ -7,23 +7,30 @@ checkpoints (optimiser, step, RNG, input position) live in the training workdir 
 """
 
 import json
-from pathlib import Path
+import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 VARIABLES_DIR = "variables"
 CONFIG_FILE = "config.json"
 REPORT_FILE = "conversion_report.json"
 
 
+def as_path(path) -> epath.Path:
+  """A local path (made absolute) or a URL (`gs://...`) as an `epath.Path` (orbax, tf.io.gfile)."""
+  path = str(path)
+  return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 def save_model_checkpoint(directory, variables: Dict[str, Any], config: ml_collections.ConfigDict,
                           report: Optional[Dict[str, Any]] = None):
   """Write variables + config (+ an optional JSON report) to `directory` (created)."""
-  directory = Path(directory).absolute()
+  directory = as_path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   # Arrays spread over several hosts stay global jax.Arrays (orbax writes them collectively;
   # every process must call this then); everything else is saved from host memory.
@@ -41,7 +48,7 @@ def save_model_checkpoint(directory, variables: Dict[str, Any], config: ml_colle
 
 def load_config(directory) -> ml_collections.ConfigDict:
   """The config saved beside a model checkpoint."""
-  path = Path(directory) / CONFIG_FILE
+  path = as_path(directory) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f"{directory} is not a model checkpoint: {CONFIG_FILE} is missing")
   return ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -49,7 +56,7 @@ def load_config(directory) -> ml_collections.ConfigDict:
 
 def load_model_checkpoint(directory) -> Tuple[Dict[str, Any], ml_collections.ConfigDict]:
   """(variables, config) of a model checkpoint directory (numpy arrays on the host)."""
-  directory = Path(directory).absolute()
+  directory = as_path(directory)
   config = load_config(directory)
   if not (directory / VARIABLES_DIR).exists():
     raise FileNotFoundError(f"{directory} is not a model checkpoint: {VARIABLES_DIR}/ is missing")

@@ -174,3 +174,10 @@ def test_eval_hook_equals_pycocotools(tiny_config, tiny_model_and_variables, tmp
   # Every eval image was predicted exactly once.
   assert {d["image_id"] for d in detections} == {im["id"] for im in
                                                 evaluator.ground_truth["images"]}
+
+
+def test_workdir_paths_local_absolute_and_urls_untouched(tmp_path, monkeypatch):
+  from focus_detr_jax.checkpoint import as_path
+  monkeypatch.chdir(tmp_path)
+  assert str(as_path("runs/a")) == str(tmp_path / "runs" / "a")
+  assert str(as_path("gs://bucket/runs/a") / "checkpoints") == "gs://bucket/runs/a/checkpoints"

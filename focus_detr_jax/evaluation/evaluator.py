@@ -9,12 +9,12 @@ import functools
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Dict, Optional
 
 import jax
 import numpy as np
 
+from focus_detr_jax.checkpoint import as_path
 from focus_detr_jax.evaluation.coco_eval import coco_evaluate, detections_to_coco, format_table
 from focus_detr_jax.train.steps import predict_step
 
@@ -34,7 +34,7 @@ class Evaluator:
   def __init__(self, model, config, workdir=None, max_batches: Optional[int] = None):
     from focus_detr_jax.data import pipeline
     self.config = config
-    self.workdir = Path(workdir) if workdir else None
+    self.workdir = as_path(workdir) if workdir else None
     self.max_batches = max_batches
     self._pipeline = pipeline
     self._predict = jax.jit(functools.partial(predict_step, model=model,

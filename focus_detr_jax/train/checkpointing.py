@@ -8,18 +8,20 @@ Restoring takes the target shardings, so a run can resume on a different mesh.
 """
 
 import os
-from pathlib import Path
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from focus_detr_jax.checkpoint import as_path
 
 
 class Checkpointer:
   """Latest-k and best-AP checkpoint managers over one workdir."""
 
   def __init__(self, workdir, keep: int = 3, async_save: bool = True):
-    self.workdir = Path(workdir).absolute()
+    self.workdir = as_path(workdir)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.latest = ocp.CheckpointManager(self.workdir / "checkpoints", options=options)
@@ -28,7 +30,7 @@ class Checkpointer:
         best_fn=lambda metrics: metrics["AP"], best_mode="max")
     self.best = ocp.CheckpointManager(self.workdir / "best", options=best_options)
 
-  def input_prefix(self, step: int) -> Path:
+  def input_prefix(self, step: int) -> epath.Path:
     return self.workdir / "input" / str(step) / f"host{jax.process_index()}"
 
   def save(self, step: int, state, data_iterator=None, metrics=None, best: bool = False):
@@ -50,9 +52,7 @@ class Checkpointer:
     keep = set(self.latest.all_steps()) | set(self.best.all_steps())
     for d in root.iterdir():
       if d.name.isdigit() and int(d.name) not in keep and int(d.name) < max(keep | {0}):
-        for f in d.iterdir():
-          f.unlink()
-        d.rmdir()
+        d.rmtree()
 
   def latest_step(self) -> Optional[int]:
     return self.latest.latest_step()

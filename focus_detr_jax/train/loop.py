@@ -11,7 +11,6 @@ import json
 import logging
 import signal
 import time
-from pathlib import Path
 from typing import Optional
 
 import jax
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from focus_detr_jax.checkpoint import save_model_checkpoint
+from focus_detr_jax.checkpoint import as_path, save_model_checkpoint
 from focus_detr_jax.models.focus_detr import FocusDETR
 from focus_detr_jax.train import checkpointing, optim, sharding, state as state_lib, steps
 from focus_detr_jax.train.criterion import LossConfig
@@ -88,7 +87,7 @@ def train_and_evaluate(config, workdir, *, evaluate: bool = True,
   from clu import metric_writers
   from focus_detr_jax.data import pipeline
 
-  workdir = Path(workdir)
+  workdir = as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   meta = pipeline.dataset_meta(config)
   if meta.num_classes != config.model.num_classes:
@@ -149,6 +148,7 @@ def train_and_evaluate(config, workdir, *, evaluate: bool = True,
       metrics_host = jax.device_get(metrics)
       if not bool(metrics_host["finite"]):
         checkpointer.wait()
+        writer.flush()
         raise NonFiniteLossError(
             f"non-finite loss or gradient at step {step} (total_loss="
             f"{float(metrics_host['total_loss'])}, grad_norm={float(metrics_host['grad_norm'])}); "
@@ -213,8 +213,12 @@ def _log_images(writer, step, model, state, config, meta, image_batch):
 def _append_jsonl(path, record):
   """Plain-text metric log (process 0): one JSON object per logged step."""
   if jax.process_index() == 0:
-    with open(path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    if "://" in str(path):  # object stores cannot append: rewrite the (small) file
+      path.write_text((path.read_text() if path.exists() else "") + line)
+    else:
+      with path.open("a") as f:
+        f.write(line)
 
 
 def _eval_variables(state):
