@@ -32,12 +32,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 
 def resolve_config(config=None, workdir=None, checkpoint=None):
   """The given config, else the one saved beside a model checkpoint or in a training workdir."""
-  from focus_detr_jax.checkpoint import CONFIG_FILE, load_config
+  from focus_detr_jax.checkpoint import CONFIG_FILE, as_path, load_config
   if config is not None:
     return config
   if checkpoint:
     return load_config(checkpoint)
-  if workdir and (Path(workdir) / CONFIG_FILE).exists():
+  if workdir and (as_path(workdir) / CONFIG_FILE).exists():
     return load_config(workdir)
   raise ValueError("no config: pass --config (a training workdir holds config.json only once "
                    "training has started)")
