@@ -538,9 +538,18 @@ def load_file(path, backend: str = "auto"):
     import torch
     try:
       obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except (pickle.UnpicklingError, RuntimeError) as e:
+      # torch refused an object that is not weights, or the file is no torch file (e.g. a zip of
+      # another framework): the built-in reader, which never runs code either, names what it
+      # found; should it accept the file after all, torch's refusal stands.
+      _read_builtin(path, container)
       raise UnsafePickleError(f"{path}: torch.load(weights_only=True) refused the file: {e}") from e
     return _torch_to_numpy(obj)
+  return _read_builtin(path, container)
+
+
+def _read_builtin(path, container):
+  """The built-in reader (no torch): torch zip, torch legacy or plain pickle."""
   if container == "torch_zip":
     return _read_torch_zip(path)
   # detectron2 reads .pkl with latin1 (Python 2 pickles); torch reads with utf-8.
