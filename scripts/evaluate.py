@@ -24,12 +24,6 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 flags.mark_flags_as_required(["config"])
 
 
-def load_variables(config, workdir=None, checkpoint=None):
-  """Variables from a model checkpoint or the latest training checkpoint of a workdir."""
-  from focus_detr_jax.inference import load_variables as load
-  return load(config, workdir, checkpoint)
-
-
 def main(argv):
   del argv
   import jax
@@ -39,6 +33,7 @@ def main(argv):
     raise app.UsageError("give exactly one of --workdir and --checkpoint")
   from focus_detr_jax.evaluation.coco_eval import format_table
   from focus_detr_jax.evaluation.evaluator import Evaluator
+  from focus_detr_jax.inference import load_variables
   from focus_detr_jax.models.focus_detr import FocusDETR
   logging.getLogger().setLevel(logging.INFO)
   config = _CONFIG.value
