@@ -46,7 +46,8 @@ def get_base_config():
   # Images coupled inside a batch group (decisions §2): 2 reproduces detrex's per-GPU batch in
   # training; evaluation always uses groups of 1.
   model.batch_group_size = 2
-  model.dtype = "float32"                  # "float32" | "bfloat16" (compute; params stay float32)
+  model.dtype = "float32"                  # "float32" | "bfloat16" | "float64" (compute; params
+                                           # stay float32; float64 needs JAX_ENABLE_X64=1)
   # Contrastive denoising (spec §7.3).
   model.dn_number = 100
   model.label_noise_ratio = 0.5

@@ -2,6 +2,8 @@
 
   python scripts/check_parity.py --reference-dir ../shared/parity/public [--json out.json]
   python scripts/check_parity.py --reference-dir ../shared/parity/swin_tiny --sensitivity
+  python scripts/check_parity.py --reference-dir ../shared/parity/swin_tiny --stages eval \
+      --dtype float64
 
 Prints one row per stage (max error, tolerance, pass/fail); exits non-zero on any failure or if
 no stage ran. Works on any directory laid out like shared/parity/public (decisions.md §8).
@@ -15,6 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import jax  # noqa: E402
+
 from focus_detr_jax.parity import check  # noqa: E402
 
 
@@ -25,14 +29,19 @@ def main(argv=None):
   parser.add_argument("--stages", nargs="*", default=None,
                       help="stage groups to run (default: all the directory allows)")
   parser.add_argument("--sensitivity", action="store_true",
-                      help="only print the decoder-sensitivity diagnostic (memory forced to the "
-                           "reference, then with N(0, 1e-6) noise); no pass/fail stages")
+                      help="only print the decoder diagnostics (memory forced to the reference, "
+                           "then with N(0, 1e-6) noise; float32 rounding error of the reference "
+                           "and of ours against our float64 model); no pass/fail stages")
+  parser.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default=None,
+                      help="compute dtype of our model (default: the config's, float32); "
+                           "float64 runs under jax.enable_x64, same tolerances")
   args = parser.parse_args(argv)
   if args.sensitivity:
     for name, value in check.decoder_sensitivity(args.reference_dir):
       print(f"{name:70s} {value:11.3e}")
     return 0
-  results, skipped = check.run_all(args.reference_dir, args.stages)
+  with jax.enable_x64(args.dtype == "float64"):
+    results, skipped = check.run_all(args.reference_dir, args.stages, dtype=args.dtype)
   for r in results:
     print(r.row())
   for s in skipped:

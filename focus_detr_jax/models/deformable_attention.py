@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from focus_detr_jax.models.layers import island_dtype
+
 IMPLEMENTATIONS = ("gather", "window", "gather_window_vjp", "per_level", "onehot_matmul")
 # CPU, measured (BENCHMARKS.md, "Deformable attention formulations", 3 runs on a shared 2-core
 # machine): forward, gather = gather_window_vjp = per_level (window ties at encoder size but is up
@@ -112,7 +114,7 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights,
     attention_weights: [B, Q, M, L, P], already softmaxed over (L, P).
     implementation: formulation to use; default the module-level choice ("auto").
   Returns:
-    [B, Q, M * Dh] in value's dtype (sums in float32).
+    [B, Q, M * Dh] in value's dtype (sums in float32; float64 for float64 locations).
   """
   spatial_shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
   impl = resolve_implementation(implementation)
@@ -122,13 +124,15 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights,
 def _pixel_coordinates(spatial_shapes, sampling_locations):
   """torch's grid_sample arithmetic, op for op: grid = 2 loc - 1, pixel = ((grid+1) size - 1) / 2.
 
-  Returns x, y [B, Q, M, L, P] float32 pixel coordinates and the [L, 1] int32 heights, widths.
+  Returns x, y [B, Q, M, L, P] pixel coordinates (float32, or float64 in the float64 mode) and
+  the [L, 1] int32 heights, widths.
   """
   heights = jnp.asarray([s[0] for s in spatial_shapes], jnp.int32)[:, None]       # [L, 1]
   widths = jnp.asarray([s[1] for s in spatial_shapes], jnp.int32)[:, None]
-  grid = 2.0 * sampling_locations.astype(jnp.float32) - 1.0
-  x = ((grid[..., 0] + 1.0) * widths.astype(jnp.float32) - 1.0) / 2.0              # [B,Q,M,L,P]
-  y = ((grid[..., 1] + 1.0) * heights.astype(jnp.float32) - 1.0) / 2.0
+  acc = island_dtype(sampling_locations.dtype)
+  grid = 2.0 * sampling_locations.astype(acc) - 1.0
+  x = ((grid[..., 0] + 1.0) * widths.astype(acc) - 1.0) / 2.0                      # [B,Q,M,L,P]
+  y = ((grid[..., 1] + 1.0) * heights.astype(acc) - 1.0) / 2.0
   return x, y, heights, widths
 
 
@@ -148,7 +152,7 @@ def _corner_weights(x, y):
 def _attend(sampled, attention_weights, value_dtype):
   """Attention-weighted sum of bilinear samples [B, Q, M, K, Dh] (K = L P) -> [B, Q, M * Dh]."""
   b, q, m, k, dh = sampled.shape
-  weights = attention_weights.astype(jnp.float32).reshape(b, q, m, k)
+  weights = attention_weights.astype(sampled.dtype).reshape(b, q, m, k)
   out = jnp.einsum("bqmk,bqmkd->bqmd", weights, sampled)
   return out.reshape(b, q, m * dh).astype(value_dtype)
 
@@ -164,7 +168,7 @@ def _ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_
   base = (jnp.arange(b, dtype=jnp.int32)[:, None, None, None, None] * n * m
           + jnp.arange(m, dtype=jnp.int32)[None, None, :, None, None])
   table = value.reshape(b * n * m, dh)
-  sampled = jnp.zeros((b, q, m, num_levels * num_points, dh), jnp.float32)
+  sampled = jnp.zeros((b, q, m, num_levels * num_points, dh), x.dtype)
   for (dx, dy), w in corner_weights.items():
     xi = x0 + dx
     yi = y0 + dy
@@ -174,7 +178,7 @@ def _ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_
     tap = jnp.where(inside, w, 0.0).reshape(b, q, m, num_levels * num_points, 1)
     gathered = jnp.take(table, rows.reshape(-1), axis=0).reshape(
         b, q, m, num_levels * num_points, dh)
-    sampled = sampled + tap * gathered.astype(jnp.float32)
+    sampled = sampled + tap * gathered.astype(x.dtype)
   # Bilinear value of every (level, point) first, then the attention-weighted sum (as torch).
   return _attend(sampled, attention_weights, value.dtype)
 
@@ -185,10 +189,10 @@ def _ms_deform_attn_window(value, spatial_shapes, sampling_locations, attention_
   _, q, _, num_levels, num_points, _ = sampling_locations.shape
   x, y, _, _ = _pixel_coordinates(spatial_shapes, sampling_locations)
   x0, y0, corner_weights = _corner_weights(x, y)
-  attn = attention_weights.astype(jnp.float32)
+  attn = attention_weights.astype(x.dtype)
   dnums = jax.lax.GatherDimensionNumbers(offset_dims=(1, 2, 3), collapsed_slice_dims=(2,),
                                          start_index_map=(0, 1, 2))
-  out = jnp.zeros((b, q, m, dh), jnp.float32)
+  out = jnp.zeros((b, q, m, dh), x.dtype)
   for lvl, ((h, w), s) in enumerate(zip(spatial_shapes, level_start_index(spatial_shapes))):
     # One zero row/column around the level (grid_sample's zero padding); M stays inside the
     # row so no transpose is needed. [B (H + 2), W + 2, M, Dh]
@@ -205,7 +209,7 @@ def _ms_deform_attn_window(value, spatial_shapes, sampling_locations, attention_
     starts = jnp.stack([row, col, head], axis=-1).reshape(-1, 3)           # [B Q M P, 3]
     window = jax.lax.gather(table, starts, dnums, slice_sizes=(2, 2, 1, dh),
                             mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
-    window = window.reshape(b, q, m, num_points, 2, 2, dh).astype(jnp.float32)  # [.., dy, dx, Dh]
+    window = window.reshape(b, q, m, num_points, 2, 2, dh).astype(x.dtype)  # [.., dy, dx, Dh]
     cw = {k: v[:, :, :, lvl] for k, v in corner_weights.items()}
     taps = jnp.stack([jnp.stack([cw[(0, 0)], cw[(1, 0)]], -1),
                       jnp.stack([cw[(0, 1)], cw[(1, 1)]], -1)], -2)             # [B,Q,M,P,2,2]
@@ -281,7 +285,7 @@ def _ms_deform_attn_per_level(value, spatial_shapes, sampling_locations, attenti
   per_level = []
   for lvl, ((h, w), s) in enumerate(zip(spatial_shapes, starts)):
     v = jnp.transpose(value[:, s:s + h * w], (0, 2, 1, 3))                 # [B, M, HW, Dh]
-    sampled = jnp.zeros((b, m, q * num_points, dh), jnp.float32)
+    sampled = jnp.zeros((b, m, q * num_points, dh), x.dtype)
     for (dx, dy), cw in corner_weights.items():
       xi = x0[:, :, :, lvl] + dx                                            # [B, Q, M, P]
       yi = y0[:, :, :, lvl] + dy
@@ -290,7 +294,7 @@ def _ms_deform_attn_per_level(value, spatial_shapes, sampling_locations, attenti
       token = jnp.transpose(token, (0, 2, 1, 3)).reshape(b, m, q * num_points, 1)
       tap = jnp.transpose(jnp.where(inside, cw[:, :, :, lvl], 0.0), (0, 2, 1, 3))
       gathered = jnp.take_along_axis(v, token, axis=2)                      # [B, M, Q P, Dh]
-      sampled = sampled + tap.reshape(b, m, q * num_points, 1) * gathered.astype(jnp.float32)
+      sampled = sampled + tap.reshape(b, m, q * num_points, 1) * gathered.astype(x.dtype)
     per_level.append(jnp.transpose(sampled.reshape(b, m, q, num_points, dh), (0, 2, 1, 3, 4)))
   sampled = jnp.stack(per_level, axis=3).reshape(b, q, m, num_levels * num_points, dh)
   return _attend(sampled, attention_weights, value.dtype)
@@ -301,8 +305,8 @@ def _onehot_axis(i0, frac0, frac1, size):
 
   `jax.nn.one_hot` of an index outside [0, size) is all zeros: grid_sample's zero padding.
   """
-  return (jax.nn.one_hot(i0, size, dtype=jnp.float32) * frac0[..., None]
-          + jax.nn.one_hot(i0 + 1, size, dtype=jnp.float32) * frac1[..., None])
+  return (jax.nn.one_hot(i0, size, dtype=frac0.dtype) * frac0[..., None]
+          + jax.nn.one_hot(i0 + 1, size, dtype=frac0.dtype) * frac1[..., None])
 
 
 def _ms_deform_attn_onehot_matmul(value, spatial_shapes, sampling_locations, attention_weights):
@@ -316,9 +320,9 @@ def _ms_deform_attn_onehot_matmul(value, spatial_shapes, sampling_locations, att
   fx0, fx1 = x_nw + 1.0 - x, x - x_nw
   fy0, fy1 = y_nw + 1.0 - y, y - y_nw
   x0, y0 = x_nw.astype(jnp.int32), y_nw.astype(jnp.int32)
-  attn = attention_weights.astype(jnp.float32)
+  attn = attention_weights.astype(x.dtype)
   starts = level_start_index(spatial_shapes)
-  levels = [jnp.transpose(value[:, s:s + h * w], (0, 2, 1, 3)).astype(jnp.float32)
+  levels = [jnp.transpose(value[:, s:s + h * w], (0, 2, 1, 3)).astype(x.dtype)
             for (h, w), s in zip(spatial_shapes, starts)]                   # [B, M, HW, Dh]
   hp = jax.lax.Precision.HIGHEST
 
@@ -416,12 +420,13 @@ class MultiScaleDeformableAttention(nn.Module):
                        name="sampling_offsets")(q_in).reshape(b, q, h, l, p, 2)
     logits = nn.Dense(h * l * p, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                       name="attention_weights")(q_in).reshape(b, q, h, l * p)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).reshape(b, q, h, l, p)
+    acc = island_dtype(self.dtype)
+    weights = jax.nn.softmax(logits.astype(acc), axis=-1).reshape(b, q, h, l, p)
     # Sampling locations stay float32 (bf16 resolves only ~0.65 px on a 167-wide level).
-    offsets = offsets.astype(jnp.float32)
-    ref = reference_points.astype(jnp.float32)
+    offsets = offsets.astype(acc)
+    ref = reference_points.astype(acc)
     if ref.shape[-1] == 2:
-      normalizer = jnp.asarray([[w, hh] for hh, w in spatial_shapes], jnp.float32)    # [L, 2]
+      normalizer = jnp.asarray([[w, hh] for hh, w in spatial_shapes], acc)            # [L, 2]
       loc = ref[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
     elif ref.shape[-1] == 4:
       loc = (ref[:, :, None, :, None, :2]

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from focus_detr_jax.models.deformable_attention import MultiScaleDeformableAttention
-from focus_detr_jax.models.layers import FFN, MultiheadAttention, gather_rows, layer_norm, scatter_rows
+from focus_detr_jax.models.layers import (FFN, MultiheadAttention, gather_rows, island_dtype,
+                                          layer_norm, scatter_rows)
 
 
 def select_object_tokens(mc_score, candidate_valid, token_valid, topk_sa, forced_local=None):
@@ -74,7 +75,7 @@ class FocusEncoderLayer(nn.Module):
     Returns:
       updated query [B, K, D] and a dict of selection intermediates.
     """
-    class_logits = class_head(query).astype(jnp.float32)                   # [B, K, C]
+    class_logits = class_head(query).astype(island_dtype(self.dtype))      # [B, K, C]
     score_max = class_logits.max(axis=-1)
     mc_score = score_max * fg_score                                          # product of raw logits
     sel, sel_valid = select_object_tokens(mc_score, candidate_valid, token_valid, self.topk_sa,

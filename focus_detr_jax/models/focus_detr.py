@@ -21,7 +21,7 @@ import numpy as np
 from focus_detr_jax.models import token_selection
 from focus_detr_jax.models.decoder import DecoderLayer
 from focus_detr_jax.models.encoder import FocusEncoderLayer
-from focus_detr_jax.models.layers import MLP, gather_rows, layer_norm, scatter_rows
+from focus_detr_jax.models.layers import MLP, gather_rows, island_dtype, layer_norm, scatter_rows
 from focus_detr_jax.models.neck import ChannelMapper
 from focus_detr_jax.models.position import sine_box_embedding, sine_position_embedding
 from focus_detr_jax.ops.boxes import inverse_sigmoid
@@ -53,11 +53,12 @@ def nearest_resize_mask(mask, out_hw):
   return mask[:, indices(mask.shape[1], out_hw[0])][:, :, indices(mask.shape[2], out_hw[1])]
 
 
-def encoder_proposals(level_masks, spatial_shapes):
+def encoder_proposals(level_masks, spatial_shapes, dtype=jnp.float32):
   """detrex/DINO grid proposals of every token.
 
   Args:
     level_masks: list of [B, H_l, W_l] bool, True = padded.
+    dtype: float dtype of the proposals (float32; float64 in the float64 numerics mode).
   Returns:
     proposals_unact [B, N, 4] (log-odds cxcywh; +inf where invalid or padded),
     valid [B, N] bool (all four coordinates in (0.01, 0.99) and not padded).
@@ -65,9 +66,9 @@ def encoder_proposals(level_masks, spatial_shapes):
   proposals = []
   for lvl, (mask, (h, w)) in enumerate(zip(level_masks, spatial_shapes)):
     b = mask.shape[0]
-    valid_h = (~mask[:, :, 0]).sum(axis=1).astype(jnp.float32)
-    valid_w = (~mask[:, 0, :]).sum(axis=1).astype(jnp.float32)
-    gy, gx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
+    valid_h = (~mask[:, :, 0]).sum(axis=1).astype(dtype)
+    valid_w = (~mask[:, 0, :]).sum(axis=1).astype(dtype)
+    gy, gx = jnp.meshgrid(jnp.arange(h, dtype=dtype), jnp.arange(w, dtype=dtype),
                           indexing="ij")
     cx = (gx[None] + 0.5) / valid_w[:, None, None]
     cy = (gy[None] + 0.5) / valid_h[:, None, None]
@@ -85,13 +86,25 @@ def encoder_reference_points(spatial_shapes, valid_ratios):
   """2-d reference points of every token: [B, N, L, 2] (x, y), spec §6."""
   refs = []
   for lvl, (h, w) in enumerate(spatial_shapes):
-    ry, rx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) + 0.5,
-                          jnp.arange(w, dtype=jnp.float32) + 0.5, indexing="ij")
+    ry, rx = jnp.meshgrid(jnp.arange(h, dtype=valid_ratios.dtype) + 0.5,
+                          jnp.arange(w, dtype=valid_ratios.dtype) + 0.5, indexing="ij")
     ry = ry.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
     rx = rx.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
     refs.append(jnp.stack([rx, ry], axis=-1))
   refs = jnp.concatenate(refs, axis=1)
   return refs[:, :, None] * valid_ratios[:, None]
+
+
+# config.model.dtype -> compute dtype. float64 is a numerics mode for parity studies (every
+# float32 island becomes float64 too); it needs 64-bit JAX (JAX_ENABLE_X64=1).
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+
+
+def compute_dtype(name):
+  """`config.model.dtype` name -> jnp dtype, with a clear error for unknown names."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"model.dtype={name!r}: expected one of {sorted(COMPUTE_DTYPES)}")
+  return COMPUTE_DTYPES[name]
 
 
 def _uniform(low, high):
@@ -141,7 +154,7 @@ class FocusDETR(nn.Module):
         focus_rho=c.focus_rho, cascade=tuple(c.cascade), pos_temperature=c.pos_temperature,
         pos_offset=c.pos_offset, eval_padding_mask=c.eval_padding_mask,
         batch_group_size=c.batch_group_size,
-        dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[c.dtype])
+        dtype=compute_dtype(c.dtype))
 
   def setup(self):
     d, dt = self.hidden_dim, self.dtype
@@ -202,6 +215,10 @@ class FocusDETR(nn.Module):
       init_reference [B,Q,4], inter_references [L,B,Q,4], fg_score [B,N], padding_mask_flat [B,N],
       enc_topk_proposals [B,Q]; with denoising also dn_pred_logits [L,B,S,C], dn_pred_boxes.
     """
+    if jnp.dtype(self.dtype) == jnp.float64 and not jax.config.jax_enable_x64:
+      # Without x64, float64 requests silently become float32: refuse instead.
+      raise ValueError("model.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 or "
+                       "jax.config.update('jax_enable_x64', True) before tracing the model")
     forced = forced or {}
     b = images.shape[0]
     use_mask = (train or self.eval_padding_mask) and padding_mask is not None
@@ -217,8 +234,9 @@ class FocusDETR(nn.Module):
     # Masks, positions, flattening (spec §1.4).
     image_mask = padding_mask if use_mask else jnp.zeros(images.shape[:3], bool)
     level_masks = [nearest_resize_mask(image_mask, hw) for hw in spatial_shapes]
-    pos = [sine_position_embedding(m, self.hidden_dim // 2, self.pos_temperature, self.pos_offset)
-           for m in level_masks]
+    acc = island_dtype(self.dtype)
+    pos = [sine_position_embedding(m, self.hidden_dim // 2, self.pos_temperature, self.pos_offset,
+                                   dtype=acc) for m in level_masks]
     self.sow("intermediates", "pos_embed", tuple(pos))
     feat_flat = jnp.concatenate([s.reshape(b, -1, self.hidden_dim) for s in srcs], axis=1)
     mask_flat = jnp.concatenate([m.reshape(b, -1) for m in level_masks], axis=1)
@@ -227,14 +245,14 @@ class FocusDETR(nn.Module):
         axis=1).astype(self.dtype)
     valid_ratios = jnp.stack(
         [jnp.stack([(~m[:, 0, :]).sum(1) / m.shape[2], (~m[:, :, 0]).sum(1) / m.shape[1]], -1)
-         for m in level_masks], axis=1).astype(jnp.float32)                         # [B, L, 2]
+         for m in level_masks], axis=1).astype(acc)                                 # [B, L, 2]
     num_tokens = feat_flat.shape[1]
     if num_tokens < self.num_queries:
       raise ValueError(f"input {images.shape[1:3]} gives {num_tokens} tokens, fewer than "
                        f"num_queries={self.num_queries}; use a larger canvas or fewer queries")
 
     # Foreground Token Selector (spec §2).
-    proposals_unact, proposals_valid = encoder_proposals(level_masks, spatial_shapes)
+    proposals_unact, proposals_valid = encoder_proposals(level_masks, spatial_shapes, acc)
     fts_memory = self.enc_output_norm(self.enc_output(
         jnp.where(proposals_valid[..., None], feat_flat + lvl_pos, 0.0)))
     fg_score, _ = token_selection.foreground_scores(self.enc_mask_predictor, self.alpha,
@@ -281,8 +299,8 @@ class FocusDETR(nn.Module):
     # Two-stage query selection (spec §7.1).
     output_memory = self.enc_output_norm(self.enc_output(
         jnp.where(proposals_valid[..., None], memory, 0.0)))
-    enc_class = mcsp_head(output_memory).astype(jnp.float32)
-    enc_coord_unact = (self.bbox_embed[self.num_decoder_layers](output_memory).astype(jnp.float32)
+    enc_class = mcsp_head(output_memory).astype(acc)
+    enc_coord_unact = (self.bbox_embed[self.num_decoder_layers](output_memory).astype(acc)
                        + proposals_unact)
     enc_class_max = enc_class.max(axis=-1)
     self.sow("intermediates", "enc_outputs_class_max_all", enc_class_max)
@@ -292,7 +310,7 @@ class FocusDETR(nn.Module):
       _, topk_proposals = jax.lax.top_k(enc_class_max, self.num_queries)
     topk_coords_unact = gather_rows(enc_coord_unact, topk_proposals)
     target_unact = gather_rows(output_memory, topk_proposals)
-    enc_pred_logits = mcsp_head(target_unact).astype(jnp.float32)
+    enc_pred_logits = mcsp_head(target_unact).astype(acc)
     enc_pred_boxes = jax.nn.sigmoid(topk_coords_unact)
     reference = jax.lax.stop_gradient(enc_pred_boxes)
     target = jnp.broadcast_to(self.tgt_embed[None], (b,) + self.tgt_embed.shape).astype(self.dtype)
@@ -320,7 +338,7 @@ class FocusDETR(nn.Module):
       query_pos = self.ref_point_head(
           sine_box_embedding(ref_in[:, :, 0, :], self.hidden_dim // 2).astype(self.dtype))
       x = layer(x, query_pos, memory, mask_flat, ref_in, spatial_shapes, attn_mask)
-      new_reference = jax.nn.sigmoid(self.bbox_embed[l](x).astype(jnp.float32)
+      new_reference = jax.nn.sigmoid(self.bbox_embed[l](x).astype(acc)
                                      + inverse_sigmoid(reference))
       hidden.append(self.decoder_norm(x))
       references.append(new_reference)
@@ -329,8 +347,8 @@ class FocusDETR(nn.Module):
     logits, boxes = [], []
     for l in range(self.num_decoder_layers):
       ref_l = init_reference if l == 0 else references[l - 1]
-      logits.append(self.class_embed[l](hidden[l]).astype(jnp.float32))
-      boxes.append(jax.nn.sigmoid(self.bbox_embed[l](hidden[l]).astype(jnp.float32)
+      logits.append(self.class_embed[l](hidden[l]).astype(acc))
+      boxes.append(jax.nn.sigmoid(self.bbox_embed[l](hidden[l]).astype(acc)
                                   + inverse_sigmoid(ref_l)))
     logits = jnp.stack(logits)
     boxes = jnp.stack(boxes)

@@ -14,6 +14,12 @@ import jax.numpy as jnp
 NORM_EPS = 1e-5
 
 
+def island_dtype(dtype):
+  """Dtype of the float32 islands (softmax logits, sampling locations, heads' outputs) for a
+  compute dtype: float32 under bfloat16 or float32, float64 in the float64 numerics mode."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def layer_norm(name=None, dtype=jnp.float32):
   """torch LayerNorm numerics: eps 1e-5, two-pass variance (E[(x-mean)^2], not E[x^2]-mean^2)."""
   return nn.LayerNorm(epsilon=NORM_EPS, use_fast_variance=False, name=name, dtype=dtype)
@@ -137,7 +143,7 @@ class MultiheadAttention(nn.Module):
     q = q.reshape(b, lq, h, hd) * (hd ** -0.5)
     k = k.reshape(b, lk, h, hd)
     v = v.reshape(b, lk, h, hd)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(island_dtype(self.dtype))
     blocked = None
     if key_valid is not None:
       blocked = ~key_valid[:, None, None, :]

@@ -19,15 +19,16 @@ def _interleave_sin_cos(x):
 
 
 def sine_position_embedding(padding_mask, num_pos_feats=128, temperature=10000.0, offset=-0.5,
-                            scale=2 * math.pi, eps=1e-6):
+                            scale=2 * math.pi, eps=1e-6, dtype=jnp.float32):
   """PositionEmbeddingSine(normalize=True) of one level.
 
   Args:
     padding_mask: [B, H, W] bool, True = padded.
   Returns:
-    [B, H, W, 2F] float32, channels [pos_y (F) | pos_x (F)], sin/cos interleaved.
+    [B, H, W, 2F] `dtype` (float32; float64 in the float64 numerics mode), channels
+    [pos_y (F) | pos_x (F)], sin/cos interleaved.
   """
-  not_mask = (~padding_mask).astype(jnp.float32)
+  not_mask = (~padding_mask).astype(dtype)
   y_embed = jnp.cumsum(not_mask, axis=1)
   x_embed = jnp.cumsum(not_mask, axis=2)
   y_embed = (y_embed + offset) / (y_embed[:, -1:, :] + eps) * scale

@@ -10,7 +10,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from focus_detr_jax.models.layers import Conv2d, FrozenBatchNorm, group_norm
+from focus_detr_jax.models.layers import Conv2d, FrozenBatchNorm, group_norm, island_dtype
 
 # Bottleneck blocks per stage; 26 is a light variant for CPU demos and tests.
 RESNET_BLOCKS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -30,7 +30,8 @@ class _GroupNorm32(nn.Module):
   @nn.compact
   def __call__(self, x):
     groups = math.gcd(32, x.shape[-1])
-    return group_norm(groups, "norm")(x)
+    # Normalised in float32 under bf16 compute, in float64 in the float64 numerics mode.
+    return group_norm(groups, "norm", dtype=island_dtype(x.dtype))(x)
 
 
 class Bottleneck(nn.Module):

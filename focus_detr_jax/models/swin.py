@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from focus_detr_jax.models.layers import Conv2d, layer_norm
+from focus_detr_jax.models.layers import Conv2d, island_dtype, layer_norm
 
 # Added to the logits of token pairs from different shift regions (detectron2: -100.0, not -inf).
 SHIFT_MASK_VALUE = -100.0
@@ -175,9 +175,10 @@ class WindowAttention(nn.Module):
     qkv = qkv.reshape(b, nw, n, 3, h, hd)                # torch: reshape(B_, N, 3, heads, hd)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]   # [B, nW, N, h, hd]
     q = q * jnp.asarray(hd ** -0.5, q.dtype)
-    logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k).astype(jnp.float32)  # [B, nW, h, N, N]
+    acc = island_dtype(self.dtype)
+    logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k).astype(acc)          # [B, nW, h, N, N]
     index = relative_position_index(w).reshape(-1)        # numpy constant [N*N]
-    bias = jnp.take(table.astype(jnp.float32), index, axis=0).reshape(n, n, h).transpose(2, 0, 1)
+    bias = jnp.take(table.astype(acc), index, axis=0).reshape(n, n, h).transpose(2, 0, 1)
     logits = logits + bias                               # [h, N, N] broadcast
     if mask is not None:
       logits = logits + jnp.asarray(mask)[None, :, None]  # [1, nW, 1, N, N]

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from focus_detr_jax.models.layers import layer_norm
+from focus_detr_jax.models.layers import island_dtype, layer_norm
 
 
 def focus_capacity(num_tokens: int, focus_rho: float) -> int:
@@ -97,7 +97,8 @@ class MaskPredictor(nn.Module):
     z = jnp.concatenate([z_local, z_global], axis=-1)
     z = nn.gelu(nn.Dense(half, dtype=self.dtype, name="layer2_0")(z), approximate=False)
     z = nn.gelu(nn.Dense(half // 2, dtype=self.dtype, name="layer2_2")(z), approximate=False)
-    return nn.Dense(1, dtype=self.dtype, name="layer2_4")(z)[..., 0].astype(jnp.float32)
+    logits = nn.Dense(1, dtype=self.dtype, name="layer2_4")(z)[..., 0]
+    return logits.astype(island_dtype(self.dtype))
 
 
 def foreground_scores(mask_predictor, alpha, fts_memory, spatial_shapes):

@@ -327,10 +327,16 @@ def train_stages(reference, config, forward=None):
   return results
 
 
-def run_all(reference_dir, only: Optional[List[str]] = None):
-  """Every stage that the directory's files allow. Returns (results, skipped)."""
+def run_all(reference_dir, only: Optional[List[str]] = None, dtype: Optional[str] = None):
+  """Every stage that the directory's files allow. Returns (results, skipped).
+
+  dtype: optional `config.model.dtype` override ("float64": our model computed in float64, under
+  `jax.enable_x64`, against the float32 reference; the tolerances stay the same).
+  """
   reference = load_reference(reference_dir)
   config = config_for_reference(reference["meta"])
+  if dtype is not None:
+    config.model.dtype = dtype
   results, skipped = [], []
   groups = [("msda", "ms_deform_attn", lambda: msda_stages(reference["ms_deform_attn"])),
             ("eval", "forward_eval", lambda: eval_stages(reference, config)),
@@ -564,4 +570,41 @@ def decoder_sensitivity(reference_dir, sigma: float = 1e-6, trials: int = 3, see
     perturbed, _ = run_forward(model, variables, images, mask, False, dict(forced, memory=noisy))
     rows += [(f"memory + N(0, {sigma:g}) noise, trial {t}: change of our {k}",
               float(np.abs(perturbed[k] - outputs[k]).max())) for k in keys]
+  rows += float64_rounding_rows(reference, config, outputs)
+  return rows
+
+
+def float64_rounding_rows(reference, config, outputs32=None):
+  """Diagnostic: the float32 rounding error of each side, measured against float64.
+
+  Runs our model with `model.dtype = "float64"` (under `jax.enable_x64`) on the reference's
+  inputs, every index forced, twice: with the reference's own `memory` forced (the decoder alone)
+  and end to end. With our float64 result as the exact value of the computation, the rows give
+  |reference float32 - float64| (the reference's rounding error) next to
+  |ours float32 - float64| (ours), per decoder output. Returns rows (name, max abs difference).
+  """
+  ref = reference["forward_eval"]
+  images, mask, _ = make_batch(reference["inputs"])
+  forced = forced_from(ref, config.model.num_encoder_layers)
+  memory = np.asarray(ref["memory"], np.float32)
+  if outputs32 is None:
+    model, variables = build_model(config, reference["dir"], images.shape, train=False)
+    outputs32, _ = run_forward(model, variables, images, mask, False, dict(forced, memory=memory))
+  config64 = config.copy_and_resolve_references()
+  config64.model.dtype = "float64"
+  with jax.enable_x64(True):
+    model64, variables64 = build_model(config64, reference["dir"], images.shape, train=False)
+    images64 = images.astype(np.float64)
+    decoder64, _ = run_forward(model64, variables64, images64, mask, False,
+                               dict(forced, memory=memory.astype(np.float64)))
+    full64, inter64 = run_forward(model64, variables64, images64, mask, False, forced)
+  full64 = dict(full64, memory=inter64["memory"])
+  rows = []
+  for k in ("pred_logits", "pred_boxes", "inter_references"):
+    rows += [(f"memory forced: |reference f32 - ours f64| {k}",
+              float(np.abs(ref[k] - decoder64[k]).max())),
+             (f"memory forced: |ours f32 - ours f64| {k}",
+              float(np.abs(outputs32[k] - decoder64[k]).max()))]
+  rows += [(f"end to end: |reference f32 - ours f64| {k}", float(np.abs(ref[k] - full64[k]).max()))
+           for k in ("memory", "pred_logits", "pred_boxes", "inter_references")]
   return rows
