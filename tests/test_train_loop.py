@@ -151,6 +151,50 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tiny_config, tmp_path, m
   assert {(2, "images/detections"), (2, "images/token_selection")} <= tags, sorted(tags)
 
 
+def test_sigterm_during_startup_and_after_the_last_step(tiny_config, tmp_path, monkeypatch):
+  """SIGTERM is caught from the start: during start-up the run stops after its first step with a
+  checkpoint; after the last step the final model is still written and only the final evaluation
+  is skipped."""
+  from focus_detr_jax.evaluation.evaluator import Evaluator
+  from focus_detr_jax.train import loop
+  real_init, real_save_model = loop.init_variables, loop.save_model_checkpoint
+
+  def init_then_sigterm(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)       # before restore, data and compilation
+    return real_init(*args, **kwargs)
+
+  monkeypatch.setattr(loop, "init_variables", init_then_sigterm)
+  config = tiny_config.copy_and_resolve_references()
+  config.train.num_steps = 3
+  config.train.checkpoint_every = 100
+  config.train.image_log_every = 0
+  result = loop.train_and_evaluate(config, tmp_path, evaluate=False)
+  assert result["preempted"] and result["sigterm"] and result["step"] == 1, result["step"]
+  steps = sorted(int(d.name) for d in (tmp_path / "checkpoints").iterdir() if d.name.isdigit())
+  assert steps == [1]
+  assert not (tmp_path / loop.MODEL_DIR).exists()   # stopped early: no final model
+
+  # Resume with nothing left to train; the SIGTERM arrives during the final model export.
+  def save_model_then_sigterm(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real_save_model(*args, **kwargs)
+
+  evaluations = []
+  monkeypatch.setattr(loop, "init_variables", real_init)
+  monkeypatch.setattr(loop, "save_model_checkpoint", save_model_then_sigterm)
+  monkeypatch.setattr(Evaluator, "run", lambda self, *a, **k: evaluations.append(1) or {"AP": 0})
+  config.train.num_steps = 1
+  result = loop.train_and_evaluate(config, tmp_path, evaluate=True)
+  assert result["step"] == 1 and not result["preempted"] and result["sigterm"]
+  assert (tmp_path / loop.MODEL_DIR).exists()
+  assert evaluations == []
+
+  # Without a SIGTERM the same resume evaluates (the skip above is the signal's doing).
+  monkeypatch.setattr(loop, "save_model_checkpoint", real_save_model)
+  result = loop.train_and_evaluate(config, tmp_path, evaluate=True)
+  assert not result["sigterm"] and evaluations == [1]
+
+
 def test_eval_hook_equals_pycocotools(tiny_config, tiny_model_and_variables, tmp_path):
   from pycocotools.coco import COCO
   from pycocotools.cocoeval import COCOeval

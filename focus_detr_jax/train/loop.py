@@ -83,7 +83,26 @@ def _summaries(metrics, elapsed, steps_done, total_steps, start_step):
 
 def train_and_evaluate(config, workdir, *, evaluate: bool = True,
                        stop_after_steps: Optional[int] = None):
-  """Train `config` in `workdir` (resuming if it holds checkpoints). Returns the last metrics."""
+  """Train `config` in `workdir` (resuming if it holds checkpoints). Returns the last metrics.
+
+  SIGTERM is caught from the start: during start-up (data, restore, compilation) it stops the
+  run after its first step, with a checkpoint; during the steps, after the current one; after the
+  last step, the final model is still written and only the final evaluation is skipped (a rerun
+  of the same command does it). All hosts agree on each of these decisions.
+  """
+  with _Preemption() as preemption:
+    return _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps)
+
+
+def _any_host(flags):
+  """Element-wise OR of a bool vector over all processes (every process gets the same answer)."""
+  flags = np.asarray(flags, bool)
+  if jax.process_count() > 1:
+    flags = multihost_utils.process_allgather(flags).reshape(-1, flags.size).any(axis=0)
+  return flags
+
+
+def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps):
   from clu import metric_writers
   from focus_detr_jax.data import pipeline
 
@@ -139,58 +158,60 @@ def train_and_evaluate(config, workdir, *, evaluate: bool = True,
       checkpointer.save(step, state, None, metrics=best_metrics, best=True)
 
   preempted = False
-  with _Preemption() as preemption:
-    step = start_step
-    while step < total_steps:
-      batch = sharding.global_batch(next(data_iter), mesh)
-      state, metrics = train_step(state, batch)
-      step += 1
-      metrics_host = jax.device_get(metrics)
-      if not bool(metrics_host["finite"]):
-        checkpointer.wait()
-        writer.flush()
-        raise NonFiniteLossError(
-            f"non-finite loss or gradient at step {step} (total_loss="
-            f"{float(metrics_host['total_loss'])}, grad_norm={float(metrics_host['grad_norm'])}); "
-            f"last good checkpoint: "
-            f"{checkpointer.latest.directory / str(last_good) if last_good is not None else 'none'}")
-      if step % t.log_every == 0 or step == total_steps:
-        summary = _summaries(metrics_host, time.time() - start_time, step - start_step,
-                             total_steps, start_step)
-        writer.write_scalars(step, summary)
-        _append_jsonl(workdir / "metrics.jsonl", dict(step=step, **summary))
-      flags = np.asarray([preemption.requested,
-                          bool(t.max_minutes) and time.time() - start_time > 60 * t.max_minutes])
-      if jax.process_count() > 1:
-        # Every host must stop (and save) at the same step, or the collectives deadlock.
-        flags = multihost_utils.process_allgather(flags).reshape(-1, 2).any(axis=0)
-      preempted, stop = bool(flags[0]), bool(flags.any())
-      if step % t.checkpoint_every == 0 or step == total_steps or stop:
-        save(step)
-        last_good = step
-      if t.image_log_every and step % t.image_log_every == 0:
-        image_batch = _log_images(writer, step, model, state, config, meta, image_batch)
-      if evaluator is not None and t.eval_every and step % t.eval_every == 0 and not stop:
-        eval_metrics = evaluator.run(_eval_variables(state), step)
-        writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-        checkpointer.save(step, state, None, metrics={"AP": eval_metrics["AP"]}, best=True)
-      if stop:
-        logging.info("stopping at step %d (%s)", step,
-                     "SIGTERM" if preempted else "time limit")
-        break
+  step = start_step
+  while step < total_steps:
+    batch = sharding.global_batch(next(data_iter), mesh)
+    state, metrics = train_step(state, batch)
+    step += 1
+    metrics_host = jax.device_get(metrics)
+    if not bool(metrics_host["finite"]):
+      checkpointer.wait()
+      writer.flush()
+      raise NonFiniteLossError(
+          f"non-finite loss or gradient at step {step} (total_loss="
+          f"{float(metrics_host['total_loss'])}, grad_norm={float(metrics_host['grad_norm'])}); "
+          f"last good checkpoint: "
+          f"{checkpointer.latest.directory / str(last_good) if last_good is not None else 'none'}")
+    if step % t.log_every == 0 or step == total_steps:
+      summary = _summaries(metrics_host, time.time() - start_time, step - start_step,
+                           total_steps, start_step)
+      writer.write_scalars(step, summary)
+      _append_jsonl(workdir / "metrics.jsonl", dict(step=step, **summary))
+    # Every host must stop (and save) at the same step, or the collectives deadlock.
+    flags = _any_host([preemption.requested,
+                       bool(t.max_minutes) and time.time() - start_time > 60 * t.max_minutes])
+    preempted, stop = bool(flags[0]), bool(flags.any())
+    if step % t.checkpoint_every == 0 or step == total_steps or stop:
+      save(step)
+      last_good = step
+    if t.image_log_every and step % t.image_log_every == 0:
+      image_batch = _log_images(writer, step, model, state, config, meta, image_batch)
+    if evaluator is not None and t.eval_every and step % t.eval_every == 0 and not stop:
+      eval_metrics = evaluator.run(_eval_variables(state), step)
+      writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+      checkpointer.save(step, state, None, metrics={"AP": eval_metrics["AP"]}, best=True)
+    if stop:
+      logging.info("stopping at step %d (%s)", step,
+                   "SIGTERM" if preempted else "time limit")
+      break
   checkpointer.wait()
   pipeline.log_stats(data_iter, prefix="training input")
   if not preempted:
     # The final parameters as a model checkpoint that predict/evaluate/fine-tuning read.
     save_model_checkpoint(workdir / MODEL_DIR, _eval_variables(state), config)
-  if evaluator is not None and not preempted and (
-      not eval_metrics or not t.eval_every or step % t.eval_every):
+  final_eval = evaluator is not None and not preempted and (
+      not eval_metrics or not t.eval_every or step % t.eval_every)
+  sigterm = bool(_any_host([preemption.requested])[0])
+  if final_eval and sigterm:
+    logging.info("SIGTERM after the last step: final model written, final evaluation skipped "
+                 "(rerun the same command to evaluate)")
+  elif final_eval:
     eval_metrics = evaluator.run(_eval_variables(state), step)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
   writer.flush()
   checkpointer.close()
   return dict(step=step, train=metrics_host, eval=eval_metrics, state=state,
-              preempted=preempted)
+              preempted=preempted, sigterm=sigterm)
 
 
 def _log_images(writer, step, model, state, config, meta, image_batch):
