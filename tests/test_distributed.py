@@ -63,6 +63,21 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def launch_processes(command, out, num_devices, num_processes=2):
+  """Start `command(process_id, coordinator)` once per process (jax.distributed on a free
+  localhost port), each with `num_devices` CPU devices and its output in out/log<i>.txt.
+  Returns (processes, log paths)."""
+  coordinator = f"localhost:{_free_port()}"
+  procs, logs = [], []
+  for i in range(num_processes):
+    log = out / f"log{i}.txt"
+    logs.append(log)
+    with open(log, "w") as f:
+      procs.append(subprocess.Popen(command(i, coordinator), env=_env(num_devices), stdout=f,
+                                    stderr=subprocess.STDOUT))
+  return procs, logs
+
+
 def _check(procs, logs, timeout):
   """Wait for all processes; on failure show the end of each log."""
   deadline = time.time() + timeout
@@ -115,19 +130,13 @@ def two_processes(reference, tmp_path_factory):
   out = tmp_path_factory.mktemp("two_processes")
   # Resume from a copy of the 8-device checkpoint; the two processes add theirs at step 3.
   shutil.copytree(reference / "ckpt", out / "ckpt")
-  port = _free_port()
-  procs, logs = [], []
   start = time.time()
-  for i in range(2):
-    log = out / f"log{i}.txt"
-    logs.append(log)
-    with open(log, "w") as f:
-      procs.append(subprocess.Popen(
-          WORKER + ["train", "--out", str(out), "--ckpt_dir", str(out / "ckpt"), "--restore",
-                    "--batch", str(BATCH), "--steps", str(STEPS), "--save_at", str(STEPS),
-                    "--coordinator", f"localhost:{port}", "--num_processes", "2",
-                    "--process_id", str(i)],
-          env=_env(2), stdout=f, stderr=subprocess.STDOUT))
+  procs, logs = launch_processes(
+      lambda i, coordinator: WORKER + [
+          "train", "--out", str(out), "--ckpt_dir", str(out / "ckpt"), "--restore",
+          "--batch", str(BATCH), "--steps", str(STEPS), "--save_at", str(STEPS),
+          "--coordinator", coordinator, "--num_processes", "2", "--process_id", str(i)],
+      out, num_devices=2)
   _check(procs, logs, timeout=1200)
   print(f"two-process run: {time.time() - start:.0f}s")
   return out

@@ -21,14 +21,13 @@ compiling the train step), up to ~140 s under load.
 
 import json
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from test_distributed import _env, _free_port
+from test_distributed import launch_processes
 from test_train_loop import _losses
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,17 +67,11 @@ def _sigterm_phase_done(logs):
 def run(tmp_path_factory):
   """Both workers through all four phases; SIGTERM to process 1 when it asks for it."""
   out = tmp_path_factory.mktemp("multihost_stop")
-  port = _free_port()
-  procs, logs = [], []
   start = time.time()
-  for i in range(2):
-    log = out / f"log{i}.txt"
-    logs.append(log)
-    with open(log, "w") as f:
-      procs.append(subprocess.Popen(
-          WORKER + ["--out", str(out), "--coordinator", f"localhost:{port}",
-                    "--process_id", str(i)],
-          env=_env(1), stdout=f, stderr=subprocess.STDOUT))
+  procs, logs = launch_processes(
+      lambda i, coordinator: WORKER + ["--out", str(out), "--coordinator", coordinator,
+                                       "--process_id", str(i)],
+      out, num_devices=1)
   try:
     _wait_until((out / "ready_for_sigterm").exists, procs, logs, STARTUP_TIMEOUT,
                 "process 1 never reached the step where it gets SIGTERM")
