@@ -92,3 +92,14 @@ def test_training_losses_and_gradients(reference, config, with_dn):
   rows += check.gradient_stages(reference, config, with_dn)
   assert sum("/grad " in r.stage for r in rows) >= 23
   _assert_all_pass(rows)
+
+
+def test_float64_model_against_the_float32_reference(reference, config):
+  """`check_parity.py --dtype float64 / --sensitivity`: our float64 model (the exactly computed
+  output) is within the contract's tolerances of the float32 reference on this set, and it is
+  not the float32 program (the decoder-alone rows differ from zero)."""
+  rows = dict(check.float64_rounding_rows(reference, config))
+  assert rows["end to end: |reference f32 - ours f64| memory"] <= check.TOL_MEMORY, rows
+  assert rows["end to end: |reference f32 - ours f64| pred_logits"] <= check.TOL_DEC_LOGITS, rows
+  assert rows["end to end: |reference f32 - ours f64| pred_boxes"] <= check.TOL_DEC_BOXES, rows
+  assert rows["memory forced: |ours f32 - ours f64| pred_logits"] > 0, rows
