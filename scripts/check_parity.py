@@ -17,8 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import contextlib  # noqa: E402
+
 import jax  # noqa: E402
 
+from focus_detr_jax.models.focus_detr import COMPUTE_DTYPES  # noqa: E402
 from focus_detr_jax.parity import check  # noqa: E402
 
 
@@ -32,7 +35,7 @@ def main(argv=None):
                       help="only print the decoder diagnostics (memory forced to the reference, "
                            "then with N(0, 1e-6) noise; float32 rounding error of the reference "
                            "and of ours against our float64 model); no pass/fail stages")
-  parser.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default=None,
+  parser.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default=None,
                       help="compute dtype of our model (default: the config's, float32); "
                            "float64 runs under jax.enable_x64, same tolerances")
   args = parser.parse_args(argv)
@@ -40,7 +43,8 @@ def main(argv=None):
     for name, value in check.decoder_sensitivity(args.reference_dir):
       print(f"{name:70s} {value:11.3e}")
     return 0
-  with jax.enable_x64(args.dtype == "float64"):
+  # float64 needs 64-bit JAX; otherwise leave the process's setting as it is.
+  with jax.enable_x64(True) if args.dtype == "float64" else contextlib.nullcontext():
     results, skipped = check.run_all(args.reference_dir, args.stages, dtype=args.dtype)
   for r in results:
     print(r.row())

@@ -15,15 +15,10 @@ from focus_detr_jax.models.focus_detr import FocusDETR, compute_dtype
 
 
 def _float_leaves(tree, prefix=""):
-  """(path, array) of every floating leaf of a nested dict/tuple/list tree."""
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      yield from _float_leaves(v, f"{prefix}/{k}")
-  elif isinstance(tree, (tuple, list)):
-    for i, v in enumerate(tree):
-      yield from _float_leaves(v, f"{prefix}[{i}]")
-  elif jnp.issubdtype(jnp.asarray(tree).dtype, jnp.floating):
-    yield prefix, tree
+  """(path, array) of every floating leaf of a pytree."""
+  return [(prefix + jax.tree_util.keystr(path), leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+          if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating)]
 
 
 @pytest.fixture(scope="module")
