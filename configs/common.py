@@ -48,6 +48,11 @@ def get_base_config():
   model.batch_group_size = 2
   model.dtype = "float32"                  # "float32" | "bfloat16" | "float64" (compute; params
                                            # stay float32; float64 needs JAX_ENABLE_X64=1)
+  # Rematerialisation "<scope>[:<policy>]" (models/remat.py): none | decoder | layers | full,
+  # policy nothing | dots. Values are unchanged; it trades backward recomputation for memory
+  # (on XLA:CPU only with the memory-minimising scheduler flag: BENCHMARKS.md, "Train step:
+  # profile, memory and rematerialisation").
+  model.remat = "none"
   # Contrastive denoising (spec §7.3).
   model.dn_number = 100
   model.label_noise_ratio = 0.5
@@ -99,7 +104,9 @@ def get_base_config():
   config.eval.max_batches = 0          # 0 = the whole split (per evaluation)
 
   config.init = ml_collections.ConfigDict()
-  config.init.backbone = ""            # ImageNet backbone file (convert/backbones.py formats)
+  # ImageNet backbone file, as detrex's init_checkpoint (convert/backbones.py formats): training
+  # refuses to start without it unless "none" (a random backbone) is given explicitly.
+  config.init.backbone = "pretrained/r50_v1.pkl"
   config.init.checkpoint = ""          # full model checkpoint (ours or converted detrex)
 
   config.seed = 0

@@ -42,6 +42,7 @@ def get_config():
   config.optim.clip_norm = 0.1
   config.optim.warmup_steps = 100
   config.optim.lr_drop_steps = (1600,)
+  config.init.backbone = "none"        # trains from scratch (no ImageNet file)
   config.train.num_steps = 2000
   config.train.log_every = 50
   config.train.checkpoint_every = 250

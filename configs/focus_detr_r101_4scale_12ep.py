@@ -7,4 +7,5 @@ def get_config():
   config = common.get_base_config()
   config.name = "focus_detr_r101_4scale_12ep"
   config.model.backbone.depth = 101
+  config.init.backbone = "pretrained/r101_v1.pkl"   # detrex's ImageNet R-101
   return config

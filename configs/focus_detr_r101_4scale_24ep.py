@@ -11,6 +11,7 @@ def get_config():
   config = common.get_base_config()
   config.name = "focus_detr_r101_4scale_24ep"
   config.model.backbone.depth = 101
+  config.init.backbone = "pretrained/r101_v1.pkl"   # detrex's ImageNet R-101
   config.model.pos_temperature = 20.0
   config.model.pos_offset = 0.0
   config.train.num_steps = 180000

@@ -11,6 +11,7 @@ def get_config():
   config = common.get_base_config()
   config.name = "focus_detr_r101_4scale_36ep"
   config.model.backbone.depth = 101
+  config.init.backbone = "pretrained/r101_v1.pkl"   # detrex's ImageNet R-101
   config.model.pos_temperature = 20.0
   config.model.pos_offset = 0.0
   # lr_multiplier_3x: 1000-step linear warmup from 0.001, x0.1 at 210k and x0.01 at 250k.

@@ -39,6 +39,7 @@ def get_config():
   config.data.eval_batch_size = 2
   config.data.shuffle_buffer = 16
   config.data.max_boxes = 8
+  config.init.backbone = "none"        # trains from scratch (no ImageNet file)
   config.train.num_steps = 6
   config.train.log_every = 1
   config.train.checkpoint_every = 2

@@ -47,11 +47,38 @@ def save_model_checkpoint(directory, variables: Dict[str, Any], config: ml_colle
 
 
 def load_config(directory) -> ml_collections.ConfigDict:
-  """The config saved beside a model checkpoint."""
+  """The config saved beside a model checkpoint (or in a training workdir).
+
+  Keys added to the code since the file was written take their defaults
+  (`configs/common.py`, when importable), so older checkpoints keep loading.
+  """
   path = as_path(directory) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f"{directory} is not a model checkpoint: {CONFIG_FILE} is missing")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  try:
+    stored = json.loads(path.read_text())
+  except ValueError as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from e
+  return ml_collections.ConfigDict(_with_defaults(stored, _base_config()))
+
+
+def _base_config() -> Dict[str, Any]:
+  try:
+    from configs import common
+  except ImportError:   # the package without the repository's configs/
+    return {}
+  return common.get_base_config().to_dict()
+
+
+def _with_defaults(stored: Dict[str, Any], defaults: Dict[str, Any]) -> Dict[str, Any]:
+  """`stored`, plus the keys of `defaults` it lacks (recursively)."""
+  out = dict(stored)
+  for key, value in defaults.items():
+    if key not in out:
+      out[key] = value
+    elif isinstance(value, dict) and isinstance(out[key], dict):
+      out[key] = _with_defaults(out[key], value)
+  return out
 
 
 def load_model_checkpoint(directory) -> Tuple[Dict[str, Any], ml_collections.ConfigDict]:

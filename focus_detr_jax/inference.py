@@ -8,8 +8,9 @@
     # result.maps (token maps for the selection pictures) and result.image (original RGB)
 
 Images go through exactly the evaluation transform (`transforms.eval_example`: ResizeShortestEdge
-(`eval_scale`, `eval_max_size`), scaled down to fit, placed top-left in the canvas of the closest
-aspect ratio among `data.eval_canvases or data.canvases`), are batched per canvas with padding
+(`eval_scale`, `eval_max_size`), placed top-left in the smallest canvas among
+`data.eval_canvases or data.canvases` that holds it; if none does, the one of the closest aspect
+ratio, scaled down to fit), are batched per canvas with padding
 slots, and run through one jitted forward per canvas (`visualize.selection_outputs`: the model,
 `postprocess` to the original pixels, and the token maps). Nothing here is backend specific.
 
@@ -31,16 +32,27 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 # ----------------------------------------------------------------------------- model
 
 def resolve_config(config=None, workdir=None, checkpoint=None):
-  """The given config, else the one saved beside a model checkpoint or in a training workdir."""
+  """The given config, else the one saved beside a model checkpoint or in a training workdir.
+
+  A given config must build the same model as the saved one (`config_check`): a mismatch raises
+  `ConfigMismatchError` naming the differing keys before anything is loaded.
+  """
+  from focus_detr_jax import config_check
   from focus_detr_jax.checkpoint import CONFIG_FILE, as_path, load_config
+  from focus_detr_jax.cli import UserError
+  directory = checkpoint or workdir
+  if directory and not as_path(directory).exists():
+    raise UserError(f"{'checkpoint' if checkpoint else 'workdir'} {directory} does not exist")
   if config is not None:
+    config_check.check_against_checkpoint(config, directory,
+                                          "checkpoint" if checkpoint else "workdir")
     return config
   if checkpoint:
     return load_config(checkpoint)
   if workdir and (as_path(workdir) / CONFIG_FILE).exists():
     return load_config(workdir)
-  raise ValueError("no config: pass --config (a training workdir holds config.json only once "
-                   "training has started)")
+  raise UserError(f"no config: {workdir} holds no config.json yet (it is written when training "
+                  f"starts); pass --config")
 
 
 def load_variables(config, workdir=None, checkpoint=None):
@@ -58,13 +70,22 @@ def load_variables(config, workdir=None, checkpoint=None):
     variables, _ = load_model_checkpoint(checkpoint)
     return variables, None
   model = FocusDETR.from_config(config.model)
-  variables = init_variables(model, config, jax.random.PRNGKey(0))
-  tx, _ = optim.make_optimizer(variables["params"], config)
-  target = state_lib.create_train_state(variables, tx, jax.random.PRNGKey(0),
+
+  def train_state():
+    variables = init_variables(model, config, jax.random.PRNGKey(0))
+    tx, _ = optim.make_optimizer(variables["params"], config)
+    return state_lib.create_train_state(variables, tx, jax.random.PRNGKey(0),
                                         ema=config.optim.ema_decay > 0)
-  ckpt = checkpointing.Checkpointer(workdir)
-  state = ckpt.restore(target)
-  ckpt.close()
+
+  # Shapes only (traced, not compiled), restored onto this process's first device.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), jax.eval_shape(train_state))
+  ckpt = checkpointing.Checkpointer(workdir, model_config=config.model)
+  try:
+    state = ckpt.restore(target)   # the newest step that restores (unreadable ones skipped)
+  finally:
+    ckpt.close()
   if state is None:
     raise FileNotFoundError(f"no training checkpoint in {workdir}/checkpoints")
   params = state.ema_params if state.ema_params is not None else state.params
@@ -149,7 +170,16 @@ def read_image(path) -> np.ndarray:
   """
   import tensorflow as tf
   from focus_detr_jax.data import coco_folder, transforms
-  encoded, _, _ = coco_folder.load_image(str(path), None, "full")
+  try:
+    encoded, _, _ = coco_folder.load_image(str(path), None, "full")
+  except coco_folder.BadImage as e:
+    if "cannot identify image file" not in str(e):
+      raise
+    size = Path(path).stat().st_size if Path(path).exists() else 0
+    raise coco_folder.BadImage(getattr(e, "reason", "images_corrupt"),
+                               "empty file" if size == 0 else
+                               f"not an image file ({size} bytes that no image format "
+                               f"recognises)") from e
   try:
     return transforms.decode_image(tf.constant(encoded)).numpy()
   except Exception as e:  # pylint: disable=broad-except  # TF refuses what PIL accepted
@@ -177,7 +207,10 @@ def network_input(image: np.ndarray, config) -> Tuple[np.ndarray, Tuple[int, int
   canvases = eval_canvases(config)
   canvas = None
   if canvases is not None:
-    canvas = canvases[canvas_lib.canvas_index_for_size(image.shape[0], image.shape[1], canvases)]
+    # The evaluation's rule: the smallest canvas that holds the resized image.
+    canvas = canvases[int(transforms.tf_eval_canvas_index(
+        tf.constant(image.shape[:2], tf.int32), canvases, int(data.eval_scale),
+        int(data.eval_max_size)))]
   img = tf.constant(image)
   target = transforms.resize_shortest_edge_size(tf.shape(img)[:2], int(data.eval_scale),
                                                 int(data.eval_max_size))

@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 LEVEL_COLORS = ((255, 60, 60), (255, 200, 0), (0, 210, 255), (190, 90, 255))
 _TITLE_HEIGHT = 18
+LEGEND_HEIGHT = 20
 
 
 # ----------------------------------------------------------------------------- basics
@@ -266,9 +267,37 @@ def compose_grid(panels: Sequence[np.ndarray], titles: Sequence[str], columns: i
   return np.asarray(grid).copy()
 
 
+def legend_strip(width: int, num_levels: int = 4, background=(24, 24, 24)) -> np.ndarray:
+  """uint8 [LEGEND_HEIGHT, width, 3]: the heatmap colour scale and the dot colour of each level.
+
+  `fg score: low [blue..red] high | dots = token centres: s8 s16 s32 s64` (each stride in its
+  level's colour).
+  """
+  strip = Image.new("RGB", (width, LEGEND_HEIGHT), background)
+  draw = ImageDraw.Draw(strip)
+  font = _font(12)
+  x = 4
+
+  def text(s, color=(235, 235, 235)):
+    nonlocal x
+    draw.text((x, 3), s, fill=color, font=font)
+    x += int(draw.textlength(s, font=font)) + 6
+
+  text("fg score: low")
+  bar = jet(np.linspace(0.0, 1.0, 60))[None].repeat(LEGEND_HEIGHT - 8, axis=0)
+  strip.paste(Image.fromarray(bar), (x, 4))
+  x += 66
+  text("high  |  dots = token centres by level:")
+  for stride, color in zip(level_strides(num_levels), LEVEL_COLORS):
+    draw.ellipse((x, 6, x + 8, 14), fill=color)
+    x += 11
+    text(f"s{stride}", color)
+  return np.asarray(strip).copy()
+
+
 def token_selection_panels(image, intermediates: Mapping[str, Any], level_shapes, image_size, *,
                            detections_image=None, panel_size: int = 320,
-                           normalize: bool = True) -> np.ndarray:
+                           normalize: bool = True, legend: bool = True) -> np.ndarray:
   """The figure-1/4 grid of one image: foreground heatmaps, updated tokens, object tokens.
 
   Row 1: the image (or `detections_image`) and one foreground-score heatmap per level.
@@ -282,8 +311,9 @@ def token_selection_panels(image, intermediates: Mapping[str, Any], level_shapes
     level_shapes: (H_l, W_l) of the canvas levels (`feature_level_shapes(H, W)`).
     image_size: (h, w) of the unpadded network input.
     panel_size: longest side of each panel in pixels.
+    legend: add `legend_strip` below the grid (what the heatmap and dot colours mean).
   Returns:
-    uint8 grid [rows * (cell_h + title), columns * cell_w, 3].
+    uint8 grid [rows * (cell_h + title) (+ LEGEND_HEIGHT), columns * cell_w, 3].
   """
   image = _as_uint8_rgb(image)
   scale = panel_size / max(image.shape[:2])
@@ -321,7 +351,10 @@ def token_selection_panels(image, intermediates: Mapping[str, Any], level_shapes
   for row_p, row_t in rows:   # each row starts a new grid row
     all_p += row_p + [None] * (columns - len(row_p))
     all_t += row_t + [""] * (columns - len(row_t))
-  return compose_grid(all_p, all_t, columns, cell_hw=disp_hw)
+  grid = compose_grid(all_p, all_t, columns, cell_hw=disp_hw)
+  if legend:
+    grid = np.concatenate([grid, legend_strip(grid.shape[1], num_levels)], axis=0)
+  return grid
 
 
 # ----------------------------------------------------------------------------- model side

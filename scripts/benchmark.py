@@ -30,12 +30,17 @@ two-stage selection + decoder + heads + post-processing ("decoder part"). The en
 decoder part, for FLOPs and (approximately) for latency.
 """
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # noqa: E402
+
+from focus_detr_jax import cli  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -552,53 +557,56 @@ def report(args, info, results, command, in_process=False):
   return "\n".join(out)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--worker", help=argparse.SUPPRESS)
-  parser.add_argument("--parts", default="eval,flops,train,sweep",
-                      help="comma list of eval,flops,train,sweep,bf16 (baseline always runs)")
-  parser.add_argument("--configs", default="r50,swin_t", help=f"of {sorted(CONFIGS)}")
-  parser.add_argument("--eval-sizes", default="800x1333,512x768")
-  parser.add_argument("--eval-batches", default="1",
-                      help="eval batch sizes; 8 at 800x1333 takes ~1.5 min per config here")
-  parser.add_argument("--eval-cells",
-                      help="explicit eval SIZE:BATCH list (e.g. 800x1333:1,512x768:8), "
-                           "instead of --eval-sizes x --eval-batches")
-  parser.add_argument("--flops-size", default="800x1333")
-  parser.add_argument("--baseline-size", default="800x1333")
-  parser.add_argument("--train-configs", default="r50")
-  parser.add_argument("--train-size", default="512x768")
-  parser.add_argument("--train-batch", type=int, default=2)
-  parser.add_argument("--train-msda", default="gather,auto",
-                      help="deformable attention formulations to time the train step with")
-  parser.add_argument("--sweep-size", default="800x1333")
-  parser.add_argument("--sweep-config", default="r50")
-  parser.add_argument("--sweep-settings", default=",".join(str(i) for i in range(len(SWEEP))),
-                      help="indices into SWEEP (" + "; ".join(
-                          f"{i}: {n}" for i, (n, _, _) in enumerate(SWEEP)) + "); starts with 0")
-  parser.add_argument("--model-overrides", default="{}",
-                      help="JSON dict of config.model fields set in every measurement")
-  parser.add_argument("--bf16-size", default="512x768")
-  parser.add_argument("--bf16-config", default="r50")
-  parser.add_argument("--baseline-config", default="r50")
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--timeout", type=int, default=900, help="per measurement, seconds")
-  parser.add_argument("--json", help="write raw results here")
-  parser.add_argument("--markdown", help="write the markdown report here")
-  parser.add_argument("--dry-run", action="store_true", help="list the measurements and exit")
-  parser.add_argument("--report-from", help="re-render the markdown of a --json file and exit")
-  parser.add_argument("--in-process", action="store_true",
-                      help="run the measurements in this process (peak RSS is then the "
-                           "whole run's)")
-  parser.add_argument("--smoke", action="store_true",
-                      help="quick check (configs/tiny.py, R26, 1 decoder layer, 64x64, 1 rep, "
-                           "in this process): baseline, eval with FLOPs split, 2-row sweep; "
-                           "sets every option left at its default (see SMOKE)")
-  args = parser.parse_args()
+def define_flags(fv, argv):
+  del argv
+  s, i, b = flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_bool
+  s("worker", None, "(internal) run one measurement spec (JSON) and print its result",
+    flag_values=fv)
+  s("parts", "eval,flops,train,sweep", "comma list of eval,flops,train,sweep,bf16 (baseline "
+    "always runs)", flag_values=fv)
+  s("configs", "r50,swin_t", f"of {sorted(CONFIGS)}", flag_values=fv)
+  s("eval-sizes", "800x1333,512x768", "eval canvas sizes", flag_values=fv)
+  s("eval-batches", "1", "eval batch sizes; 8 at 800x1333 takes ~1.5 min per config here",
+    flag_values=fv)
+  s("eval-cells", None, "explicit eval SIZE:BATCH list (e.g. 800x1333:1,512x768:8), instead of "
+    "--eval-sizes x --eval-batches", flag_values=fv)
+  s("flops-size", "800x1333", "", flag_values=fv)
+  s("baseline-size", "800x1333", "", flag_values=fv)
+  s("train-configs", "r50", "", flag_values=fv)
+  s("train-size", "512x768", "", flag_values=fv)
+  i("train-batch", 2, "", flag_values=fv)
+  s("train-msda", "gather,auto", "deformable attention formulations to time the train step with",
+    flag_values=fv)
+  s("sweep-size", "800x1333", "", flag_values=fv)
+  s("sweep-config", "r50", "", flag_values=fv)
+  s("sweep-settings", ",".join(str(k) for k in range(len(SWEEP))), "indices into SWEEP (" +
+    "; ".join(f"{k}: {n}" for k, (n, _, _) in enumerate(SWEEP)) + "); starts with 0",
+    flag_values=fv)
+  s("model-overrides", "{}", "JSON dict of config.model fields set in every measurement",
+    flag_values=fv)
+  s("bf16-size", "512x768", "", flag_values=fv)
+  s("bf16-config", "r50", "", flag_values=fv)
+  s("baseline-config", "r50", "", flag_values=fv)
+  i("repeats", 3, "", flag_values=fv)
+  i("timeout", 900, "per measurement, seconds", flag_values=fv)
+  s("json", None, "write raw results here", flag_values=fv)
+  s("markdown", None, "write the markdown report here", flag_values=fv)
+  b("dry-run", False, "list the measurements and exit", flag_values=fv)
+  s("report-from", None, "re-render the markdown of a --json file and exit", flag_values=fv)
+  b("in-process", False, "run the measurements in this process (peak RSS is then the whole "
+    "run's)", flag_values=fv)
+  b("smoke", False, "quick check (configs/tiny.py, R26, 1 decoder layer, 64x64, 1 rep, in this "
+    "process): baseline, eval with FLOPs split, 2-row sweep; sets every option left at its "
+    "default (see SMOKE)", flag_values=fv)
+
+
+def run(fv, positional):
+  if positional:
+    raise cli.UsageError(f"unexpected arguments {positional}")
+  args = cli.namespace(fv, [n for n in fv if n != "debug"])
   if args.smoke:   # smoke values for every option left at its default
     for key, value in SMOKE.items():
-      if getattr(args, key) == parser.get_default(key):
+      if getattr(args, key) == fv[key.replace("_", "-")].default:
         setattr(args, key, value)
   if args.worker:
     worker(args.worker)
@@ -644,5 +652,9 @@ def main():
       f.write(md + "\n")
 
 
+def main(argv=None):
+  return cli.main(__doc__, define_flags, run, argv)
+
+
 if __name__ == "__main__":
-  main()
+  cli.exit_with(main())

@@ -1,24 +1,31 @@
-"""Input pipeline throughput (images/s): training and evaluation streams vs. decode-only.
+"""Input pipeline: throughput (images/s), canvas fill and pixel work per image vs detrex.
 
-  python scripts/benchmark_input.py                 # prints the table
+  python scripts/benchmark_input.py                 # prints the tables
   python scripts/benchmark_input.py --write         # also writes "## Input pipeline" into
                                                     # BENCHMARKS.md
+  python scripts/benchmark_input.py --choose        # (re)chooses the COCO canvases on the size
+                                                    # mix and prints them (no timing)
 
-Two settings:
+Settings:
   * demo: `configs/demo_synthetic.py` (the cached synthetic set, 256x256 JPEGs, 256x256 canvas,
     batch 8), exactly the input the demo trains on;
-  * COCO-like: a folder of generated 640x480 JPEGs (the "hard" synthetic variant: 3-15
-    objects, textured backgrounds) read through the COCO-format folder builder with the COCO
-    recipe of `get_data_config("coco")`: random flip, multi-scale resize 480..800 (max 1333),
-    50% resize+crop, eval resize 800 (max 1333), 800x1333 canvas, batch 16.
+  * COCO recipe on a COCO-like folder: generated JPEGs whose sizes follow
+    `buckets.COCO_LIKE_SIZE_MIX` (long side 640: 4:3, 3:2, 16:9, portrait, square, ...), read
+    through the COCO-format folder builder with `get_data_config("coco")`, batch 16, twice:
+    "before" (the old 800x1333 / 1333x800 canvas pair, 50/50 per step, scale per image) and
+    "bucketed" (the default: 4 aspect groups x 2 scale buckets, the scale per step, the
+    orientation of a step following the data).
 
-For each setting, in the same run: the training stream (`make_train_iterator`: decode,
-augment, pad, batch, host-side normalisation to float32), the evaluation stream
-(`make_eval_iterator`) and the baseline, decoding the same records with the same parallelism
-and nothing else. Iterator construction (graph tracing) and the first batch are not timed.
+For each: images/s of the training stream (`make_train_iterator`: decode, augment, pad, batch;
+uint8, normalised on the device in training) and of the evaluation stream, the decode-only
+baseline (same records, same parallelism, nothing else), and from the batches themselves:
+canvas fill (image pixels / canvas pixels), canvas pixels per image, and the distinct shapes.
+detrex's pixel work per image is simulated on the same folder's image sizes
+(`buckets.detrex_pixels_per_image`: each image augmented on its own, orientation-paired
+batches of 2 padded to their maximum); evaluation is compared with detrex's batch-1 evaluation
+(each image at its own size). Iterator construction and the first batch are not timed.
 """
 
-import argparse
 import os
 import platform
 import re
@@ -34,8 +41,14 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
+from absl import flags  # noqa: E402
 
+from focus_detr_jax import cli  # noqa: E402
+import numpy as np  # noqa: E402
+
+from focus_detr_jax.data import buckets  # noqa: E402
 from focus_detr_jax.data import pipeline  # noqa: E402
+from focus_detr_jax.data import testing  # noqa: E402
 from focus_detr_jax.data import transforms  # noqa: E402
 
 SECTION = "## Input pipeline"
@@ -71,14 +84,44 @@ def decode_only(config, seconds):
   return _timed(iter(ds), lambda b: int(b.shape[0]), seconds)
 
 
+class _Geometry:
+  """Accumulates canvas pixels, image pixels and shapes of the batches it counts."""
+
+  def __init__(self):
+    self.canvas = self.image = self.images = 0
+    self.shapes = set()
+
+  def count(self, b, valid):
+    h, w = b["image"].shape[1:3]
+    n = int(valid.sum())
+    self.shapes.add((h, w))
+    self.canvas += h * w * n
+    self.image += int((b["image_size"][valid, 0] * b["image_size"][valid, 1]).sum())
+    self.images += n
+    return n
+
+  @property
+  def fill(self):
+    return self.image / max(self.canvas, 1)
+
+  @property
+  def per_image(self):
+    return self.canvas / max(self.images, 1)
+
+
 def train_stream(config, seconds):
   it = pipeline.make_train_iterator(config, process_index=0, process_count=1)
-  return _timed(it, lambda b: int(b["image"].shape[0]), seconds)
+  it.normalize_on_host = False               # as the training loop: uint8 to the device
+  geo = _Geometry()
+  rate, n = _timed(it, lambda b: geo.count(b, np.ones(b["image"].shape[0], bool)), seconds)
+  return rate, n, geo
 
 
 def eval_stream(config, seconds):
   it = pipeline.make_eval_iterator(config, process_index=0, process_count=1)
-  return _timed(it, lambda b: int(b["example_valid"].sum()), seconds, min_items=1)
+  geo = _Geometry()
+  rate, n = _timed(it, lambda b: geo.count(b, b["example_valid"]), seconds, min_items=1)
+  return rate, n, geo
 
 
 def demo_config(args):
@@ -89,21 +132,64 @@ def demo_config(args):
   return config
 
 
-def coco_like_config(args, root):
+def coco_like_folder(root, num_train, num_eval, seed=0):
+  """A COCO-format folder of JPEGs with `buckets.COCO_LIKE_SIZE_MIX` sizes (written once):
+  textured backgrounds and 3-8 coloured rectangles. Returns the (images, json) of train, eval."""
+  def images(n, split_seed):
+    rng = np.random.default_rng([seed, split_seed])
+    sizes = buckets.size_mix_sample(n=n, seed=seed * 10 + split_seed)
+    out = []
+    for k, (h, w) in enumerate(sizes):
+      img = (rng.random((h, w, 3)) * 60 + 90).astype(np.uint8)
+      anns = []
+      for _ in range(int(rng.integers(3, 9))):
+        bw, bh = int(rng.integers(16, w // 3)), int(rng.integers(16, h // 3))
+        x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+        img[y:y + bh, x:x + bw] = rng.integers(0, 256, 3)
+        anns.append({"category_id": 1, "bbox": [x, y, bw, bh], "area": bw * bh})
+      out.append({"file_name": f"{k:06d}.jpg", "data": testing.encode(img), "id": k + 1,
+                  "height": int(h), "width": int(w), "annotations": anns})
+    return out
+
+  root = os.path.join(root, f"n{num_train}_{num_eval}_s{seed}")
+  stamp = os.path.join(root, "complete")
+  cats = [{"id": 1, "name": "box"}]
+  if not os.path.exists(stamp):
+    testing.write_coco_folder(root, "train", images(num_train, 1), cats)
+    testing.write_coco_folder(root, "val", images(num_eval, 2), cats)
+    with open(stamp, "w") as f:
+      f.write("ok")
+  ann = os.path.join(root, "annotations", "instances_{}.json")
+  return ((os.path.join(root, "train"), ann.format("train")),
+          (os.path.join(root, "val"), ann.format("val")))
+
+
+def coco_like_config(args, root, before: bool):
   from configs import common  # pylint: disable=import-outside-toplevel
   config = common.get_base_config()
   data = config.data                               # the COCO recipe (spec §9)
-  data.dataset = "synthetic"                       # read through the COCO folder builder
-  data.synthetic.difficulty = "hard"
-  data.synthetic.image_size = 480                  # 480 x 640 (H x W)
-  data.synthetic.image_width = 640
-  data.synthetic.num_train = args.coco_images
-  data.synthetic.num_val = args.coco_eval_images
-  data.synthetic.root = root
-  data.canvases = ((800, 1333),)                   # every generated image is landscape
+  (data.folder.train_images, data.folder.train_annotations), (
+      data.folder.eval_images, data.folder.eval_annotations) = coco_like_folder(
+          root, args.coco_images, args.coco_eval_images)
+  data.dataset = "coco_folder"
+  data.data_dir = os.path.join(root, "tfds")
+  data.folder.name = "coco_like"
   data.batch_size = 16
   data.eval_batch_size = 8
+  if before:                                       # the single canvas pair of before
+    data.group_bounds = (1.0,)
+    data.scale_buckets = None
+    data.canvases = ((800, 1333), (1333, 800))
+    data.canvas_weights = (1.0, 1.0)
+    data.eval_canvases = None
   return config
+
+
+def _annotated_sizes(path):
+  """int [N, 2] (h, w) of the images of an instances JSON."""
+  import json  # pylint: disable=import-outside-toplevel
+  with open(path) as f:
+    return np.asarray([(im["height"], im["width"]) for im in json.load(f)["images"]], np.int64)
 
 
 def machine() -> str:
@@ -120,33 +206,61 @@ def machine() -> str:
 def run(args):
   run.load = os.getloadavg()
   rows = []
-  settings = [("demo (synthetic 256x256, configs/demo_synthetic.py)", demo_config(args))]
-  coco_root = args.coco_root or os.path.join(tempfile.gettempdir(), "focus_detr_bench_input")
-  settings.append(("COCO-like (640x480 JPEG folder, COCO recipe)",
-                   coco_like_config(args, coco_root)))
-  for name, config in settings:
+  settings = [("demo (synthetic 256x256, configs/demo_synthetic.py)", demo_config(args), False)]
+  coco_root = args.coco_root or os.path.join(tempfile.gettempdir(), "focus_detr_bench_coco_like")
+  for before in (True, False):
+    name = ("COCO recipe, before: 800x1333 / 1333x800, 50/50" if before else
+            "COCO recipe, bucketed (default)")
+    settings.append((name, coco_like_config(args, coco_root, before), True))
+  for name, config, coco in settings:
     t = time.perf_counter()
     pipeline.get_builder(config)   # generate (once) and prepare (once); not timed
     print(f"[{name}] data ready in {time.perf_counter() - t:.1f} s", flush=True)
     base, _ = decode_only(config, args.seconds)
-    train, n_train = train_stream(config, args.seconds)
-    evaluation, n_eval = eval_stream(config, args.seconds)
-    d = config.data
-    canvas = "x".join(str(v) for v in d.canvases[0])
-    rows.append((name, canvas, int(d.batch_size), base, train, n_train, evaluation, n_eval))
-    print(f"[{name}] decode-only {base:.1f} img/s, train {train:.1f} img/s ({n_train} images), "
-          f"eval {evaluation:.1f} img/s ({n_eval} images)", flush=True)
+    train, n_train, tgeo = train_stream(config, args.seconds)
+    evaluation, n_eval, egeo = eval_stream(config, args.seconds)
+    row = dict(name=name, batch=int(config.data.batch_size), base=base, train=train,
+               n_train=n_train, eval=evaluation, n_eval=n_eval, tgeo=tgeo, egeo=egeo,
+               shapes=len(pipeline.train_shapes(config)))
+    if coco:
+      d = config.data
+      hw = _annotated_sizes(d.folder.train_annotations)
+      row["detrex"], row["own"] = buckets.detrex_pixels_per_image(hw, d, epochs=8)
+      row["sim"] = buckets.bucketed_canvas_stats(hw, d, pipeline.train_schedule(config), draws=8)
+      row["eval_sim"] = buckets.eval_pixels_per_image(
+          _annotated_sizes(d.folder.eval_annotations), d, d.eval_canvases or d.canvases)
+    rows.append(row)
+    print(f"[{name}] decode-only {base:.1f} img/s, train {train:.1f} img/s ({n_train} images, "
+          f"fill {tgeo.fill:.2f}, {tgeo.per_image / 1e6:.3f} Mpx/image), eval "
+          f"{evaluation:.1f} img/s ({n_eval} images, fill {egeo.fill:.2f})", flush=True)
   return rows
 
 
 def table(rows) -> str:
-  lines = ["| setting | canvas | batch | decode-only (baseline) | training stream | "
+  lines = ["| setting | batch | training shapes | decode-only | training stream | "
            "evaluation stream |",
            "|---|---|---|---|---|---|"]
-  for name, canvas, batch, base, train, n_train, ev, n_eval in rows:
-    lines.append(f"| {name} | {canvas} | {batch} | {base:.1f} img/s | {train:.1f} img/s "
-                 f"({train / base:.2f}x baseline, {n_train} images) | {ev:.1f} img/s "
-                 f"({ev / base:.2f}x baseline, {n_eval} images) |")
+  for r in rows:
+    lines.append(
+        f"| {r['name']} | {r['batch']} | {r['shapes']} | {r['base']:.1f} img/s | "
+        f"{r['train']:.1f} img/s ({r['n_train']} images) | {r['eval']:.1f} img/s "
+        f"({r['n_eval']} images) |")
+  coco = [r for r in rows if "detrex" in r]
+  if coco:
+    lines += ["", "| COCO recipe | train canvas fill (measured) | canvas px per train image "
+              "(measured) | same, simulated (8 draws per image) | detrex px per image "
+              "(simulated) | ours / detrex | rescaled to fit (simulated: plain, crop branch) | "
+              "eval canvas px / detrex's (each image at its own size) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in coco:
+      sim, (epx, own, _) = r["sim"], r["eval_sim"]
+      lines.append(
+          f"| {r['name']} | {r['tgeo'].fill:.2f} | {r['tgeo'].per_image / 1e6:.3f} M | "
+          f"{sim.pixels_per_image / 1e6:.3f} M | {r['detrex'] / 1e6:.3f} M | "
+          f"**{sim.pixels_per_image / r['detrex']:.2f}x** (measured "
+          f"{r['tgeo'].per_image / r['detrex']:.2f}x) | {100 * sim.rescaled_plain:.1f}%, "
+          f"{100 * sim.rescaled_crop:.1f}% | {epx / own:.2f}x (measured fill "
+          f"{r['egeo'].fill:.2f}) |")
   return "\n".join(lines)
 
 
@@ -156,9 +270,8 @@ def section(rows, command, seconds) -> str:
   return f"""{SECTION}
 
 Measured {date} on {machine()}, TensorFlow {tf.__version__} (tf.data on the CPU).
-**The machine was shared with other jobs during the measurement** (other agents' test suites
-and builds on the same cores; load average {load} at the start), so the absolute numbers are
-pessimistic and noisy; the ratios to the same-run baseline are the more stable figure.
+**The machine was shared with other jobs during the measurement** (load average {load} at the
+start), so the absolute images/s are pessimistic and noisy; the pixel counts are not.
 
 Command:
 
@@ -168,21 +281,37 @@ Command:
 
 {table(rows)}
 
-- *decode-only*: the training split's TFDS records decoded to uint8 (libjpeg, accurate IDCT),
-  same `num_parallel_calls`, nothing else: what reading and decoding alone cost.
-- *training stream*: `make_train_iterator` (decode, flip, multi-scale resize or resize+crop
-  +resize, boxes, padding into the canvas, `max_boxes` targets, batching, host-side
-  normalisation to float32 and padding mask), steady state over ~{seconds:.0f} s.
-- *evaluation stream*: `make_eval_iterator` over the validation split (resize, pad, batch,
-  normalise), first batch not timed.
-- COCO-like: generated 640x480 JPEGs (the "hard" synthetic variant, 3-15 objects) through the
-  COCO-format folder builder with the COCO recipe (`get_data_config("coco")`); one landscape
-  canvas 800x1333. Per training image: decoding (~2 ms) is small next to the resizes to
-  ~800x1067 (one, or three with the crop branch) and the padding into the canvas (tf.data side),
-  and the float32 normalisation of the image region on the host (~8 ms per image; the batch is
-  16 x 800 x 1333 x 3 float32 = 205 MB). tf.data uses every core it is given: detrex feeds 2
-  images per GPU step, so a training host needs roughly (GPUs x 2 / step time) images/s.
+- *decode-only*: the training split's records decoded to uint8, same `num_parallel_calls`.
+- *training stream*: `make_train_iterator` as the training loop uses it (decode, flip,
+  multi-scale resize or resize+crop+resize, boxes, padding into the step's canvas, batching;
+  uint8 out, normalised on the device), steady state over ~{seconds:.0f} s. *evaluation
+  stream*: `make_eval_iterator` (resize, pad into the smallest canvas that holds the image,
+  batch, host normalisation).
+- COCO-like folder: JPEGs with the sizes of `buckets.COCO_LIKE_SIZE_MIX` (our approximation of
+  COCO's mix; COCO itself is not on this machine). *Measured* columns count the batches the
+  stream produced in the timed window (few images: noisy); *simulated* columns apply the same
+  size arithmetic (`buckets.augmented_sizes`, detectron2 rounding) to every image of the folder
+  8 times. detrex: each image augmented on its own, orientation-paired batches of 2 padded to
+  their own maximum (`ImageList`, no size divisibility).
+- *rescaled to fit*: images larger than their step's canvas, scaled down (counted in
+  `images_rescaled_to_fit`); the plain branch's are the widest images (16:9, panoramas).
 """
+
+
+def choose():
+  """Prints the canvases `buckets.choose_*` picks for the COCO recipe on the size mix."""
+  data = pipeline.get_data_config("coco")
+  hw = buckets.size_mix_sample(n=2000)
+  bounds = pipeline.COCO_GROUP_BOUNDS
+  sb, canvases = buckets.choose_train_canvases(hw, data, 2, 0.01, group_bounds=bounds)
+  schedule = buckets.make_schedule(canvases, data.train_scales, sb, bounds,
+                                   buckets.group_shares(hw, data, bounds), 0)
+  test = buckets.size_mix_sample(n=4000, seed=1)
+  detrex, _ = buckets.detrex_pixels_per_image(test, data)
+  stats = buckets.bucketed_canvas_stats(test, data, schedule, seed=1)
+  print(f"group_bounds={bounds}\nscale_buckets={sb}\ncanvases={canvases}\n"
+        f"eval_canvases={buckets.choose_eval_canvases(hw, data)}\n"
+        f"pixels per image {stats.pixels_per_image / detrex:.3f}x detrex; {stats}")
 
 
 def write_section(text: str, path: Path):
@@ -196,17 +325,29 @@ def write_section(text: str, path: Path):
   path.write_text(content.rstrip() + "\n")
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--seconds", type=float, default=10.0, help="time per measurement")
-  parser.add_argument("--coco-images", type=int, default=64, help="COCO-like training images")
-  parser.add_argument("--coco-eval-images", type=int, default=48)
-  parser.add_argument("--coco-root", default="", help="where the COCO-like folder is generated")
-  parser.add_argument("--synthetic-root", default="", help="synthetic cache (default: "
-                      "$FOCUS_DETR_DATA_DIR/synthetic or ~/.cache/focus_detr_jax/synthetic)")
-  parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
-  parser.add_argument("--benchmarks-file", default=str(REPO / "BENCHMARKS.md"))
-  args = parser.parse_args()
+def define_flags(fv, argv):
+  del argv
+  flags.DEFINE_float("seconds", 10.0, "time per measurement", flag_values=fv)
+  flags.DEFINE_integer("coco-images", 200, "COCO-like training images", flag_values=fv)
+  flags.DEFINE_integer("coco-eval-images", 48, "COCO-like evaluation images", flag_values=fv)
+  flags.DEFINE_string("coco-root", "", "where the COCO-like folder is generated", flag_values=fv)
+  flags.DEFINE_string("synthetic-root", "", "synthetic cache (default: "
+                      "$FOCUS_DETR_DATA_DIR/synthetic or ~/.cache/focus_detr_jax/synthetic)",
+                      flag_values=fv)
+  flags.DEFINE_bool("write", False, "update BENCHMARKS.md", flag_values=fv)
+  flags.DEFINE_bool("choose", False, "choose the COCO canvases on the size mix and print them",
+                    flag_values=fv)
+  flags.DEFINE_string("benchmarks-file", str(REPO / "BENCHMARKS.md"), "the file --write updates",
+                      flag_values=fv)
+
+
+def main_with_flags(fv, positional):
+  if positional:
+    raise cli.UsageError(f"unexpected arguments {positional}")
+  args = cli.namespace(fv, [n for n in fv if n != "debug"])
+  if args.choose:
+    choose()
+    return
   rows = run(args)
   print(table(rows))
   if args.write:
@@ -216,5 +357,9 @@ def main():
     print(f"wrote {SECTION!r} to {args.benchmarks_file}")
 
 
+def main(argv=None):
+  return cli.main(__doc__, define_flags, main_with_flags, argv)
+
+
 if __name__ == "__main__":
-  main()
+  cli.exit_with(main())

@@ -12,7 +12,6 @@ rotating order) so that load changes on a shared machine hit them alike.
       --implementations gather,window --repeats 5 --markdown /tmp/msda.md
 """
 
-import argparse
 import json
 import os
 import sys
@@ -23,8 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from focus_detr_jax import benchmarking
+from focus_detr_jax import benchmarking, cli
 from focus_detr_jax.models import deformable_attention as da
 from focus_detr_jax.models.focus_detr import feature_level_shapes
 
@@ -171,21 +171,27 @@ def to_markdown(info, results, command):
   return "\n".join(lines)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--implementations", default=",".join(da.IMPLEMENTATIONS))
-  parser.add_argument("--sizes", default="encoder,decoder")
-  parser.add_argument("--batch", type=int, default=1)
-  parser.add_argument("--repeats", type=int, default=10)
-  parser.add_argument("--max-seconds", type=float, default=20.0,
-                      help="a program leaves the timing rounds once its calls exceed this")
-  parser.add_argument("--forward-only", action="store_true")
-  parser.add_argument("--skip-onehot-encoder", action="store_true",
-                      help="skip onehot_matmul at encoder size (quadratic: slow on CPU)")
-  parser.add_argument("--json", help="write raw results here")
-  parser.add_argument("--markdown", help="write the markdown tables here")
-  args = parser.parse_args()
+def define_flags(fv, argv):
+  del argv
+  flags.DEFINE_string("implementations", ",".join(da.IMPLEMENTATIONS), "comma list",
+                      flag_values=fv)
+  flags.DEFINE_string("sizes", "encoder,decoder", "comma list of encoder,decoder",
+                      flag_values=fv)
+  flags.DEFINE_integer("batch", 1, "batch size", flag_values=fv)
+  flags.DEFINE_integer("repeats", 10, "timing rounds", flag_values=fv)
+  flags.DEFINE_float("max-seconds", 20.0, "a program leaves the timing rounds once its calls "
+                     "exceed this", flag_values=fv)
+  flags.DEFINE_bool("forward-only", False, "time the forward pass only", flag_values=fv)
+  flags.DEFINE_bool("skip-onehot-encoder", False, "skip onehot_matmul at encoder size "
+                    "(quadratic: slow on CPU)", flag_values=fv)
+  flags.DEFINE_string("json", None, "write raw results here", flag_values=fv)
+  flags.DEFINE_string("markdown", None, "write the markdown tables here", flag_values=fv)
+
+
+def main_with_flags(fv, positional):
+  if positional:
+    raise cli.UsageError(f"unexpected arguments {positional}")
+  args = cli.namespace(fv, [n for n in fv if n != "debug"])
   info, results = run(args)
   command = "PYTHONPATH=. .venv/bin/python scripts/benchmark_msda.py " + " ".join(sys.argv[1:])
   md = to_markdown(info, results, command.strip())
@@ -198,5 +204,9 @@ def main():
       f.write(md + "\n")
 
 
+def main(argv=None):
+  return cli.main(__doc__, define_flags, main_with_flags, argv)
+
+
 if __name__ == "__main__":
-  main()
+  cli.exit_with(main())

@@ -9,7 +9,6 @@ Prints one row per stage (max error, tolerance, pass/fail); exits non-zero on an
 no stage ran. Works on any directory laid out like shared/parity/public (decisions.md §8).
 """
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -20,25 +19,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import contextlib  # noqa: E402
 
 import jax  # noqa: E402
+from absl import flags  # noqa: E402
 
+from focus_detr_jax import cli  # noqa: E402
 from focus_detr_jax.models.focus_detr import COMPUTE_DTYPES  # noqa: E402
 from focus_detr_jax.parity import check  # noqa: E402
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-  parser.add_argument("--reference-dir", required=True, type=Path)
-  parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
-  parser.add_argument("--stages", nargs="*", default=None,
-                      help="stage groups to run (default: all the directory allows)")
-  parser.add_argument("--sensitivity", action="store_true",
-                      help="only print the decoder diagnostics (memory forced to the reference, "
-                           "then with N(0, 1e-6) noise; float32 rounding error of the reference "
-                           "and of ours against our float64 model); no pass/fail stages")
-  parser.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default=None,
-                      help="compute dtype of our model (default: the config's, float32); "
-                           "float64 runs under jax.enable_x64, same tolerances")
-  args = parser.parse_args(argv)
+FLAGS = ("reference-dir", "json", "stages", "sensitivity", "dtype")
+
+
+def define_flags(fv, argv):
+  del argv
+  flags.DEFINE_string("reference-dir", None, "a recorded set laid out like shared/parity/public",
+                      flag_values=fv)
+  flags.DEFINE_string("json", None, "write the rows as JSON here", flag_values=fv)
+  flags.DEFINE_list("stages", None, "stage groups to run, comma-separated (default: all the "
+                    "directory allows)", flag_values=fv)
+  flags.DEFINE_bool("sensitivity", False, "only print the decoder diagnostics (memory forced "
+                    "to the reference, then with N(0, 1e-6) noise; float32 rounding error of the "
+                    "reference and of ours against our float64 model); no pass/fail stages",
+                    flag_values=fv)
+  flags.DEFINE_enum("dtype", None, sorted(COMPUTE_DTYPES), "compute dtype of our model "
+                    "(default: the config's, float32); float64 runs under jax.enable_x64, same "
+                    "tolerances", flag_values=fv)
+  flags.mark_flag_as_required("reference-dir", flag_values=fv)
+
+
+def run(fv, positional):
+  if positional:
+    raise cli.UsageError(f"unexpected arguments {positional}")
+  args = cli.namespace(fv, FLAGS)
+  args.reference_dir = Path(args.reference_dir)
+  args.json = Path(args.json) if args.json else None
   if args.sensitivity:
     for name, value in check.decoder_sensitivity(args.reference_dir):
       print(f"{name:70s} {value:11.3e}")
@@ -51,8 +64,9 @@ def main(argv=None):
   for s in skipped:
     print(f"skipped: {s}")
   failed = [r for r in results if not r.passed]
-  print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed, {len(skipped)} skipped "
-        f"groups")
+  arbitrated = sum(r.passed and r.arbitrated for r in results)
+  print(f"\n{len(results) - len(failed)} passed ({arbitrated} as PASS (f64)), {len(failed)} "
+        f"failed, {len(skipped)} skipped (absent files or arrays)")
   if args.json:
     args.json.write_text(json.dumps({"results": [dataclasses.asdict(r) for r in results],
                                      "skipped": skipped}, indent=1))
@@ -62,5 +76,9 @@ def main(argv=None):
   return 1 if failed else 0
 
 
+def main(argv=None):
+  return cli.main(__doc__, define_flags, run, argv)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.exit_with(main())

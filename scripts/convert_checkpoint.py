@@ -19,8 +19,9 @@ Export (one of our model checkpoints -> detrex state dict, `.pth` with torch, el
 
   python scripts/convert_checkpoint.py --export checkpoints/my_model my_model.pth
 
-Exit status: 0 on success; 1 when the input is refused or does not fit the config (the message
-names the keys or objects at fault); 2 on a usage error.
+Exit status: 0 on success; 1 when the input is refused or does not fit the config (one
+`error: ...` line naming the keys or objects at fault; `--debug` for the traceback); 2 on a usage
+error.
 """
 
 import sys
@@ -29,22 +30,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+
+from focus_detr_jax import cli  # noqa: E402
 
 FORMATS = ("detrex", "torchvision", "detectron2", "swin")
 
 
-def _flag_values(argv):
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "config file (configs/*.py)", flag_values=fv,
-                                  lock_config=True, sys_argv=argv)
+def define_flags(fv, argv):
+  cli.define_config(fv, argv, required=False)
   flags.DEFINE_enum("format", None, FORMATS, "key layout of INPUT", flag_values=fv)
   flags.DEFINE_boolean("export", False, "export: INPUT is one of our model checkpoints, OUTPUT a "
                        "detrex .pth/.npz file", flag_values=fv)
   flags.DEFINE_boolean("verbose", False, "list every re-initialised array", flag_values=fv)
   flags.DEFINE_integer("seed", None, "seed of the fresh init (default: config.seed)",
                        flag_values=fv)
-  return fv
 
 
 def _import(fv, src, out):
@@ -69,40 +68,28 @@ def _import(fv, src, out):
 
 def _export(src, out):
   from focus_detr_jax.convert.export import export_checkpoint
-  path, state_dict = export_checkpoint(src, out)
+  try:
+    path, state_dict = export_checkpoint(src, out)
+  except RuntimeError as e:   # a .pth export without torch
+    raise cli.UserError(str(e)) from e
   print(f"wrote {len(state_dict)} detrex keys to {path}")
   return 0
 
 
+def run(fv, args) -> int:
+  if len(args) != 2:
+    raise cli.UsageError(f"expected INPUT and OUTPUT, got {args}")
+  src, out = args
+  if fv.export:
+    return _export(src, out)
+  if fv.format is None or fv.config is None:
+    raise cli.UsageError("--format and --config are required (or use --export)")
+  return _import(fv, src, out)
+
+
 def main(argv=None) -> int:
-  argv = list(sys.argv if argv is None else argv)
-  fv = _flag_values(argv)
-  try:
-    rest = fv(argv)
-  except flags.Error as e:
-    print(f"usage error: {e}\n{__doc__}", file=sys.stderr)
-    return 2
-  positional = rest[1:]
-  if len(positional) != 2:
-    print(f"usage error: expected INPUT and OUTPUT, got {positional}\n{__doc__}", file=sys.stderr)
-    return 2
-  src, out = positional
-  from focus_detr_jax.convert.detrex import ConversionError
-  from focus_detr_jax.convert.torch_io import CheckpointFormatError, UnsafePickleError
-  try:
-    if fv.export:
-      return _export(src, out)
-    if fv.format is None or fv.config is None:
-      print("usage error: --format and --config are required (or use --export)", file=sys.stderr)
-      return 2
-    return _import(fv, src, out)
-  except (ConversionError, UnsafePickleError, CheckpointFormatError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  except RuntimeError as e:   # e.g. a .pth export without torch
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  return cli.main(__doc__, define_flags, run, argv)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.exit_with(main())

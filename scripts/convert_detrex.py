@@ -13,14 +13,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import convert_checkpoint  # noqa: E402
 
+from focus_detr_jax import cli  # noqa: E402
+
 
 def main(argv=None) -> int:
   argv = list(sys.argv if argv is None else argv)
   if any(a == "--format" or a.startswith("--format=") for a in argv[1:]):
-    print("usage error: convert_detrex.py always uses --format detrex", file=sys.stderr)
+    print("error: convert_detrex.py always uses --format detrex", file=sys.stderr)
     return 2
-  return convert_checkpoint.main(argv[:1] + ["--format=detrex"] + argv[1:])
+  return cli.main(__doc__, convert_checkpoint.define_flags, convert_checkpoint.run,
+                  argv[:1] + ["--format=detrex"] + argv[1:])
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.exit_with(main())

@@ -1,49 +1,60 @@
-"""Evaluate a model checkpoint or a training workdir with pycocotools.
+r"""Evaluate a model checkpoint or a training workdir with pycocotools.
 
-  python scripts/evaluate.py --config=configs/demo_synthetic.py --workdir=/tmp/run
-  python scripts/evaluate.py --config=configs/focus_detr_r50_4scale_12ep.py --checkpoint=DIR
+  python scripts/evaluate.py --workdir=/tmp/run
+  python scripts/evaluate.py --checkpoint=DIR --config=configs/focus_detr_r50_4scale_12ep.py
 
-With --workdir the latest training checkpoint is evaluated (EMA parameters if present);
-with --checkpoint a model checkpoint (focus_detr_jax/checkpoint.py format, e.g. converted
-detrex weights). Results JSON and metrics go to --workdir (or the checkpoint directory).
+With --workdir the newest training checkpoint that restores is evaluated (EMA parameters if
+present; an unreadable newest one is skipped with a warning); with --checkpoint a model checkpoint
+(focus_detr_jax/checkpoint.py format, e.g. converted detrex weights). The config is the one saved
+in the workdir or beside the checkpoint unless --config is given (overrides may follow it:
+`--config.eval.max_batches=10`); its model settings must match the saved ones. Results JSON and
+metrics go to --workdir (or the checkpoint directory). User errors end with one `error: ...` line.
 """
 
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to evaluate.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model checkpoint directory.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
-flags.mark_flags_as_required(["config"])
+from focus_detr_jax import cli  # noqa: E402
 
 
-def main(argv):
-  del argv
+def define_flags(fv, argv):
+  cli.define_config(fv, argv, required=False, help_text="config file (default: the config.json "
+                    "of --workdir or --checkpoint), then `--config.<key>=value` overrides")
+  flags.DEFINE_string("workdir", None, "training workdir to evaluate", flag_values=fv)
+  flags.DEFINE_string("checkpoint", None, "model checkpoint directory", flag_values=fv)
+  flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize()", flag_values=fv)
+
+
+def run(fv, args):
+  if args:
+    raise cli.UsageError(f"unexpected arguments {args}")
+  if bool(fv.workdir) == bool(fv.checkpoint):
+    raise cli.UsageError("give exactly one of --workdir and --checkpoint")
   import jax
-  if _DISTRIBUTED.value:
+  if fv.distributed:
     jax.distributed.initialize()
-  if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
-    raise app.UsageError("give exactly one of --workdir and --checkpoint")
   from focus_detr_jax.evaluation.coco_eval import format_table
   from focus_detr_jax.evaluation.evaluator import Evaluator
-  from focus_detr_jax.inference import load_variables
+  from focus_detr_jax.inference import load_variables, resolve_config
   from focus_detr_jax.models.focus_detr import FocusDETR
-  logging.getLogger().setLevel(logging.INFO)
-  config = _CONFIG.value
-  variables, step = load_variables(config, _WORKDIR.value, _CHECKPOINT.value)
+  cli.configure_logging()
+  config = resolve_config(fv.config, fv.workdir, fv.checkpoint)
+  variables, step = load_variables(config, fv.workdir, fv.checkpoint)
   model = FocusDETR.from_config(config.model)
-  evaluator = Evaluator(model, config, _WORKDIR.value or _CHECKPOINT.value,
+  evaluator = Evaluator(model, config, fv.workdir or fv.checkpoint,
                         max_batches=config.eval.max_batches or None)
   metrics = evaluator.run(variables, step)
   print(format_table(metrics))
+  return 0
+
+
+def main(argv=None) -> int:
+  return cli.main(__doc__, define_flags, run, argv)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.exit_with(main())

@@ -8,11 +8,15 @@ with layer and level numbers folded, e.g. `eval/oesm_sel_local_layer*`) with its
 and tolerance, then every failing stage in full.
 """
 
-import argparse
 import json
 import re
 import sys
+import types
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from focus_detr_jax import cli  # noqa: E402
 
 
 def family(stage: str) -> str:
@@ -26,9 +30,12 @@ def family(stage: str) -> str:
 def summarize(name: str, data: dict) -> str:
   rows = data["results"]
   failed = [r for r in rows if not r["passed"]]
+  arbitrated = [r for r in rows if r["passed"] and r.get("arbitrated")]
   out = [f"### {name}", "",
-         f"{len(rows)} stages, {len(rows) - len(failed)} pass, {len(failed)} fail"
-         + (f"; skipped groups: {', '.join(data['skipped'])}" if data.get("skipped") else ""), "",
+         f"{len(rows)} stages, {len(rows) - len(failed)} pass"
+         + (f" ({len(arbitrated)} as PASS (f64))" if arbitrated else "") + f", {len(failed)} fail"
+         + (f"; skipped (absent files or arrays): {', '.join(data['skipped'])}"
+            if data.get("skipped") else ""), "",
          "| stage family | stages | fail | largest error | tolerance |", "|---|---|---|---|---|"]
   families = {}
   for r in rows:
@@ -36,23 +43,31 @@ def summarize(name: str, data: dict) -> str:
   for fam, members in families.items():
     worst = max(members, key=lambda r: (not r["passed"], r["max_error"]))
     nfail = sum(not r["passed"] for r in members)
-    out.append(f"| `{fam}` | {len(members)} | {nfail or ''} | {worst['max_error']:.3g} | "
+    status = " (f64)" if worst["passed"] and worst.get("arbitrated") else ""
+    out.append(f"| `{fam}` | {len(members)} | {nfail or ''} | {worst['max_error']:.3g}{status} | "
                f"{worst['tolerance']} |")
-  if failed:
-    out += ["", "Failing stages:", "", "| stage | error | tolerance | detail |", "|---|---|---|---|"]
-    out += [f"| `{r['stage']}` | {r['max_error']:.3g} | {r['tolerance']} | {r['detail']} |"
-            for r in failed]
+  for title, members in (("Passing under the float64 arbitration (decisions §8)", arbitrated),
+                         ("Failing stages", failed)):
+    if members:
+      out += ["", f"{title}:", "", "| stage | error | tolerance | detail |", "|---|---|---|---|"]
+      out += [f"| `{r['stage']}` | {r['max_error']:.3g} | {r['tolerance']} | {r['detail']} |"
+              for r in members]
   return "\n".join(out) + "\n"
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("json_files", nargs="+", type=Path)
-  args = parser.parse_args(argv)
+def run(fv, json_files):
+  del fv
+  if not json_files:
+    raise cli.UsageError("give one or more JSON files written by check_parity.py --json")
+  args = types.SimpleNamespace(json_files=[Path(p) for p in json_files])
   for path in args.json_files:
     print(summarize(path.stem, json.loads(path.read_text())))
   return 0
 
 
+def main(argv=None):
+  return cli.main(__doc__, lambda fv, argv: None, run, argv)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.exit_with(main())

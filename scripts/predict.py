@@ -17,7 +17,8 @@ Writes to --output_dir:
   detections.json   COCO results: image_id, category_id (the dataset's original ids when the
                     config's dataset metadata has them, else the contiguous label), bbox [x, y, w,
                     h] in original image pixels, score (top `model.num_select` per image, no NMS)
-  images.json       {"images": [{id, file_name, height, width}], "categories": [{id, name}]}
+  images.json       {"images": [{id, file_name, height, width, path, output_name}],
+                    "categories": [{id, name}]} (path: the absolute file path; output_name: NAME)
   skipped.json      inputs that were missing or unreadable, with the reason (also printed)
   overlays/NAME.png detections with score >= --score_threshold over the original image
   tokens/NAME.png   with --tokens: foreground-score heatmaps per level, the tokens each encoder
@@ -25,12 +26,13 @@ Writes to --output_dir:
 Image ids are the file stems when they are all distinct integers (COCO file names), else
 0..n-1 in input order; NAME is the file stem (or the image id of a split).
 
-Exit status: 0 when at least one image was predicted, 1 when none was (or on a load error),
-2 on a usage error. Runs unchanged on CPU, GPU and TPU (one device; single host).
+Exit status: 0 when at least one image was predicted, 1 when none was (or on a load error,
+printed as one `error: ...` line; `--debug` for the traceback), 2 on a usage error. With
+--workdir an unreadable newest checkpoint is skipped for the next older one (with a warning).
+Runs unchanged on CPU, GPU and TPU (one device; single host).
 """
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -38,36 +40,42 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+
+from focus_detr_jax import cli  # noqa: E402
 
 
-def _flag_values(argv):
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "config file (default: the config.json of "
-                                  "--checkpoint or --workdir)", flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
+def define_flags(fv, argv):
+  cli.define_config(fv, argv, required=False, help_text="config file (default: the config.json "
+                    "of --checkpoint or --workdir), then `--config.<key>=value` overrides")
   flags.DEFINE_string("checkpoint", None, "model checkpoint directory (variables/ + config.json)",
                       flag_values=fv)
-  flags.DEFINE_string("workdir", None, "training workdir: its latest checkpoint", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "training workdir: its newest checkpoint that restores",
+                      flag_values=fv)
   flags.DEFINE_list("inputs", [], "image files and/or folders", flag_values=fv)
   flags.DEFINE_string("split", None, "a split of the config's dataset instead of --inputs "
                       "(e.g. validation)", flag_values=fv)
   flags.DEFINE_string("output_dir", None, "where the results go", flag_values=fv)
   flags.DEFINE_float("score_threshold", 0.3, "minimum score drawn in the overlays",
-                     flag_values=fv)
-  flags.DEFINE_integer("max_images", None, "stop after this many images", flag_values=fv)
+                     lower_bound=0.0, upper_bound=1.0, flag_values=fv)
+  flags.DEFINE_integer("max_images", None, "stop after this many images", lower_bound=1,
+                       flag_values=fv)
   flags.DEFINE_boolean("tokens", False, "also write token-selection pictures", flag_values=fv)
   flags.DEFINE_boolean("overlays", True, "write detection overlays", flag_values=fv)
   flags.DEFINE_integer("batch_size", None, "images per forward (default data.eval_batch_size)",
-                       flag_values=fv)
+                       lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("num_select", None, "detections kept per image (default "
-                       "model.num_select)", flag_values=fv)
-  return fv
+                       "model.num_select)", lower_bound=1, flag_values=fv)
 
 
-def _usage(message):
-  print(f"usage error: {message}\n{__doc__}", file=sys.stderr)
-  return 2
+def _check_usage(fv, args):
+  if args:
+    raise cli.UsageError(f"unexpected arguments {args}")
+  if bool(fv.checkpoint) == bool(fv.workdir):
+    raise cli.UsageError("give exactly one of --checkpoint and --workdir")
+  if bool(fv.split) == bool(fv.inputs):
+    raise cli.UsageError("give exactly one of --inputs and --split")
+  if not fv.output_dir:
+    raise cli.UsageError("--output_dir is required")
 
 
 def _save_png(path, array):
@@ -75,16 +83,14 @@ def _save_png(path, array):
   Image.fromarray(array).save(path)
 
 
-def run(fv) -> int:
+def run(fv, args) -> int:
   """Predict with parsed flags; returns the exit status."""
+  _check_usage(fv, args)
+  cli.configure_logging()
   from focus_detr_jax import inference, visualize
   from focus_detr_jax.models.focus_detr import FocusDETR, feature_level_shapes
-  try:
-    config = inference.resolve_config(fv.config, fv.workdir, fv.checkpoint)
-    variables, step = inference.load_variables(config, fv.workdir, fv.checkpoint)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  config = inference.resolve_config(fv.config, fv.workdir, fv.checkpoint)
+  variables, step = inference.load_variables(config, fv.workdir, fv.checkpoint)
   model = FocusDETR.from_config(config.model)
   category_ids, class_names, found = inference.category_info(config)
   out = Path(fv.output_dir)
@@ -114,7 +120,9 @@ def run(fv) -> int:
   for r in results:
     detections += inference.coco_results(r, category_ids)
     images.append({"id": r.image_id, "file_name": Path(r.path).name if r.path else r.name,
-                   "height": r.orig_size[0], "width": r.orig_size[1]})
+                   "height": r.orig_size[0], "width": r.orig_size[1],
+                   "path": str(Path(r.path).resolve()) if r.path else None,
+                   "output_name": r.name})
     if not (fv.overlays or fv.tokens):
       continue
     d = r.detections
@@ -142,23 +150,8 @@ def run(fv) -> int:
 
 
 def main(argv=None) -> int:
-  argv = list(sys.argv if argv is None else argv)
-  fv = _flag_values(argv)
-  try:
-    rest = fv(argv)
-  except flags.Error as e:
-    return _usage(e)
-  if len(rest) > 1:
-    return _usage(f"unexpected arguments {rest[1:]}")
-  if bool(fv.checkpoint) == bool(fv.workdir):
-    return _usage("give exactly one of --checkpoint and --workdir")
-  if bool(fv.split) == bool(fv.inputs):
-    return _usage("give exactly one of --inputs and --split")
-  if not fv.output_dir:
-    return _usage("--output_dir is required")
-  logging.getLogger().setLevel(logging.INFO)
-  return run(fv)
+  return cli.main(__doc__, define_flags, run, argv)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.exit_with(main())

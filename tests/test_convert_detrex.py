@@ -13,13 +13,13 @@ from focus_detr_jax.parity.weights import build_state_dict
 
 
 @pytest.fixture(scope="module")
-def manifest_and_shapes(parity_root):
+def manifest_and_shapes(r50_set):
   from configs import focus_detr_r50_4scale_12ep
   model = FocusDETR.from_config(focus_detr_r50_4scale_12ep.get_config().model)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 320, 480, 3)),
                                              jnp.zeros((1, 320, 480), bool)))
   shapes = {k: v for k, v in shapes.items() if k in ("params", "frozen")}
-  path = parity_root / "public" / "state_dict_manifest.json"
+  path = r50_set / "state_dict_manifest.json"
   return path, build_state_dict(path, 0), shapes
 
 

@@ -228,17 +228,6 @@ def test_canvas_routing_and_fit():
   assert tuple(got.numpy()) == (80, 100) and not bool(rescaled)
 
 
-def test_canvas_schedule_is_a_function_of_the_step():
-  a = canvas_lib.canvas_schedule(range(40), 2, seed=3)
-  b = canvas_lib.canvas_schedule(range(40), 2, seed=3)
-  np.testing.assert_array_equal(a, b)
-  assert 5 < a.sum() < 35
-  c = canvas_lib.canvas_schedule(range(40), 2, seed=3, weights=(1.0, 0.0))
-  assert not c.any()
-  ds = canvas_lib.schedule_dataset(2, seed=3).take(40)
-  np.testing.assert_array_equal(np.fromiter(ds.as_numpy_iterator(), np.int64), a)
-
-
 def test_header_size_never_raises():
   img = testing.drawn_image((30, 50), RECTS[:1])
   assert canvas_lib.encoded_image_size(testing.encode(img)) == (30, 50)

@@ -17,8 +17,8 @@ ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def reference(parity_root):
-  d = np.load(parity_root / "public" / "ms_deform_attn.npz")
+def reference(r50_set):
+  d = np.load(r50_set / "ms_deform_attn.npz")
   shapes = tuple((int(h), int(w)) for h, w in d["spatial_shapes"])
   return shapes, {k: d[k] for k in ("value", "sampling_locations", "attention_weights", "output")}
 

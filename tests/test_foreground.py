@@ -11,8 +11,10 @@ import pytest
 from focus_detr_jax.parity import loss_stages
 from focus_detr_jax.train import foreground
 
-PARITY_DIR = Path(os.environ.get(
-    "FOCUS_DETR_PARITY_DIR", Path(__file__).resolve().parents[2] / "shared" / "parity" / "public"))
+from conftest import default_r50_dir  # noqa: E402
+
+# shared/parity/public when present, else the in-repo compact R50 set (conftest).
+PARITY_DIR = Path(os.environ.get("FOCUS_DETR_PARITY_DIR", default_r50_dir()))
 
 needs_parity = pytest.mark.skipif(not (PARITY_DIR / "foreground_labels.npz").exists(),
                                   reason="parity reference data absent")

@@ -112,8 +112,10 @@ def test_overlays_tokens_and_the_corrupt_file(predicted):
     with Image.open(out / "tokens" / f"{stem}.png") as im:
       scale = 320 / max(h, w)
       cell_h, cell_w = round(h * scale), round(w * scale)
-      # 3 rows (heatmaps, updated, object tokens) x 5 columns (image + 4 levels).
-      assert im.size == (5 * cell_w, 3 * (cell_h + visualize._TITLE_HEIGHT))
+      # 3 rows (heatmaps, updated, object tokens) x 5 columns (image + 4 levels), then the
+      # legend strip.
+      assert im.size == (5 * cell_w,
+                         3 * (cell_h + visualize._TITLE_HEIGHT) + visualize.LEGEND_HEIGHT)
   assert sorted(p.name for p in (out / "overlays").iterdir()) == [
       "landscape.png", "portrait.png", "small.png"]
   skipped = json.loads((out / "skipped.json").read_text())

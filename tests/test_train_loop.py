@@ -59,11 +59,16 @@ def test_wrong_config_key_fails_before_compiling(env, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(env, tmp_path_factory):
+def uninterrupted_workdir(env, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
   subprocess.run(TRAIN + ["--workdir", str(workdir), "--no_eval"], env=env, check=True,
                  capture_output=True, timeout=900)
-  return _losses(workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_workdir):
+  return _losses(uninterrupted_workdir)
 
 
 def test_sigterm_then_sigkill_then_resume_matches_uninterrupted(env, tmp_path, uninterrupted):
@@ -109,6 +114,53 @@ def test_sigterm_then_sigkill_then_resume_matches_uninterrupted(env, tmp_path, u
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def _truncate_largest_file(step_dir):
+  largest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[:1000])
+
+
+def test_corrupt_newest_checkpoint_resume_and_predict_fall_back(env, tmp_path,
+                                                                 uninterrupted_workdir,
+                                                                 uninterrupted):
+  """One truncated file in the newest checkpoint: predict and resume use the newest one that
+  restores, say which step they skipped and why, and keep the bad one (training moves it to
+  checkpoints_unrestorable/); with none restorable, predict ends with one `error:` line."""
+  import shutil
+  from focus_detr_jax import inference
+  workdir = tmp_path / "run"
+  shutil.copytree(uninterrupted_workdir, workdir)
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4, 6]
+  _truncate_largest_file(workdir / "checkpoints" / "6")
+
+  # What predict/evaluate load with --workdir (the same call; nothing to compile here).
+  config = inference.resolve_config(None, workdir)
+  _, step = inference.load_variables(config, workdir)
+  assert step == 4 and (workdir / "checkpoints" / "6").exists()
+
+  # Resume: from step 4, steps 5 and 6 replay the uninterrupted run's losses exactly.
+  proc = subprocess.run(TRAIN + ["--workdir", str(workdir), "--no_eval",
+                                 "--config.train.num_steps=7"],
+                        env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "checkpoints/6 cannot be restored, skipped" in proc.stderr
+  assert "restored step 4 instead of the newest checkpoint" in proc.stderr
+  assert (workdir / "checkpoints_unrestorable" / "6" / "state").exists()
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [4, 6, 7]
+  resumed = _losses(workdir)
+  assert resumed[5] == uninterrupted[5] and resumed[6] == uninterrupted[6]
+  assert sum(" | loss " in line for line in proc.stderr.splitlines()) == 3   # steps 5, 6, 7
+
+  # Nothing restorable: one line, no traceback, within seconds.
+  for step in (4, 6, 7):
+    _truncate_largest_file(workdir / "checkpoints" / str(step))
+  predict = [sys.executable, str(REPO / "scripts" / "predict.py"), f"--workdir={workdir}",
+             "--split=validation", f"--output_dir={tmp_path / 'out'}"]
+  proc = subprocess.run(predict, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: no checkpoint in") and "step 7: " in last, last
+
+
 def test_non_finite_loss_stops_with_step_and_checkpoint(tiny_config, tmp_path, monkeypatch):
   from focus_detr_jax.data import pipeline
   from focus_detr_jax.train import loop
@@ -124,14 +176,12 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tiny_config, tmp_path, m
         batch = next(it)
         Poisoned.count += 1
         if Poisoned.count == 3:
-          batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+          # Images travel as uint8 (normalised on device): poison the float boxes instead.
+          batch = dict(batch, boxes=np.full_like(batch["boxes"], np.nan))
         return batch
 
-      def save(self, prefix):
-        return it.save(prefix)
-
-      def restore(self, path):
-        return it.restore(path)
+      def __getattr__(self, name):      # save, restore, stats, ... of the real iterator
+        return getattr(it, name)
 
     return Poisoned()
 

@@ -69,7 +69,8 @@ def test_token_dots_and_grid():
   grid = visualize.token_selection_panels(image, intermediates, level_shapes, canvas,
                                           panel_size=120)
   # 3 rows (heatmaps, updated, objects) x max(1 + 4 levels, 3 layers) columns of 80x120 panels.
-  assert grid.shape == (3 * (80 + visualize._TITLE_HEIGHT), 5 * 120, 3)
+  # ... and the legend strip (heatmap scale, dot colour per level) below them.
+  assert grid.shape == (3 * (80 + visualize._TITLE_HEIGHT) + visualize.LEGEND_HEIGHT, 5 * 120, 3)
   assert grid.dtype == np.uint8
 
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from focus_detr_jax.cli import UserError
 from focus_detr_jax.convert import backbones, torch_io
 from focus_detr_jax.convert.backbones import ConversionError, row
 from focus_detr_jax.convert.detrex import _alias_map, canonical_key, state_dict_to_variables
@@ -378,6 +379,66 @@ def init_from_checkpoint(variables, source, config, *, kind: str = "auto",
   return merged, report
 
 
+# ImageNet backbone files named by the COCO configs (detrex's `train.init_checkpoint` names), and
+# where to get each. "none" (`--config.init.backbone=none`) trains from a random backbone.
+NO_BACKBONE = "none"
+_D2 = "https://dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/torchvision/"
+_SWIN = "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/"
+BACKBONE_SOURCES = {
+    "r50_v1.pkl": (
+        f"torchvision's ImageNet ResNet-50 in detectron2 format: download {_D2}R-50.pkl (the "
+        "same weights) and save it under this name, or convert torchvision's resnet50 .pth with "
+        "detectron2's tools/convert-torchvision-to-d2.py; a torchvision .pth is also read as is"),
+    "r101_v1.pkl": (
+        "torchvision's ImageNet ResNet-101 (resnet101-63fe2227.pth from download.pytorch.org) "
+        "converted with detectron2's tools/convert-torchvision-to-d2.py; the .pth is also read "
+        "as is"),
+    "swin_tiny_patch4_window7_224.pth": f"download {_SWIN}swin_tiny_patch4_window7_224.pth",
+    "swin_base_patch4_window12_384_22k.pth": (
+        f"download {_SWIN}swin_base_patch4_window12_384_22k.pth"),
+    "swin_large_patch4_window12_384_22k.pth": (
+        f"download {_SWIN}swin_large_patch4_window12_384_22k.pth"),
+}
+
+
+class BackboneFileError(UserError, ValueError):
+  """The config names no usable ImageNet backbone file (and does not say `none`)."""
+
+
+def backbone_file(config) -> str:
+  """`config.init.backbone`, or "" when it is empty or `none`."""
+  value = str((config.get("init") or {}).get("backbone") or "")
+  return "" if value.strip().lower() == NO_BACKBONE else value
+
+
+def check_backbone_file(config) -> None:
+  """Refuses to train without an ImageNet backbone unless the config says so explicitly.
+
+  Passes when `config.init.checkpoint` is set (a whole model), when `config.init.backbone` is
+  `none`, or when the named file exists. Raises `BackboneFileError` (before anything is built
+  or compiled) with where to get the file and how to convert it otherwise.
+  """
+  init = config.get("init") or {}
+  value = str(init.get("backbone") or "")
+  if init.get("checkpoint") or value.strip().lower() == NO_BACKBONE:
+    return
+  off = ("to train from a randomly initialised backbone instead, pass "
+         "--config.init.backbone=none")
+  if not value:
+    raise BackboneFileError(
+        "config.init.backbone is empty: name the ImageNet backbone file (detrex's configs use "
+        f"{', '.join(BACKBONE_SOURCES)}; docs/weights.md lists the formats), or {off}")
+  if not Path(value).exists() and "://" not in value:
+    name = Path(value).name
+    how = BACKBONE_SOURCES.get(name, "any torchvision, detectron2 or official Swin file of "
+                                     "this backbone (docs/weights.md)")
+    raise BackboneFileError(
+        f"config.init.backbone={value} does not exist. Get it: {how}; put it at {value} (or "
+        f"pass --config.init.backbone=PATH). It is read as is (no separate conversion step; "
+        f"`scripts/convert_checkpoint.py --config CONFIG FILE OUT` converts it to a model "
+        f"checkpoint once, for --config.init.checkpoint=OUT). Or {off}")
+
+
 def init_from_config(variables, config):
   """Apply `config.init` (`backbone` or `checkpoint` path; empty = nothing) to fresh variables.
 
@@ -385,7 +446,7 @@ def init_from_config(variables, config):
   Optional fields: `config.init.backbone_format` / `checkpoint_format` (default "auto").
   """
   init = config.get("init") or {}
-  backbone = init.get("backbone") or ""
+  backbone = backbone_file(config)
   checkpoint = init.get("checkpoint") or ""
   if backbone and checkpoint:
     raise ValueError("set only one of config.init.backbone and config.init.checkpoint: a model "

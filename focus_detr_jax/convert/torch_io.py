@@ -532,7 +532,14 @@ def load_file(path, backend: str = "auto"):
   container = detect_container(path)
   if container == "npz":
     with np.load(path, allow_pickle=False) as data:
-      return {k: data[k] for k in data.files}
+      arrays = {}
+      for k in data.files:
+        try:
+          arrays[k] = data[k]
+        except ValueError as e:   # an object array (would need pickle)
+          raise UnsafePickleError(f"{path}: array {k!r} holds Python objects; weight files may "
+                                  f"hold numeric arrays only") from e
+      return arrays
   use_torch = backend == "torch" or (backend == "auto" and torch_available())
   if use_torch and (container == "torch_zip" or _is_torch_legacy(path)):
     import torch

@@ -1,10 +1,10 @@
 """Canvases: the few static image shapes a batch can have (decisions §4).
 
 Every image is resized, then placed (top-left) into one of a small configured set of canvases
-`(H, W)` and zero-padded bottom/right. Images are routed to the canvas whose aspect ratio is the
-closest to theirs (landscape vs portrait); if an image still does not fit after its resize it is
-scaled down to fit. Which canvas a training batch uses is chosen by a schedule seeded by the
-step, so all hosts agree without looking at each other's data.
+`(H, W)` and zero-padded bottom/right; if it still does not fit after its resize it is scaled
+down to fit. Evaluation images go to the smallest canvas that holds them
+(`transforms.tf_eval_canvas_index`); the step schedule (`buckets.py`) decides which canvas a
+training step uses.
 
 Everything here is cheap and host-side or pure TF; nothing touches jax.
 """
@@ -183,46 +183,13 @@ def fit_size(height, width, canvas: Canvas) -> tuple[int, int]:
 
 
 def tf_fit_size(hw: tf.Tensor, canvas: Canvas) -> tuple[tf.Tensor, tf.Tensor]:
-  """In-graph `fit_size`: returns ((h, w) int32 [2], rescaled bool)."""
-  ch, cw = canvas
+  """In-graph `fit_size`: returns ((h, w) int32 [2], rescaled bool). `canvas` may be a tensor."""
+  ch, cw = tf.cast(canvas[0], tf.int32), tf.cast(canvas[1], tf.int32)
   h = tf.cast(hw[0], tf.float32)
   w = tf.cast(hw[1], tf.float32)
   fits = tf.logical_and(hw[0] <= ch, hw[1] <= cw)
-  scale = tf.minimum(ch / h, cw / w)
+  scale = tf.minimum(tf.cast(ch, tf.float32) / h, tf.cast(cw, tf.float32) / w)
   nh = tf.clip_by_value(tf.cast(tf.floor(h * scale + 0.5), tf.int32), 1, ch)
   nw = tf.clip_by_value(tf.cast(tf.floor(w * scale + 0.5), tf.int32), 1, cw)
   out = tf.where(fits, tf.cast(hw, tf.int32), tf.stack([nh, nw]))
   return out, tf.logical_not(fits)
-
-
-def _schedule_logits(num_canvases: int, weights) -> tf.Tensor:
-  if weights is None:
-    weights = [1.0] * num_canvases
-  weights = np.asarray(weights, np.float64)
-  if weights.shape != (num_canvases,) or np.any(weights < 0) or weights.sum() <= 0:
-    raise ValueError(f"canvas_weights must be {num_canvases} non-negative numbers, got {weights}.")
-  with np.errstate(divide="ignore"):
-    logits = np.log(weights / weights.sum())
-  return tf.constant(logits[None, :], tf.float32)
-
-
-def tf_canvas_for_step(step: tf.Tensor, num_canvases: int, seed: int, weights=None) -> tf.Tensor:
-  """Canvas index (int64 scalar) of a training step: a stateless draw keyed by (seed, step)."""
-  if num_canvases == 1:
-    return tf.constant(0, tf.int64)
-  logits = _schedule_logits(num_canvases, weights)
-  key = tf.stack([tf.constant(seed, tf.int64) + 7919, tf.cast(step, tf.int64)])
-  return tf.random.stateless_categorical(logits, 1, seed=key, dtype=tf.int64)[0, 0]
-
-
-def canvas_schedule(steps, num_canvases: int, seed: int, weights=None) -> np.ndarray:
-  """Host-side view of the schedule: canvas index of each step in `steps` (same draws as TF)."""
-  steps = np.asarray(steps, np.int64).reshape(-1)
-  return np.array([int(tf_canvas_for_step(s, num_canvases, seed, weights)) for s in steps],
-                  np.int64)
-
-
-def schedule_dataset(num_canvases: int, seed: int, weights=None) -> tf.data.Dataset:
-  """Infinite dataset of canvas indices, one per step from step 0 (checkpointed with the input)."""
-  return tf.data.Dataset.range(1 << 62).map(tf.autograph.experimental.do_not_convert(
-      lambda s: tf_canvas_for_step(s, num_canvases, seed, weights)))

@@ -81,3 +81,30 @@ def prefetch_to_device(host_iterator, size: int = 2, sharding=None) -> DevicePre
   batch is its process-local part); None: default device.
   """
   return DevicePrefetchIterator(host_iterator, size, sharding)
+
+
+def normalization_table(mean, std) -> np.ndarray:
+  """float32 [256, 3]: `(v - mean) / std` of every uint8 value v per channel, computed in numpy
+  float32 (subtract, then divide: the detectron2 formula, IEEE-rounded)."""
+  values = np.arange(256, dtype=np.float32)[:, None]
+  return (values - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def normalize_on_device(batch: dict, mean, std) -> dict:
+  """uint8 batch (`DataIterator.normalize_on_host=False`) -> the float32 batch, on device.
+
+  `image` uint8 [B, H, W, 3] -> float32 `(x - mean) / std`, zero outside each image's
+  `image_size`; adds `padding_mask` bool [B, H, W] (True = padded). The values are looked up in
+  `normalization_table` (a 256 x 3 gather) rather than divided on the device: XLA's float32
+  division on CPU (and TPU) is not IEEE-exact, the table is, so the result is bit-identical to
+  `pipeline.normalize_batch`. Call it inside the jitted step (it fuses there) or on its own.
+  """
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel  # only this module needs jax
+  image = jnp.asarray(batch["image"])
+  size = jnp.asarray(batch["image_size"])
+  h, w = image.shape[1:3]
+  mask = ((jnp.arange(h)[None, :, None] >= size[:, 0, None, None]) |
+          (jnp.arange(w)[None, None, :] >= size[:, 1, None, None]))
+  table = jnp.asarray(normalization_table(mean, std))
+  x = table[image.astype(jnp.int32), jnp.arange(3)]                    # [B, H, W, 3] float32
+  return {**batch, "image": jnp.where(mask[..., None], 0.0, x), "padding_mask": mask}

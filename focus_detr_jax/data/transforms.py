@@ -22,6 +22,7 @@ from typing import Sequence
 
 import tensorflow as tf
 
+from focus_detr_jax.data import buckets
 from focus_detr_jax.data import canvas as canvas_lib
 
 # Per-example counters produced by the map (summed over the stream by `pipeline.py`).
@@ -287,7 +288,8 @@ def _finish(image, boxes, labels, target_hw, canvas, cfg: TransformConfig, stats
   labels = tf.boolean_mask(labels, ne)
   if canvas is not None:
     image = tf.image.pad_to_bounding_box(image, 0, 0, canvas[0], canvas[1])
-    image = tf.ensure_shape(image, [canvas[0], canvas[1], 3])
+    if not isinstance(canvas, tf.Tensor):
+      image = tf.ensure_shape(image, [canvas[0], canvas[1], 3])
   tboxes, tlabels, valid, truncated = targets_from_boxes(boxes, labels, target_hw,
                                                          cfg.max_boxes)
   stats["boxes_truncated"] = truncated
@@ -306,7 +308,7 @@ def _finish(image, boxes, labels, target_hw, canvas, cfg: TransformConfig, stats
 
 
 def _dummy(canvas, cfg: TransformConfig, image_id, stats):
-  shape = [canvas[0], canvas[1], 3] if canvas is not None else [1, 1, 3]
+  shape = tf.stack([canvas[0], canvas[1], 3]) if canvas is not None else [1, 1, 3]
   m = cfg.max_boxes
   return {
       "image": tf.zeros(shape, tf.uint8),
@@ -372,6 +374,142 @@ def train_example(example, key: tf.Tensor, canvas, cfg: TransformConfig):
                    example["image/id"], True)
 
   return tf.cond(has_annotations, processed, skipped)
+
+
+# ----------------------------------------------------------------------------- training in two stages
+# The pipeline (`pipeline.py`) splits `train_example` in two so that the canvas can follow the
+# step: `train_plan` draws every random choice from the header size (no decoding), which gives the
+# image's aspect group before anything is decoded; `train_augment` decodes and applies flip and
+# the crop branch; `train_finish` applies the final multi-scale resize (the step's scale, or the
+# image's own) and pads into the step's canvas. Same keys, same draws as `train_example`.
+
+def train_plan(hw: tf.Tensor, key: tf.Tensor, cfg: TransformConfig, group_bounds) -> dict:
+  """Random choices of one training example from its header size `hw` (int32 [2]).
+
+  Returns flip, crop (bool), short (per-image final scale), short1 (crop branch's first resize),
+  crop_box int32 [4] (y0, x0, ch, cw on the first resize), group (int32, `buckets.aspect_group`
+  of the image before its final resize: the crop's, or the original's).
+  """
+  keys = tf.random.experimental.stateless_split(key, num=10)
+  flip = tf.random.stateless_uniform([], keys[0]) < cfg.flip_prob
+  use_crop = tf.random.stateless_uniform([], keys[1]) < cfg.crop_prob
+  if not cfg.augment:
+    flip, use_crop = tf.constant(False), tf.constant(False)
+  short = _choice(cfg.train_scales, keys[2])
+  short1 = _choice(cfg.crop_resize_scales, keys[3])
+  hw1 = resize_shortest_edge_size(hw, short1, cfg.crop_resize_max_size)
+  box = _crop_box(hw1[0], hw1[1], cfg.crop_size_range, keys[4:8])
+  pre = tf.where(use_crop, box[2:], tf.cast(hw, tf.int32))
+  return {"flip": flip, "crop": use_crop, "short": short, "short1": short1, "crop_box": box,
+          "group": buckets.tf_aspect_group(pre[0], pre[1], group_bounds)}
+
+
+def _crop_box(h, w, crop_range, keys) -> tf.Tensor:
+  """detectron2 RandomCrop("absolute_range") draws on an (h, w) image: int32 [y0, x0, ch, cw]."""
+  lo, hi = crop_range
+  ch = tf.random.stateless_uniform([], keys[0], minval=tf.minimum(h, lo),
+                                   maxval=tf.minimum(h, hi) + 1, dtype=tf.int32)
+  cw = tf.random.stateless_uniform([], keys[1], minval=tf.minimum(w, lo),
+                                   maxval=tf.minimum(w, hi) + 1, dtype=tf.int32)
+  y0 = tf.random.stateless_uniform([], keys[2], minval=0, maxval=h - ch + 1, dtype=tf.int32)
+  x0 = tf.random.stateless_uniform([], keys[3], minval=0, maxval=w - cw + 1, dtype=tf.int32)
+  return tf.stack([y0, x0, ch, cw])
+
+
+def train_augment(example, plan: dict, cfg: TransformConfig) -> dict:
+  """Stage 1: decode, clean boxes, flip, crop branch. Variable-size uint8 image, xyxy boxes.
+
+  Output: image uint8 [h, w, 3], boxes float32 [n, 4] absolute xyxy, labels int32 [n],
+  orig_size, image_id, short (int32), keep (False: no non-crowd annotation, skipped),
+  stats int64 [len(EXAMPLE_STATS)].
+  """
+  objects = example["objects"]
+  is_crowd = tf.cast(objects["is_crowd"], tf.bool)
+  has_annotations = tf.reduce_any(tf.logical_not(is_crowd))
+  if not cfg.skip_images_without_annotations:
+    has_annotations = tf.constant(True)
+
+  def pack(image, boxes, labels, orig_hw, stats, keep):
+    return {"image": image, "boxes": tf.reshape(boxes, [-1, 4]), "labels": labels,
+            "orig_size": tf.cast(orig_hw, tf.int32),
+            "image_id": tf.cast(example["image/id"], tf.int64),
+            "short": tf.cast(plan["short"], tf.int32), "keep": tf.convert_to_tensor(keep),
+            "stats": tf.stack([stats[k] for k in EXAMPLE_STATS])}
+
+  def skipped():
+    stats = _zero_stats()
+    stats["images_without_annotations"] = tf.constant(1, tf.int64)
+    return pack(tf.zeros([1, 1, 3], tf.uint8), tf.zeros([0, 4]), tf.zeros([0], tf.int32),
+                tf.ones([2], tf.int32), stats, False)
+
+  def processed():
+    image = decode_image(example["image"])
+    orig_hw = tf.shape(image)[:2]
+    boxes, labels, _, stats = clean_boxes(objects["bbox"], objects["label"], is_crowd, orig_hw,
+                                          cfg.drop_crowd)
+    stats = {**_zero_stats(), **stats,
+             **format_stats(example["image"], example.get("image/header"))}
+    if not cfg.augment:
+      return pack(image, boxes, labels, orig_hw, stats, True)
+    image, boxes = tf.cond(plan["flip"], lambda: hflip(image, boxes), lambda: (image, boxes))
+
+    def plain():
+      return image, boxes, labels, tf.constant(0, tf.int64)
+
+    def crop():
+      hw1 = resize_shortest_edge_size(orig_hw, plan["short1"], cfg.crop_resize_max_size)
+      im1 = resize_image(image, hw1)
+      b1 = clip_boxes(scale_boxes(boxes, orig_hw, hw1), hw1)
+      y0, x0, ch, cw = tf.unstack(plan["crop_box"])
+      ch = tf.minimum(ch, hw1[0])                         # the header size was the image's
+      cw = tf.minimum(cw, hw1[1])
+      y0 = tf.minimum(y0, hw1[0] - ch)
+      x0 = tf.minimum(x0, hw1[1] - cw)
+      im2 = im1[y0:y0 + ch, x0:x0 + cw]
+      offset = tf.cast(tf.stack([x0, y0, x0, y0]), tf.float32)
+      b2 = clip_boxes(b1 - offset, tf.stack([ch, cw]))
+      keep = nonempty(b2)
+      return (im2, tf.boolean_mask(b2, keep), tf.boolean_mask(labels, keep),
+              _count(tf.logical_not(keep)))
+
+    image2, boxes2, labels2, removed = tf.cond(plan["crop"], crop, plain)
+    stats["boxes_emptied_by_augmentation"] += removed
+    return pack(image2, boxes2, labels2, orig_hw, stats, True)
+
+  return tf.cond(has_annotations, processed, skipped)
+
+
+def train_finish(el: dict, short, canvas, cfg: TransformConfig) -> dict:
+  """Stage 2: the final ResizeShortestEdge(`short`, `train_max_size`) (eval size without
+  augmentation), fit into `canvas` (int32 [2] tensor or static pair), pad, targets.
+
+  Returns the `_finish` dict; its `stats` hold only this stage's counters.
+  """
+  hw = tf.shape(el["image"])[:2]
+  if cfg.augment:
+    target = resize_shortest_edge_size(hw, short, cfg.train_max_size)
+  else:
+    target = resize_shortest_edge_size(hw, cfg.eval_scale, cfg.eval_max_size)
+  return _finish(el["image"], el["boxes"], el["labels"], target, canvas, cfg, _zero_stats(),
+                 el["orig_size"], el["image_id"], el["keep"])
+
+
+def tf_eval_canvas_index(hw: tf.Tensor, canvases: Sequence[canvas_lib.Canvas], scale: int,
+                         max_size: int) -> tf.Tensor:
+  """Evaluation routing, in-graph: the smallest-area canvas that holds the image after the eval
+  resize (computed from the header size `hw`); if none does, the closest aspect ratio (the
+  image is then scaled down to fit, counted). Ties go to the first."""
+  if len(canvases) == 1:
+    return tf.constant(0, tf.int32)
+  known = tf.logical_and(hw[0] > 0, hw[1] > 0)
+  size = resize_shortest_edge_size(tf.maximum(hw, 1), scale, max_size)
+  c = tf.constant(canvases, tf.int64)
+  fits = tf.logical_and(tf.cast(size[0], tf.int64) <= c[:, 0],
+                        tf.cast(size[1], tf.int64) <= c[:, 1])
+  area = tf.where(fits, c[:, 0] * c[:, 1], tf.constant(2**62, tf.int64))
+  smallest = tf.cast(tf.argmin(area), tf.int32)
+  closest = canvas_lib.tf_canvas_index(hw, canvases)
+  return tf.where(tf.logical_and(known, tf.reduce_any(fits)), smallest, closest)
 
 
 def eval_example(example, canvas, cfg: TransformConfig):

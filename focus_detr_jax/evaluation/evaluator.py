@@ -15,7 +15,8 @@ import jax
 import numpy as np
 
 from focus_detr_jax.checkpoint import as_path
-from focus_detr_jax.evaluation.coco_eval import coco_evaluate, detections_to_coco, format_table
+from focus_detr_jax.evaluation.coco_eval import (METRIC_NAMES, coco_evaluate, detections_to_coco,
+                                                 format_table)
 from focus_detr_jax.train.steps import predict_step
 
 _PREDICT_KEYS = ("image", "padding_mask", "image_size", "orig_size")
@@ -88,5 +89,9 @@ class Evaluator:
       (out / f"{tag}_detections.json").write_text(json.dumps(detections))
       (out / f"{tag}_metrics.json").write_text(json.dumps(metrics, indent=1))
       (out / f"{tag}_summary.txt").write_text(summary + "\n" + format_table(metrics) + "\n")
-    logging.info("COCO eval (step %s):\n%s\n%s", step, summary, format_table(metrics))
+    # One line here; the scripts print the table once, the full pycocotools summary is in
+    # eval/<tag>_summary.txt.
+    logging.info("COCO eval (step %s): %s on %d images in %.0f s", step,
+                 " ".join(f"{k} {100 * metrics[k]:.1f}" for k in METRIC_NAMES), len(evaluated),
+                 metrics["eval_seconds"])
     return metrics

@@ -16,6 +16,11 @@ rows are fetched and in the order of the final float32 sums (differences ~1e-7):
   only the inputs and re-gathers windows in the backward): outputs bit-identical to `gather`,
   the smallest residuals, and on XLA:CPU a forward+backward ~3x faster than gather's (a bit
   slower than `window`'s, which does not re-gather). Reverse mode only.
+- `gather_vjp`: the `gather` forward with a hand-written backward from the same four row
+  gathers: per corner, the dot of the gathered row with the output cotangent (no [.., Dh]
+  sample tensor is kept or rebuilt) gives the attention-weight and location cotangents, and
+  one scatter-add per corner gives the value cotangent. Outputs bit-identical to `gather`.
+  Reverse mode only. The CPU `auto` choice.
 - `per_level`: per level and corner, `take_along_axis` on `[B, M, H_l W_l, Dh]` (the layout of
   the PyTorch reference `multi_scale_deformable_attn_pytorch`); the naive baseline.
 - `onehot_matmul`: per level, a dense sampling matrix `[B, M, Q, H_l W_l]` built from separable
@@ -44,19 +49,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from focus_detr_jax.models.layers import island_dtype
+from focus_detr_jax.ops.exact import exact_divide
 
-IMPLEMENTATIONS = ("gather", "window", "gather_window_vjp", "per_level", "onehot_matmul")
+IMPLEMENTATIONS = ("gather", "window", "gather_window_vjp", "gather_vjp", "per_level",
+                   "onehot_matmul")
 # CPU, measured (BENCHMARKS.md, "Deformable attention formulations", 3 runs on a shared 2-core
 # machine): forward, gather = gather_window_vjp = per_level (window ties at encoder size but is up
 # to 3x slower at decoder size; onehot_matmul 17-42x slower); forward+backward vs gather: window
 # 3.3-5.6x, gather_window_vjp 2.8-4.9x, per_level 1.1-1.8x, onehot_matmul 0.2-0.3x.
-# `gather_window_vjp` is picked: its forward *is* the gather program (the fastest forward, and
+# `gather_window_vjp` was picked (superseded on CPU by `gather_vjp`, see below): its forward *is* the gather program (the fastest forward, and
 # bit-identical outputs, so eval and the parity checks see exactly the reference formulation)
 # and its backward is window's; `window` would save another ~10-20% of the deformable-attention
 # fwd+bwd time in training but changes outputs by ~4e-7. GPU/TPU: not measured in this project
 # yet (no accelerator lent); they keep `gather`, the formulation the parity checks were
 # established with, until `scripts/benchmark_msda.py` has been run there.
-AUTO_IMPLEMENTATION = {"cpu": "gather_window_vjp", "gpu": "gather", "tpu": "gather"}
+# Issue 17: in the whole R50 train step (512x768, batch 2, CPU) `gather_vjp` beat
+# `gather_window_vjp` (14.2 s vs 14.8 s per step, 7.1 vs 7.7 GiB XLA temporaries; BENCHMARKS.md,
+# "Train step: profile, memory and rematerialisation"), although alone at encoder size it was
+# ~15% slower (0.83 vs 0.72 s): in the step XLA shares its four row gathers with the forward's.
+AUTO_IMPLEMENTATION = {"cpu": "gather_vjp", "gpu": "gather", "tpu": "gather"}
 # Elements of one dense sampling-matrix chunk in `onehot_matmul` (float32: 4 bytes each).
 ONEHOT_CHUNK_ELEMENTS = 1 << 26
 
@@ -275,6 +286,91 @@ def _gather_window_vjp_bwd(spatial_shapes, residuals, g):
 _ms_deform_attn_gather_window_vjp.defvjp(_gather_window_vjp_fwd, _gather_window_vjp_bwd)
 
 
+def _corner_rows(spatial_shapes, value_shape, x0, y0, heights, widths):
+  """Flat-table rows and in-map masks of the 4 bilinear corners: {(dx, dy): (rows, inside)},
+  each [B, Q, M, L, P] int32 / bool (the `gather` formulation's indexing)."""
+  b, n, m, _ = value_shape
+  starts = jnp.asarray(level_start_index(spatial_shapes), jnp.int32)[:, None]      # [L, 1]
+  base = (jnp.arange(b, dtype=jnp.int32)[:, None, None, None, None] * n * m
+          + jnp.arange(m, dtype=jnp.int32)[None, None, :, None, None])
+  out = {}
+  for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+    xi, yi = x0 + dx, y0 + dy
+    inside = (xi >= 0) & (xi < widths) & (yi >= 0) & (yi < heights)
+    token = starts + jnp.clip(yi, 0, heights - 1) * widths + jnp.clip(xi, 0, widths - 1)
+    out[(dx, dy)] = (base + token * m, inside)
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _ms_deform_attn_gather_vjp(value, spatial_shapes, sampling_locations, attention_weights):
+  """`gather` forward, and a hand-written backward built from the same row gathers."""
+  return _ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+def _gather_vjp_fwd(value, spatial_shapes, sampling_locations, attention_weights):
+  out = _ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
+  return out, (value, sampling_locations, attention_weights)
+
+
+def _gather_vjp_bwd(spatial_shapes, residuals, g):
+  """Backward of `gather` without materialising any [.., L P, Dh] sample tensor.
+
+  With a = attention weight, w_c = corner c's bilinear weight (0 off the map), v_c = its value
+  row and g = the output cotangent [Dh] of the sample's (query, head):
+    d_value[row_c] += a w_c g                    (one scatter-add per corner)
+    s_c = <g, v_c>                               (gather fused with the Dh reduction)
+    d_a = sum_c w_c s_c ;  d_w_c = a s_c  ->  d_x, d_y by the product rule of w_c(x, y)
+  and d_location = (W d_x, H d_y) (x = loc W - 1/2 in pixels, grid_sample's arithmetic).
+  """
+  with jax.named_scope("custom_bwd"):  # profiling.classify: a backward op
+    return _gather_vjp_bwd_impl(spatial_shapes, residuals, g)
+
+
+def _gather_vjp_bwd_impl(spatial_shapes, residuals, g):
+  value, sampling_locations, attention_weights = residuals
+  b, n, m, dh = value.shape
+  _, q, _, num_levels, num_points, _ = sampling_locations.shape
+  x, y, heights, widths = _pixel_coordinates(spatial_shapes, sampling_locations)
+  acc = x.dtype
+  x_nw, y_nw = jnp.floor(x), jnp.floor(y)
+  x0, y0 = x_nw.astype(jnp.int32), y_nw.astype(jnp.int32)
+  fx1, fy1 = x - x_nw, y - y_nw                       # weights of the +1 corners per axis
+  fx0, fy0 = x_nw + 1.0 - x, y_nw + 1.0 - y
+  corners = _corner_rows(spatial_shapes, value.shape, x0, y0, heights, widths)
+  table = value.reshape(b * n * m, dh)
+  attn = attention_weights.astype(acc)                                        # [B,Q,M,L,P]
+  gq = g.reshape(b, q, m, 1, 1, dh).astype(acc)
+  factors = {(0, 0): (fx0, fy0), (1, 0): (fx1, fy0), (0, 1): (fx0, fy1), (1, 1): (fx1, fy1)}
+  d_attn = jnp.zeros_like(attn)
+  d_x = jnp.zeros_like(attn)
+  d_y = jnp.zeros_like(attn)
+  d_table = jnp.zeros((b * n * m, dh), acc)
+  for (dx, dy), (rows, inside) in corners.items():
+    gathered = jnp.take(table, rows.reshape(-1), axis=0).reshape(
+        b, q, m, num_levels, num_points, dh)
+    s = jnp.where(inside, jnp.sum(gathered.astype(acc) * gq, axis=-1), 0.0)  # [B,Q,M,L,P]
+    fx, fy = factors[(dx, dy)]
+    d_attn = d_attn + fx * fy * s
+    d_w = attn * s
+    # w = fx fy, fx = x - x_nw (dx = 1) or x_nw + 1 - x (dx = 0): d fx / d x = +-1.
+    d_x = d_x + (d_w * fy if dx else -(d_w * fy))
+    d_y = d_y + (d_w * fx if dy else -(d_w * fx))
+    tap = jnp.where(inside, attn * fx * fy, 0.0)
+    # One scatter-add per corner (a concatenation of the four would copy every update again).
+    d_table = d_table.at[rows.reshape(-1)].add((tap[..., None] * gq).reshape(-1, dh))
+  d_value = d_table.reshape(value.shape).astype(value.dtype)
+  # x = ((2 loc - 1 + 1) W - 1) / 2: d x / d loc = W, as autodiff of _pixel_coordinates.
+  w_l = widths.astype(acc)                                                   # [L, 1]
+  h_l = heights.astype(acc)
+  d_loc = jnp.stack([(d_x / 2.0) * w_l * 2.0, (d_y / 2.0) * h_l * 2.0], axis=-1)
+  return (d_value, d_loc.astype(sampling_locations.dtype),
+          d_attn.astype(attention_weights.dtype))
+
+
+_ms_deform_attn_gather_vjp.defvjp(_gather_vjp_fwd, _gather_vjp_bwd)
+
+
 def _ms_deform_attn_per_level(value, spatial_shapes, sampling_locations, attention_weights):
   """Per level and corner, `take_along_axis` on [B, M, H_l W_l, Dh] (the PyTorch-reference layout)."""
   b, n, m, dh = value.shape
@@ -362,6 +458,7 @@ _FORMULATIONS = {
     "gather": _ms_deform_attn_gather,
     "window": _ms_deform_attn_window,
     "gather_window_vjp": _ms_deform_attn_gather_window_vjp,
+    "gather_vjp": _ms_deform_attn_gather_vjp,
     "per_level": _ms_deform_attn_per_level,
     "onehot_matmul": _ms_deform_attn_onehot_matmul,
 }
@@ -427,7 +524,7 @@ class MultiScaleDeformableAttention(nn.Module):
     ref = reference_points.astype(acc)
     if ref.shape[-1] == 2:
       normalizer = jnp.asarray([[w, hh] for hh, w in spatial_shapes], acc)            # [L, 2]
-      loc = ref[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+      loc = ref[:, :, None, :, None, :] + exact_divide(offsets, normalizer[None, None, None, :, None, :])
     elif ref.shape[-1] == 4:
       loc = (ref[:, :, None, :, None, :2]
              + offsets / p * ref[:, :, None, :, None, 2:] * 0.5)

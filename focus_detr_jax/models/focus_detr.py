@@ -18,12 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from focus_detr_jax.models import token_selection
+from focus_detr_jax.models import remat, token_selection
 from focus_detr_jax.models.decoder import DecoderLayer
 from focus_detr_jax.models.encoder import FocusEncoderLayer
-from focus_detr_jax.models.layers import MLP, gather_rows, island_dtype, layer_norm, scatter_rows
+from focus_detr_jax.models.layers import (MLP, TORCH_LINEAR_KERNEL, gather_rows, island_dtype,
+                                          layer_norm, scatter_rows)
 from focus_detr_jax.models.neck import ChannelMapper
 from focus_detr_jax.models.position import sine_box_embedding, sine_position_embedding
+from focus_detr_jax.ops import exact
 from focus_detr_jax.ops.boxes import inverse_sigmoid
 
 _PRIOR_PROB_BIAS = -math.log((1 - 0.01) / 0.01)
@@ -44,13 +46,51 @@ def feature_level_shapes(height: int, width: int, num_levels: int = 4):
   return tuple(shapes)
 
 
+def nearest_source_indices(in_size: int, out_size: int) -> np.ndarray:
+  """torch `F.interpolate(mode="nearest", size=...)` source index of each output cell (host).
+
+  torch: identity when the sizes are equal, else `min(floor(dst * scale), in - 1)` with
+  `scale = float(in) / out` and the product in float32.
+  """
+  if in_size == out_size:
+    return np.arange(out_size, dtype=np.int32)
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int32)
+  return np.minimum(src, in_size - 1)
+
+
 def nearest_resize_mask(mask, out_hw):
-  """torch F.interpolate(mode="nearest") of a [B, H, W] bool mask (src = floor(dst * in/out))."""
-  def indices(in_size, out_size):
-    scale = np.float32(in_size / out_size)
-    src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int32)
-    return np.minimum(src, in_size - 1)
-  return mask[:, indices(mask.shape[1], out_hw[0])][:, :, indices(mask.shape[2], out_hw[1])]
+  """torch F.interpolate(mode="nearest") of a [B, H, W] bool mask -> [B, H_l, W_l]."""
+  rows = nearest_source_indices(mask.shape[1], out_hw[0])
+  cols = nearest_source_indices(mask.shape[2], out_hw[1])
+  return mask[:, rows][:, :, cols]
+
+
+def level_valid_counts(level_mask):
+  """Valid rows and columns of a [B, H, W] padding mask (True = padded), read like detrex from
+  the first column and the first row: (valid_h [B], valid_w [B]) int32."""
+  valid_h = (~level_mask[:, :, 0]).sum(axis=1).astype(jnp.int32)
+  valid_w = (~level_mask[:, 0, :]).sum(axis=1).astype(jnp.int32)
+  return valid_h, valid_w
+
+
+def grid_axis_proposals(valid_counts, size: int, dtype=jnp.float32):
+  """One axis of detrex's grid proposals, bit-exact on every backend.
+
+  The coordinate `(i + 0.5) / valid`, its `(0.01, 0.99)` validity and its log-odds come from
+  host tables in IEEE float32 (ops/exact.py says why a division in the program is not enough).
+
+  Args:
+    valid_counts: [B] int32 valid cells along the axis (0..size).
+  Returns:
+    unact [B, size] `dtype` log-odds of the coordinate, valid [B, size] bool.
+  """
+  coords = exact.grid_axis_table(size, dtype)
+  valid = exact.open_interval(coords, 0.01, 0.99)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    unact = np.log(coords / (coords.dtype.type(1) - coords))
+  unact = np.where(valid, unact, np.inf).astype(coords.dtype)
+  return jnp.asarray(unact)[valid_counts], jnp.asarray(valid)[valid_counts]
 
 
 def encoder_proposals(level_masks, spatial_shapes, dtype=jnp.float32):
@@ -63,33 +103,51 @@ def encoder_proposals(level_masks, spatial_shapes, dtype=jnp.float32):
     proposals_unact [B, N, 4] (log-odds cxcywh; +inf where invalid or padded),
     valid [B, N] bool (all four coordinates in (0.01, 0.99) and not padded).
   """
-  proposals = []
+  unacts, valids = [], []
   for lvl, (mask, (h, w)) in enumerate(zip(level_masks, spatial_shapes)):
     b = mask.shape[0]
-    valid_h = (~mask[:, :, 0]).sum(axis=1).astype(dtype)
-    valid_w = (~mask[:, 0, :]).sum(axis=1).astype(dtype)
-    gy, gx = jnp.meshgrid(jnp.arange(h, dtype=dtype), jnp.arange(w, dtype=dtype),
-                          indexing="ij")
-    cx = (gx[None] + 0.5) / valid_w[:, None, None]
-    cy = (gy[None] + 0.5) / valid_h[:, None, None]
-    size = jnp.full_like(cx, 0.05 * (2.0 ** lvl))
-    proposals.append(jnp.stack([cx, cy, size, size], axis=-1).reshape(b, h * w, 4))
-  proposals = jnp.concatenate(proposals, axis=1)
-  padded = jnp.concatenate([m.reshape(m.shape[0], -1) for m in level_masks], axis=1)
-  valid = jnp.all((proposals > 0.01) & (proposals < 0.99), axis=-1) & ~padded
-  unact = jnp.log(proposals / (1 - proposals))
-  unact = jnp.where(valid[..., None], unact, jnp.inf)
+    valid_h, valid_w = level_valid_counts(mask)
+    cy, cy_valid = grid_axis_proposals(valid_h, h, dtype)                       # [B, H]
+    cx, cx_valid = grid_axis_proposals(valid_w, w, dtype)                       # [B, W]
+    # w = h = 0.05 * 2^lvl (torch: ones * 0.05 * 2.0**lvl in float32).
+    size = np.asarray(np.dtype(dtype).type(0.05) * np.dtype(dtype).type(2.0 ** lvl))
+    size_valid = bool(exact.open_interval(size, 0.01, 0.99))
+    size_unact = np.log(size / (size.dtype.type(1) - size)) if size_valid else np.inf
+    size_unact = jnp.full((b, h, w), size_unact, dtype)
+    unact = jnp.stack([jnp.broadcast_to(cx[:, None, :], (b, h, w)),
+                       jnp.broadcast_to(cy[:, :, None], (b, h, w)), size_unact, size_unact], -1)
+    valid = cy_valid[:, :, None] & cx_valid[:, None, :] & size_valid & ~mask
+    unacts.append(unact.reshape(b, h * w, 4))
+    valids.append(valid.reshape(b, h * w))
+  valid = jnp.concatenate(valids, axis=1)
+  unact = jnp.where(valid[..., None], jnp.concatenate(unacts, axis=1), jnp.inf)
   return unact, valid
 
 
+def level_valid_ratios(level_masks, dtype=jnp.float32):
+  """detrex valid ratios `(valid_w / W_l, valid_h / H_l)` per level: [B, L, 2] `dtype`, the
+  quotients gathered from host tables (bit-exact on every backend)."""
+  ratios = []
+  for mask in level_masks:
+    valid_h, valid_w = level_valid_counts(mask)
+    ratios.append(jnp.stack(
+        [jnp.asarray(exact.ratio_table(mask.shape[2], dtype))[valid_w],
+         jnp.asarray(exact.ratio_table(mask.shape[1], dtype))[valid_h]], axis=-1))
+  return jnp.stack(ratios, axis=1)
+
+
 def encoder_reference_points(spatial_shapes, valid_ratios):
-  """2-d reference points of every token: [B, N, L, 2] (x, y), spec §6."""
+  """2-d reference points of every token: [B, N, L, 2] (x, y), spec §6.
+
+  `(i + 0.5) / (valid_ratio * H_l)` divides by a broadcast value, which XLA would turn into a
+  multiplication by its reciprocal: `exact_divide` keeps torch's rounding.
+  """
   refs = []
   for lvl, (h, w) in enumerate(spatial_shapes):
     ry, rx = jnp.meshgrid(jnp.arange(h, dtype=valid_ratios.dtype) + 0.5,
                           jnp.arange(w, dtype=valid_ratios.dtype) + 0.5, indexing="ij")
-    ry = ry.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
-    rx = rx.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
+    ry = exact.exact_divide(ry.reshape(-1)[None], valid_ratios[:, None, lvl, 1] * h)
+    rx = exact.exact_divide(rx.reshape(-1)[None], valid_ratios[:, None, lvl, 0] * w)
     refs.append(jnp.stack([rx, ry], axis=-1))
   refs = jnp.concatenate(refs, axis=1)
   return refs[:, :, None] * valid_ratios[:, None]
@@ -136,6 +194,7 @@ class FocusDETR(nn.Module):
   eval_padding_mask: bool = True
   batch_group_size: int = 2
   dtype: Any = jnp.float32
+  remat: str = "none"                      # models/remat.py: what the backward recomputes
 
   @classmethod
   def from_config(cls, model_config):
@@ -154,7 +213,7 @@ class FocusDETR(nn.Module):
         focus_rho=c.focus_rho, cascade=tuple(c.cascade), pos_temperature=c.pos_temperature,
         pos_offset=c.pos_offset, eval_padding_mask=c.eval_padding_mask,
         batch_group_size=c.batch_group_size,
-        dtype=compute_dtype(c.dtype))
+        dtype=compute_dtype(c.dtype), remat=c.remat)
 
   def setup(self):
     d, dt = self.hidden_dim, self.dtype
@@ -163,13 +222,14 @@ class FocusDETR(nn.Module):
     if bb["name"] == "resnet":
       from focus_detr_jax.models.resnet import ResNet
       self.backbone_net = ResNet(depth=bb["depth"], norm=bb["norm"], freeze_at=bb["freeze_at"],
-                                 base_width=bb.get("base_width", 64), dtype=dt, name="backbone")
+                                 base_width=bb.get("base_width", 64), dtype=dt,
+                                 remat=self.remat, name="backbone")
     elif bb["name"] == "swin":
       from focus_detr_jax.models.swin import SwinTransformer
       self.backbone_net = SwinTransformer(
           embed_dim=bb["embed_dim"], depths=tuple(bb["depths"]), num_heads=tuple(bb["num_heads"]),
           window_size=bb["window_size"], drop_path_rate=bb["drop_path_rate"], dtype=dt,
-          name="backbone")
+          remat=self.remat, name="backbone")
     else:
       raise ValueError(f"unknown backbone {bb['name']!r}; expected 'resnet' or 'swin'")
     self.neck = ChannelMapper(d, self.num_levels, dtype=dt)
@@ -184,13 +244,18 @@ class FocusDETR(nn.Module):
     self.label_enc = self.param("label_enc", nn.initializers.normal(1.0), (self.num_classes, d))
     layer_args = dict(embed_dim=d, num_heads=self.num_heads, ffn_dim=self.ffn_dim,
                       num_levels=self.num_levels, num_points=self.num_points, dtype=dt)
-    self.encoder_layers = [FocusEncoderLayer(topk_sa=self.topk_sa, **layer_args)
+    # Rematerialised layers keep their names and parameters (static: spatial_shapes).
+    encoder_layer = remat.wrap(FocusEncoderLayer, self.remat, "encoder", static_argnums=(9,))
+    decoder_layer = remat.wrap(DecoderLayer, self.remat, "decoder", static_argnums=(6,))
+    self.encoder_layers = [encoder_layer(topk_sa=self.topk_sa, **layer_args)
                            for _ in range(self.num_encoder_layers)]
-    self.decoder_layers = [DecoderLayer(**layer_args) for _ in range(self.num_decoder_layers)]
-    self.ref_point_head = MLP(d, d, 2, dtype=dt)
+    self.decoder_layers = [decoder_layer(**layer_args) for _ in range(self.num_decoder_layers)]
+    self.ref_point_head = MLP(d, d, 2, dtype=dt, xavier=True)   # in detrex's transformer
     self.decoder_norm = layer_norm(dtype=dt)
     # 7 class/box heads: 0..L-1 decoder layers, L = two-stage proposals and the encoder's MCSP.
-    self.class_embed = [nn.Dense(self.num_classes, dtype=dt,
+    # Heads as detrex builds them: torch Linear default kernels, the prior-probability bias on
+    # the class heads, zeros on the last box layer.
+    self.class_embed = [nn.Dense(self.num_classes, dtype=dt, kernel_init=TORCH_LINEAR_KERNEL,
                                  bias_init=nn.initializers.constant(_PRIOR_PROB_BIAS))
                         for _ in range(self.num_decoder_layers + 1)]
     self.bbox_embed = [MLP(d, 4, 3, dtype=dt, last_zero_init=True)
@@ -243,9 +308,7 @@ class FocusDETR(nn.Module):
     lvl_pos = jnp.concatenate(
         [(p + self.level_embeds[l]).reshape(b, -1, self.hidden_dim) for l, p in enumerate(pos)],
         axis=1).astype(self.dtype)
-    valid_ratios = jnp.stack(
-        [jnp.stack([(~m[:, 0, :]).sum(1) / m.shape[2], (~m[:, :, 0]).sum(1) / m.shape[1]], -1)
-         for m in level_masks], axis=1).astype(acc)                                 # [B, L, 2]
+    valid_ratios = level_valid_ratios(level_masks, acc)                            # [B, L, 2]
     num_tokens = feat_flat.shape[1]
     if num_tokens < self.num_queries:
       raise ValueError(f"input {images.shape[1:3]} gives {num_tokens} tokens, fewer than "

@@ -4,6 +4,7 @@ Parameter names follow detrex so that one name mapping (convert/detrex.py) serve
 the exporter and the gradient comparison. PyTorch numerics are kept: LayerNorm/GroupNorm eps 1e-5.
 """
 
+import functools
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -29,6 +30,81 @@ def group_norm(num_groups=32, name=None, dtype=jnp.float32):
   """torch GroupNorm numerics: eps 1e-5, two-pass variance."""
   return nn.GroupNorm(num_groups=num_groups, epsilon=NORM_EPS, use_fast_variance=False, name=name,
                       dtype=dtype)
+
+
+def _conv2d_forward(x, kernel, stride, padding):
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x, kernel, stride: int, padding: int):
+  """NHWC x HWIO convolution (torch padding semantics) whose kernel gradient is k*k matmuls.
+
+  Forward and input gradient are XLA's convolution and its transpose. The kernel gradient
+  `dW[i, j] = sum_{b,h,w} x_pad[b, h*s + i, w*s + j, :]^T dY[b, h, w, :]` is written as one
+  [Cin, B H' W'] x [B H' W', Cout] matmul per kernel tap: XLA:CPU lowers the convolution form of
+  the kernel gradient (a convolution whose window is the whole feature map) to a slow, poorly
+  parallel kernel, ~3x the forward's time (BENCHMARKS.md, "Train step: profile, memory and
+  rematerialisation"). Same sums, in another order (float32 rounding differences only).
+
+  Args:
+    x: [B, H, W, Cin]; kernel: [k, k, Cin, Cout]; stride, padding: static ints.
+  Returns:
+    [B, H', W', Cout], H' = (H + 2 padding - k) // stride + 1.
+  """
+  return _conv2d_forward(x, kernel, stride, padding)
+
+
+def _conv2d_fwd(x, kernel, stride, padding):
+  return _conv2d_forward(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv2d_bwd(stride, padding, residuals, g):
+  with jax.named_scope("custom_bwd"):  # profiling.classify: a backward op
+    return _conv2d_bwd_impl(stride, padding, residuals, g)
+
+
+def _conv2d_bwd_impl(stride, padding, residuals, g):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda a: _conv2d_forward(a, kernel, stride, padding), x)
+  (dx,) = input_vjp(g)
+  k = kernel.shape[0]
+  b, ho, wo, cout = g.shape
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  g2 = g.reshape(b * ho * wo, cout)
+  taps = []
+  for i in range(k):
+    for j in range(k):
+      patch = jax.lax.slice(xp, (0, i, j, 0),
+                            (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, x.shape[3]),
+                            (1, stride, stride, 1))                      # [B, H', W', Cin]
+      taps.append(jnp.dot(patch.reshape(b * ho * wo, -1).T, g2,
+                          preferred_element_type=island_dtype(kernel.dtype)))  # [Cin, Cout]
+  dkernel = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+  return dx, dkernel
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+
+# Initialisers as detrex (PyTorch) starts a model from scratch. torch.nn.Linear's default:
+# kernel kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)), bias U(+-1/sqrt(fan_in)); detrex's
+# transformer then xavier-initialises every weight of dimension > 1 inside it (FFNs, attention
+# output projections, MaskPredictor, ref_point_head), keeping the default biases.
+TORCH_LINEAR_KERNEL = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+XAVIER = nn.initializers.xavier_uniform()
+
+
+def torch_linear_bias(fan_in: int) -> nn.initializers.Initializer:
+  """torch.nn.Linear's default bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / max(fan_in, 1) ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
 
 
 class Conv2d(nn.Module):
@@ -57,9 +133,7 @@ class Conv2d(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
     if self.frozen:
       kernel = jax.lax.stop_gradient(kernel)
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
-        [(self.padding, self.padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,))
       if self.frozen:
@@ -96,15 +170,18 @@ class MLP(nn.Module):
   num_layers: int
   dtype: jnp.dtype = jnp.float32
   last_zero_init: bool = False
+  xavier: bool = False       # xavier kernels (inside detrex's transformer); else torch Linear
 
   @nn.compact
   def __call__(self, x):
     for i in range(self.num_layers):
       last = i == self.num_layers - 1
-      init = nn.initializers.zeros if (last and self.last_zero_init) else nn.linear.default_kernel_init
-      x = nn.Dense(self.output_dim if last else self.hidden_dim, kernel_init=init,
-                   bias_init=nn.initializers.zeros if (last and self.last_zero_init)
-                   else nn.initializers.zeros, dtype=self.dtype, name=f"layers_{i}")(x)
+      zero = last and self.last_zero_init
+      x = nn.Dense(self.output_dim if last else self.hidden_dim,
+                   kernel_init=nn.initializers.zeros if zero else (
+                       XAVIER if self.xavier else TORCH_LINEAR_KERNEL),
+                   bias_init=nn.initializers.zeros if zero else torch_linear_bias(x.shape[-1]),
+                   dtype=self.dtype, name=f"layers_{i}")(x)
       if not last:
         x = nn.relu(x)
     return x
@@ -151,9 +228,50 @@ class MultiheadAttention(nn.Module):
       blocked = attn_mask[:, None] if blocked is None else (blocked | attn_mask[:, None])
     if blocked is not None:
       logits = jnp.where(blocked, -jnp.inf, logits)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, lq, d)
-    return nn.Dense(d, dtype=self.dtype, name="out_proj")(out)
+    out = softmax_attention(logits, v).reshape(b, lq, d)
+    return nn.Dense(d, kernel_init=XAVIER, dtype=self.dtype, name="out_proj")(out)
+
+
+@jax.custom_vjp
+def softmax_attention(logits, v):
+  """`einsum(softmax(logits), v)`: logits [B, h, Lq, Lk] float32 (blocked = -inf), v [B, Lk, h, hd]
+  -> [B, Lq, h, hd] in v's dtype.
+
+  The forward is the plain formulation. The backward uses `rowsum(dP * P) = rowsum(dO * O)`
+  (as flash attention does): the softmax's [B, h, Lq, Lk] row reduction becomes one over
+  [B, Lq, h, hd], about 1/3 less decoder self-attention backward time on XLA:CPU. Equal in
+  exact arithmetic; float32 rounding differs.
+  """
+  return _softmax_attention(logits, v)[0]
+
+
+def _softmax_attention(logits, v):
+  weights = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v), weights
+
+
+def _softmax_attention_fwd(logits, v):
+  out, weights = _softmax_attention(logits, v)
+  return out, (weights, v, out)
+
+
+def _softmax_attention_bwd(residuals, g):
+  with jax.named_scope("custom_bwd"):  # profiling.classify: a backward op
+    return _softmax_attention_bwd_impl(residuals, g)
+
+
+def _softmax_attention_bwd_impl(residuals, g):
+  weights, v, out = residuals
+  acc = weights.dtype
+  d_weights = jnp.einsum("bqhd,bkhd->bhqk", g, v).astype(acc)
+  d_v = jnp.einsum("bhqk,bqhd->bkhd", weights.astype(v.dtype), g)
+  row = jnp.sum(g.astype(acc) * out.astype(acc), axis=-1)                     # [B, Lq, h]
+  d_logits = weights * (d_weights - jnp.transpose(row, (0, 2, 1))[..., None])
+  # Blocked logits (-inf, weight 0) get a zero cotangent, as autodiff of the softmax gives.
+  return d_logits, d_v
+
+
+softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 class FFN(nn.Module):
@@ -164,8 +282,11 @@ class FFN(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    y = nn.relu(nn.Dense(self.ffn_dim, dtype=self.dtype, name="layers_0_0")(x))
-    return nn.Dense(self.embed_dim, dtype=self.dtype, name="layers_1")(y)
+    y = nn.relu(nn.Dense(self.ffn_dim, kernel_init=XAVIER,
+                         bias_init=torch_linear_bias(x.shape[-1]), dtype=self.dtype,
+                         name="layers_0_0")(x))
+    return nn.Dense(self.embed_dim, kernel_init=XAVIER, bias_init=torch_linear_bias(
+        self.ffn_dim), dtype=self.dtype, name="layers_1")(y)
 
 
 def gather_rows(x, idx):

@@ -5,6 +5,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from focus_detr_jax.ops.exact import exact_divide
+
 
 def _dim_t(num_pos_feats, temperature):
   """T^(2*floor(k/2)/F), k = 0..F-1, computed in float32 like torch."""
@@ -18,6 +20,25 @@ def _interleave_sin_cos(x):
   return jnp.stack([jnp.sin(x[..., 0::2]), jnp.cos(x[..., 1::2])], axis=-1).reshape(x.shape)
 
 
+def normalized_positions(padding_mask, offset=-0.5, scale=2 * math.pi, eps=1e-6,
+                         dtype=jnp.float32):
+  """PositionEmbeddingSine's normalised coordinates `(cumsum + offset) / (last + eps) * scale`.
+
+  Args:
+    padding_mask: [B, H, W] bool, True = padded.
+  Returns:
+    (y_embed, x_embed), each [B, H, W] `dtype`.
+  """
+  not_mask = (~padding_mask).astype(dtype)
+  y_embed = jnp.cumsum(not_mask, axis=1)
+  x_embed = jnp.cumsum(not_mask, axis=2)
+  # Divisions by a broadcast value: exact_divide keeps torch's rounding (XLA would multiply by
+  # the reciprocal, one ulp off).
+  y_embed = exact_divide(y_embed + offset, y_embed[:, -1:, :] + eps) * scale
+  x_embed = exact_divide(x_embed + offset, x_embed[:, :, -1:] + eps) * scale
+  return y_embed, x_embed
+
+
 def sine_position_embedding(padding_mask, num_pos_feats=128, temperature=10000.0, offset=-0.5,
                             scale=2 * math.pi, eps=1e-6, dtype=jnp.float32):
   """PositionEmbeddingSine(normalize=True) of one level.
@@ -28,20 +49,18 @@ def sine_position_embedding(padding_mask, num_pos_feats=128, temperature=10000.0
     [B, H, W, 2F] `dtype` (float32; float64 in the float64 numerics mode), channels
     [pos_y (F) | pos_x (F)], sin/cos interleaved.
   """
-  not_mask = (~padding_mask).astype(dtype)
-  y_embed = jnp.cumsum(not_mask, axis=1)
-  x_embed = jnp.cumsum(not_mask, axis=2)
-  y_embed = (y_embed + offset) / (y_embed[:, -1:, :] + eps) * scale
-  x_embed = (x_embed + offset) / (x_embed[:, :, -1:] + eps) * scale
-  dim_t = _dim_t(num_pos_feats, temperature)
-  pos_x = _interleave_sin_cos(x_embed[..., None] / dim_t)
-  pos_y = _interleave_sin_cos(y_embed[..., None] / dim_t)
+  y_embed, x_embed = normalized_positions(padding_mask, offset, scale, eps, dtype)
+  dim_t = _dim_t(num_pos_feats, temperature).astype(dtype)
+  pos_x = _interleave_sin_cos(exact_divide(x_embed[..., None], dim_t))
+  pos_y = _interleave_sin_cos(exact_divide(y_embed[..., None], dim_t))
   return jnp.concatenate([pos_y, pos_x], axis=-1)
 
 
 def sine_box_embedding(boxes, num_pos_feats=128, temperature=10000.0, scale=2 * math.pi):
   """get_sine_pos_embed(exchange_xy=True) of cxcywh boxes: [..., 4] -> [..., 4F] as [y, x, w, h]."""
   dim_t = _dim_t(num_pos_feats, temperature)
-  embeds = [_interleave_sin_cos(boxes[..., i:i + 1] * scale / dim_t) for i in range(4)]
+  phase_dtype = jnp.promote_types(boxes.dtype, dim_t.dtype)
+  embeds = [_interleave_sin_cos(exact_divide((boxes[..., i:i + 1] * scale).astype(phase_dtype),
+                                             dim_t.astype(phase_dtype))) for i in range(4)]
   embeds[0], embeds[1] = embeds[1], embeds[0]
   return jnp.concatenate(embeds, axis=-1)

@@ -10,6 +10,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from focus_detr_jax.models import remat
 from focus_detr_jax.models.layers import Conv2d, FrozenBatchNorm, group_norm, island_dtype
 
 # Bottleneck blocks per stage; 26 is a light variant for CPU demos and tests.
@@ -73,6 +74,7 @@ class ResNet(nn.Module):
   freeze_at: int = 1
   base_width: int = 64
   dtype: jnp.dtype = jnp.float32
+  remat: str = "none"                      # models/remat.py ("full" rematerialises each block)
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -84,11 +86,12 @@ class ResNet(nn.Module):
     x = nn.relu(_norm(self.norm, "stem_conv1_norm")(x))
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     outputs = []
+    block = remat.wrap(Bottleneck, self.remat, "backbone")
     for stage, num_blocks in enumerate(RESNET_BLOCKS[self.depth]):
       stage_name = f"res{stage + 2}"
       bottleneck, out = w * 2 ** stage, w * 4 * 2 ** stage
       for i in range(num_blocks):
-        x = Bottleneck(bottleneck, out, 2 if (i == 0 and stage > 0) else 1, self.norm,
+        x = block(bottleneck, out, 2 if (i == 0 and stage > 0) else 1, self.norm,
                        frozen=self.freeze_at >= stage + 2, dtype=self.dtype,
                        name=f"{stage_name}_{i}")(x)
       if stage >= 1:

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from focus_detr_jax.models import remat
 from focus_detr_jax.models.layers import Conv2d, island_dtype, layer_norm
 
 # Added to the logits of token pairs from different shift regions (detectron2: -100.0, not -inf).
@@ -263,14 +264,16 @@ class SwinStage(nn.Module):
   drop_paths: Sequence[float]
   downsample: bool
   dtype: jnp.dtype = jnp.float32
+  remat: str = "none"                      # models/remat.py ("full" rematerialises each block)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     _, hgt, wid, _ = x.shape
+    block = remat.wrap(SwinBlock, self.remat, "backbone", static_argnums=(3,))
     w, s = self.window, self.window // 2
     mask = shift_attention_mask(padded_size(hgt, w), padded_size(wid, w), w, s)  # numpy constant
     for j in range(self.depth):
-      x = SwinBlock(self.num_heads, w, 0 if j % 2 == 0 else s, self.mlp_ratio,
+      x = block(self.num_heads, w, 0 if j % 2 == 0 else s, self.mlp_ratio,
                     float(self.drop_paths[j]), dtype=self.dtype, name=f"blocks_{j}")(x, mask, train)
       self.sow("intermediates", f"block{j}", x)
     merged = PatchMerging(dtype=self.dtype, name="downsample")(x) if self.downsample else None
@@ -315,6 +318,7 @@ class SwinTransformer(nn.Module):
   out_indices: Sequence[int] = (1, 2, 3)
   dtype: jnp.dtype = jnp.float32
   patch_size: int = 4
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -335,7 +339,7 @@ class SwinTransformer(nn.Module):
       stage_out, merged = SwinStage(
           self.depths[i], self.num_heads[i], self.window_size, self.mlp_ratio,
           tuple(float(r) for r in rates[start:start + self.depths[i]]),
-          downsample=i < num_stages - 1, dtype=self.dtype,
+          downsample=i < num_stages - 1, dtype=self.dtype, remat=self.remat,
           name=f"layers_{i}")(x, train)
       self.sow("intermediates", f"stage{i}", stage_out)
       if i in self.out_indices:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from focus_detr_jax.models.layers import island_dtype, layer_norm
+from focus_detr_jax.models.layers import XAVIER, island_dtype, layer_norm, torch_linear_bias
 
 
 def focus_capacity(num_tokens: int, focus_rho: float) -> int:
@@ -88,16 +88,21 @@ class MaskPredictor(nn.Module):
   @nn.compact
   def __call__(self, x):
     """x: [B, T, D] tokens of one level -> [B, T] logits."""
+    # xavier kernels, torch-default biases: detrex's transformer init (layers.XAVIER).
+    def dense(features, fan_in, name):
+      return nn.Dense(features, kernel_init=XAVIER, bias_init=torch_linear_bias(fan_in),
+                      dtype=self.dtype, name=name)
+
     z = layer_norm("layer1_0", self.dtype)(x)
-    z = nn.gelu(nn.Dense(self.hidden_dim, dtype=self.dtype, name="layer1_1")(z), approximate=False)
+    z = nn.gelu(dense(self.hidden_dim, x.shape[-1], "layer1_1")(z), approximate=False)
     half = self.hidden_dim // 2
     z_local, z_global = z[..., :half], z[..., half:]
     # The global half averages over every token of the level, padded ones included (detrex).
     z_global = jnp.broadcast_to(z_global.mean(axis=1, keepdims=True), z_global.shape)
     z = jnp.concatenate([z_local, z_global], axis=-1)
-    z = nn.gelu(nn.Dense(half, dtype=self.dtype, name="layer2_0")(z), approximate=False)
-    z = nn.gelu(nn.Dense(half // 2, dtype=self.dtype, name="layer2_2")(z), approximate=False)
-    logits = nn.Dense(1, dtype=self.dtype, name="layer2_4")(z)[..., 0]
+    z = nn.gelu(dense(half, self.hidden_dim, "layer2_0")(z), approximate=False)
+    z = nn.gelu(dense(half // 2, half, "layer2_2")(z), approximate=False)
+    logits = dense(1, half // 2, "layer2_4")(z)[..., 0]
     return logits.astype(island_dtype(self.dtype))
 
 

@@ -44,12 +44,46 @@ def load_manifest(path):
     return [tuple(row) for row in json.load(f)]
 
 
+def checkpoint_path(set_dir):
+  """The weight file of a set recorded from a checkpoint (manifest rule "checkpoint").
+
+  meta.json's `weights` names the file and its sha256 (scripts/record_reference.py
+  --checkpoint); the file is looked up in FOCUS_DETR_REFERENCE_CHECKPOINT, then next to the set.
+  """
+  import hashlib
+  import os
+  from pathlib import Path
+  set_dir = Path(set_dir)
+  info = json.loads((set_dir / "meta.json").read_text())["weights"]
+  candidates = [os.environ.get("FOCUS_DETR_REFERENCE_CHECKPOINT"), set_dir / info["file"]]
+  path = next((Path(c) for c in candidates if c and Path(c).is_file()), None)
+  if path is None:
+    raise FileNotFoundError(f"{set_dir} was recorded from the checkpoint {info['file']} "
+                            f"(sha256 {info['sha256']}); put it next to the set or point "
+                            "FOCUS_DETR_REFERENCE_CHECKPOINT at it")
+  digest = hashlib.sha256(path.read_bytes()).hexdigest()
+  if digest != info["sha256"]:
+    raise ValueError(f"{path}: sha256 {digest} differs from the recorded {info['sha256']}")
+  return path
+
+
 def build_state_dict(manifest_path, seed, prefix=""):
-  """Rebuild the recorded state_dict: {key: np.ndarray}; aliases share the canonical array."""
+  """Rebuild the recorded state_dict: {key: np.ndarray}; aliases share the canonical array.
+
+  Rows with rule "checkpoint" take their value from the set's checkpoint file (checkpoint_path).
+  """
   state_dict = {}
+  checkpoint = None
   for key, shape, _, rule, alias_of in load_manifest(manifest_path):
     if alias_of is not None:
       state_dict[key] = state_dict[alias_of]
+    elif rule == "checkpoint":
+      if checkpoint is None:
+        from pathlib import Path
+        from focus_detr_jax.convert import torch_io
+        obj = torch_io.load_file(checkpoint_path(Path(manifest_path).parent))
+        checkpoint = obj.get("model", obj) if isinstance(obj, dict) else obj
+      state_dict[key] = np.asarray(checkpoint[key]).reshape(shape)
     else:
       state_dict[key] = rule_value(prefix + key, shape, rule, seed)
   return state_dict

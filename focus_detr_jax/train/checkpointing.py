@@ -4,24 +4,65 @@ Layout of a workdir:
   checkpoints/<step>/state       TrainState (params, optimiser, step, RNG, EMA)
   best/<step>/state              the same for the best evaluation AP (kept: 1)
   input/<step>/host<i>.*         the input iterator position of host i at that step
-Restoring takes the target shardings, so a run can resume on a different mesh.
+Restoring takes the target shardings, so a run can resume on a different mesh. A step that does
+not restore (a truncated file) is skipped for the next older one; training then moves it to
+`checkpoints_unrestorable/<step>` (kept for inspection, never deleted).
 """
 
-import os
-from typing import Any, Optional
+import logging
+from typing import List, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from focus_detr_jax.checkpoint import as_path
+from focus_detr_jax.cli import UserError, one_line
+from focus_detr_jax.config_check import ConfigMismatchError, describe_shape_mismatch
+
+
+UNRESTORABLE_DIR = "checkpoints_unrestorable"
+
+
+class CheckpointError(UserError):
+  """No checkpoint of a workdir can be restored."""
+
+
+def shape_mismatches(stored, target) -> List[Tuple[str, tuple, tuple]]:
+  """(path, stored shape, target shape) of every array whose shape differs, and of arrays that
+  only one of the two trees has (shape `()` stands for "absent")."""
+  def shapes(tree):
+    flat = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict))[0]
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(getattr(v, "shape", ()))
+            for p, v in flat if hasattr(v, "shape")}
+  a, b = shapes(stored), shapes(target)
+  out = [(k, a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
+  out += [(f"{k} (only in the checkpoint)", a[k], ()) for k in sorted(a.keys() - b.keys())]
+  out += [(f"{k} (not in the checkpoint)", (), b[k]) for k in sorted(b.keys() - a.keys())]
+  return out
+
+
+def _root_cause(error: BaseException, limit: int = 300) -> str:
+  """The innermost exception's message on one line (orbax wraps tensorstore's in long specs)."""
+  seen = [error]
+  while (seen[-1].__cause__ or seen[-1].__context__) is not None and len(seen) < 20:
+    seen.append(seen[-1].__cause__ or seen[-1].__context__)
+  message = one_line(seen[-1])
+  return message if len(message) <= limit else message[:limit] + "..."
 
 
 class Checkpointer:
-  """Latest-k and best-AP checkpoint managers over one workdir."""
+  """Latest-k and best-AP checkpoint managers over one workdir.
 
-  def __init__(self, workdir, keep: int = 3, async_save: bool = True):
+  `model_config` (optional) only improves the message of a shape mismatch.
+  """
+
+  def __init__(self, workdir, keep: int = 3, async_save: bool = True, model_config=None):
     self.workdir = as_path(workdir)
+    self.model_config = model_config
+    self.skipped: List[Tuple[int, str]] = []
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.latest = ocp.CheckpointManager(self.workdir / "checkpoints", options=options)
@@ -58,16 +99,70 @@ class Checkpointer:
     return self.latest.latest_step()
 
   def restore(self, target_state, data_iterator=None, step: Optional[int] = None):
-    """Restore the latest (or given) step onto `target_state`'s structure and shardings."""
-    step = self.latest.latest_step() if step is None else step
-    if step is None:
+    """Restore onto `target_state`'s structure and shardings: the given step, else the newest
+    step that restores.
+
+    A step that fails to restore (a truncated or missing file) is skipped with a warning and left
+    on disk, and the next older one is tried; `self.skipped` lists the (step, reason) pairs.
+    Parameters of other shapes than the target's raise `config_check.ConfigMismatchError` (a
+    config problem, the same for every step); no restorable step raises `CheckpointError`.
+    Returns None when there is no checkpoint at all.
+    """
+    steps = [step] if step is not None else sorted(self.latest.all_steps(), reverse=True)
+    if not steps:
       return None
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target_state)
+    self.skipped = []
+    for s in steps:
+      try:
+        state = self._restore_step(s, abstract, data_iterator)
+      except ConfigMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  # any unreadable step is skipped
+        reason = _root_cause(e)
+        logging.warning("checkpoint %s cannot be restored, skipped (left on disk): %s",
+                        self.latest.directory / str(s), reason)
+        self.skipped.append((s, reason))
+        continue
+      if self.skipped:
+        logging.warning("restored step %d instead of the newest checkpoint (skipped: %s)", s,
+                        ", ".join(str(k) for k, _ in self.skipped))
+      return state
+    raise CheckpointError(f"no checkpoint in {self.latest.directory} can be restored: " +
+                          "; ".join(f"step {k}: {why}" for k, why in self.skipped))
+
+  def _restore_step(self, step: int, abstract, data_iterator):
+    """The state of one step, after checking its stored shapes against `abstract`'s."""
+    stored = ocp.StandardCheckpointHandler().metadata(self.latest.directory / str(step) / "state")
+    mismatches = shape_mismatches(stored, abstract)
+    if mismatches:
+      raise ConfigMismatchError(describe_shape_mismatch(mismatches, self.model_config,
+                                                        self.workdir))
     restored = self.latest.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))
     if data_iterator is not None:
       data_iterator.restore(str(self.input_prefix(step)))
     return restored["state"]
+
+  def set_aside(self, steps) -> None:
+    """Move unrestorable step directories to `checkpoints_unrestorable/` (never deleted), so
+    that new saves of those step numbers do not collide with them. Process 0 moves; every
+    process reloads its step list."""
+    if jax.process_count() > 1:   # every process is done reading before anything moves
+      multihost_utils.sync_global_devices("checkpointing.set_aside.before")
+    if jax.process_index() == 0:
+      for step in steps:
+        source = self.latest.directory / str(step)
+        target = self.workdir / UNRESTORABLE_DIR / str(step)
+        if source.exists():
+          target.parent.mkdir(parents=True, exist_ok=True)
+          if target.exists():
+            target = target.parent / f"{step}.{len(list(target.parent.iterdir()))}"
+          source.rename(target)
+          logging.warning("moved the unrestorable checkpoint %s to %s", source, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("checkpointing.set_aside.after")
+    self.latest.reload()
 
   def wait(self):
     self.latest.wait_until_finished()

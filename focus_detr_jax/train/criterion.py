@@ -201,7 +201,8 @@ def focus_detr_loss(outputs: Mapping[str, jax.Array], targets: Mapping[str, jax.
   num_boxes = jnp.maximum(jnp.asarray(num_boxes, jnp.float32), 1.0)
   labels, boxes, _ = _targets(targets)
   num_aux = outputs["aux_pred_logits"].shape[0]
-  matching = compute_matchings(outputs, targets, config)
+  with jax.named_scope("matcher"):
+    matching = compute_matchings(outputs, targets, config)
 
   losses = {}
   heads = ([("", outputs["pred_logits"], outputs["pred_boxes"])]

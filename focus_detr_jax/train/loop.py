@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from focus_detr_jax import config_check
 from focus_detr_jax.checkpoint import as_path, save_model_checkpoint
 from focus_detr_jax.models.focus_detr import FocusDETR
 from focus_detr_jax.train import checkpointing, optim, sharding, state as state_lib, steps
@@ -65,20 +66,91 @@ def init_variables(model, config, rng):
 
 def _initialise_from_files(variables, config):
   """Apply `config.init.backbone` / `config.init.checkpoint` (convert/init.py), with a report."""
-  if not (config.init.backbone or config.init.checkpoint):
-    return variables
   from focus_detr_jax.convert import init as init_lib
+  if not (init_lib.backbone_file(config) or config.init.checkpoint):
+    return variables
   variables, report = init_lib.init_from_config(variables, config)
   logging.info("initialisation report:\n%s", report)
   return variables
 
 
-def _summaries(metrics, elapsed, steps_done, total_steps, start_step):
+def enable_compilation_cache() -> Optional[str]:
+  """Turns on JAX's persistent compilation cache (each training canvas is one compile of the
+  step; a restart or a second run then loads them): `$FOCUS_DETR_COMPILATION_CACHE`, default
+  `~/.cache/focus_detr_jax/xla`; an empty value, or a cache dir configured already, leaves JAX
+  as it is. Returns the directory in use (None: off)."""
+  import os  # pylint: disable=import-outside-toplevel
+  if jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir
+  path = os.environ.get("FOCUS_DETR_COMPILATION_CACHE",
+                        os.path.join(os.path.expanduser("~"), ".cache", "focus_detr_jax", "xla"))
+  if not path:
+    return None
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
+
+
+def _normalising_on_device(step_fn, data):
+  """`step_fn(state, batch)` fed uint8 images: the normalisation and the padding mask are made
+  inside the jitted step (data/device.py, bit-identical to the host's)."""
+  from focus_detr_jax.data import device  # pylint: disable=import-outside-toplevel
+
+  def step(state, batch):
+    return step_fn(state, device.normalize_on_device(batch, data.pixel_mean, data.pixel_std))
+
+  return step
+
+
+def _summaries(metrics, rate, steps_left, elapsed, max_minutes=0.0):
+  """Every scalar metric plus steps/s (`rate`) and the minutes left: the step count's or the
+  time budget's (`max_minutes` from the start, `elapsed` seconds spent), whichever ends first."""
   out = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0 and k != "finite"}
-  rate = steps_done / max(elapsed, 1e-9)
   out["steps_per_second"] = rate
-  out["eta_minutes"] = (total_steps - start_step - steps_done) / max(rate, 1e-9) / 60
+  eta = steps_left / max(rate, 1e-9) / 60
+  if max_minutes:
+    eta = min(eta, max(max_minutes - elapsed / 60, 0.0))
+  out["eta_minutes"] = eta
   return out
+
+
+class _StepRate:
+  """Steps per second, measured from the end of the first step (its compilation excluded)."""
+
+  def __init__(self, start_time, start_step):
+    self.start_time, self.start_step = start_time, start_step
+    self.first = None
+
+  def update(self, step, now) -> float:
+    if self.first is None:
+      self.first = (now, step)
+    t0, s0 = self.first if step > self.first[1] else (self.start_time, self.start_step)
+    return (step - s0) / max(now - t0, 1e-9)
+
+
+# Loss terms in the one-line progress log (the rest go to TensorBoard and metrics.jsonl only).
+PROGRESS_TERMS = (("loss_class", "cls"), ("loss_bbox", "bbox"), ("loss_giou", "giou"),
+                  ("select_loss", "select"))
+
+
+def progress_line(step, total_steps, summary, elapsed, max_minutes=0.0) -> str:
+  """`step 250/2000 | loss 3.214 (cls 0.41 bbox 0.12 giou 0.33) | 2.10 steps/s | 4.5 min left`."""
+  terms = " ".join(f"{short} {summary[key]:.3g}" for key, short in PROGRESS_TERMS
+                   if key in summary)
+  line = (f"step {step}/{total_steps} | loss {summary.get('total_loss', float('nan')):.4g}"
+          f"{f' ({terms})' if terms else ''} | {summary['steps_per_second']:.2f} steps/s | "
+          f"{summary['eta_minutes']:.1f} min left")
+  if max_minutes:
+    line += f" (time budget {elapsed / 60:.1f}/{max_minutes:g} min)"
+  return line
+
+
+def _make_writer(workdir):
+  """TensorBoard scalars and pictures from process 0 (the progress line is logged separately,
+  so the writer does not log every term)."""
+  from clu import metric_writers
+  if jax.process_index() > 0:
+    return metric_writers.MultiWriter([])
+  return metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(str(workdir))])
 
 
 def train_and_evaluate(config, workdir, *, evaluate: bool = True,
@@ -103,15 +175,18 @@ def _any_host(flags):
 
 
 def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps):
-  from clu import metric_writers
   from focus_detr_jax.data import pipeline
 
   workdir = as_path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  # Everything that can be checked without compiling, before the workdir is written.
+  config_check.check_training_config(config, workdir, jax.device_count(), jax.process_count())
   meta = pipeline.dataset_meta(config)
   if meta.num_classes != config.model.num_classes:
-    raise ValueError(f"config.model.num_classes={config.model.num_classes} but dataset "
-                     f"{meta.name} has {meta.num_classes} classes")
+    raise config_check.ConfigMismatchError(
+        f"config.model.num_classes={config.model.num_classes} but dataset {meta.name} has "
+        f"{meta.num_classes} classes")
+  workdir.mkdir(parents=True, exist_ok=True)
+  logging.info("persistent compilation cache: %s", enable_compilation_cache())
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.data.batch_size, mesh, config.model.batch_group_size)
   model = FocusDETR.from_config(config.model)
@@ -123,19 +198,27 @@ def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps)
   state = jax.device_put(state, sharding.replicated(mesh))
 
   data_iter = pipeline.make_train_iterator(config, jax.process_index(), jax.process_count())
-  checkpointer = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  restored = checkpointer.restore(state, data_iter)
+  data_iter.normalize_on_host = False   # uint8 over the wire; normalised inside the step
+  checkpointer = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
+                                            model_config=config.model)
+  try:
+    restored = checkpointer.restore(state, data_iter)
+  except Exception:
+    checkpointer.close()   # no orbax threads left to complain at exit
+    raise
   if restored is not None:
     state = restored
     logging.info("resumed from step %d", int(state.step))
-  writer = metric_writers.create_default_writer(str(workdir),
-                                                just_logging=jax.process_index() > 0)
+  if checkpointer.skipped:   # keep them, but out of the way of new saves of those steps
+    checkpointer.set_aside([s for s, _ in checkpointer.skipped])
+  writer = _make_writer(workdir)
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
 
   train_step = sharding.jit_data_parallel(
-      functools.partial(steps.train_step, model=model, config=config, tx=tx, schedule=schedule,
-                        loss_config=LossConfig.from_config(config)),
+      _normalising_on_device(functools.partial(
+          steps.train_step, model=model, config=config, tx=tx, schedule=schedule,
+          loss_config=LossConfig.from_config(config)), config.data),
       mesh, donate_state=True)
   evaluator = None
   if evaluate:
@@ -147,6 +230,7 @@ def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps)
       t.num_steps, int(state.step) + stop_after_steps)
   start_step = int(state.step)
   start_time = time.time()
+  step_rate = _StepRate(start_time, start_step)
   last_good = checkpointer.latest_step()
   metrics_host = {}
   eval_metrics = {}
@@ -164,6 +248,7 @@ def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps)
     state, metrics = train_step(state, batch)
     step += 1
     metrics_host = jax.device_get(metrics)
+    rate = step_rate.update(step, time.time())
     if not bool(metrics_host["finite"]):
       checkpointer.wait()
       writer.flush()
@@ -173,9 +258,10 @@ def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps)
           f"last good checkpoint: "
           f"{checkpointer.latest.directory / str(last_good) if last_good is not None else 'none'}")
     if step % t.log_every == 0 or step == total_steps:
-      summary = _summaries(metrics_host, time.time() - start_time, step - start_step,
-                           total_steps, start_step)
+      elapsed = time.time() - start_time
+      summary = _summaries(metrics_host, rate, total_steps - step, elapsed, t.max_minutes)
       writer.write_scalars(step, summary)
+      logging.info("%s", progress_line(step, total_steps, summary, elapsed, t.max_minutes))
       _append_jsonl(workdir / "metrics.jsonl", dict(step=step, **summary))
     # Every host must stop (and save) at the same step, or the collectives deadlock.
     flags = _any_host([preemption.requested,

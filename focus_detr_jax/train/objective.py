@@ -50,7 +50,8 @@ def model_loss(model, params, extra_variables, batch, config, *, key=None,
   dn_key = drop_key = None
   if key is not None:
     dn_key, drop_key = jax.random.split(key)
-  dn = denoising_queries(config, batch, dn_key, dn_draws)
+  with jax.named_scope("denoising"):
+    dn = denoising_queries(config, batch, dn_key, dn_draws)
   denoising = None
   if dn is not None:
     denoising = dict(labels=dn.dn_labels, boxes_unact=dn.dn_boxes_unact,
@@ -64,7 +65,8 @@ def model_loss(model, params, extra_variables, batch, config, *, key=None,
   if num_boxes is None:
     num_boxes = batch["box_valid"].sum()
   level_shapes = feature_level_shapes(*batch["image"].shape[1:3], config.model.num_levels)
-  total, aux = focus_detr_loss(outputs, targets, num_boxes, level_shapes=level_shapes,
-                               config=loss_config or LossConfig.from_config(config), dn=dn)
+  with jax.named_scope("losses"):  # profiles attribute the criterion's ops to this scope
+    total, aux = focus_detr_loss(outputs, targets, num_boxes, level_shapes=level_shapes,
+                                 config=loss_config or LossConfig.from_config(config), dn=dn)
   aux = dict(aux, outputs=outputs, denoising=dn)
   return total, aux
