@@ -121,6 +121,12 @@ class _HoldBatch:
   def __getattr__(self, name):  # save / restore / stats
     return getattr(self._it, name)
 
+  def __setattr__(self, name, value):  # e.g. the loop's `normalize_on_host = False`
+    if name.startswith("_"):
+      object.__setattr__(self, name, value)
+    else:
+      setattr(self._it, name, value)
+
 
 def _checkpoint_steps(workdir):
   root = workdir / "checkpoints"

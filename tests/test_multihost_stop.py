@@ -127,12 +127,6 @@ def test_time_budget_on_one_process_stops_both_at_the_same_step(run):
     assert r["checkpoints_after"] == [STOP_AT, STOP_AT + 1], r
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "regression found at the 2026-12-06 stop, not yet fixed: with the aspect-group training "
-    "stream (data/buckets.py), the uninterrupted run started later in the same two processes "
-    "gets a different step-1 loss than the first run (25.75 vs 26.35), so resumed != "
-    "uninterrupted; single-process resume stays exact (test_train_loop). Not the compilation "
-    "cache (same values with it off)."))
 def test_resume_runs_to_the_end_and_equals_an_uninterrupted_run(run):
   for ph in run["phases"]:
     r, full = ph["resume"], ph["full"]

@@ -183,6 +183,9 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tiny_config, tmp_path, m
       def __getattr__(self, name):      # save, restore, stats, ... of the real iterator
         return getattr(it, name)
 
+      def __setattr__(self, name, value):  # e.g. the loop's `normalize_on_host = False`
+        setattr(it, name, value)
+
     return Poisoned()
 
   monkeypatch.setattr(pipeline, "make_train_iterator", poisoned)
