@@ -323,17 +323,34 @@ def _dummy(canvas, cfg: TransformConfig, image_id, stats):
   }
 
 
+def _has_annotations(example, cfg: TransformConfig) -> tf.Tensor:
+  """Whether the example has a non-crowd box (always True unless images without one are
+  skipped)."""
+  if not cfg.skip_images_without_annotations:
+    return tf.constant(True)
+  return tf.reduce_any(tf.logical_not(tf.cast(example["objects"]["is_crowd"], tf.bool)))
+
+
+def _decode_and_clean(example, cfg: TransformConfig):
+  """Decoded image, its (h, w), cleaned boxes and labels, and the example's counters."""
+  objects = example["objects"]
+  image = decode_image(example["image"])
+  orig_hw = tf.shape(image)[:2]
+  boxes, labels, _, stats = clean_boxes(objects["bbox"], objects["label"],
+                                        tf.cast(objects["is_crowd"], tf.bool), orig_hw,
+                                        cfg.drop_crowd)
+  stats = {**_zero_stats(), **stats,
+           **format_stats(example["image"], example.get("image/header"))}
+  return image, orig_hw, boxes, labels, stats
+
+
 def train_example(example, key: tf.Tensor, canvas, cfg: TransformConfig):
   """One training example. `example`: TFDS coco features with `image` still encoded.
 
   `key`: int64 [2] stateless seed of this example. Output: see `_finish` (`keep` False for
   images skipped because they have no non-crowd annotation).
   """
-  objects = example["objects"]
-  is_crowd = tf.cast(objects["is_crowd"], tf.bool)
-  has_annotations = tf.reduce_any(tf.logical_not(is_crowd))
-  if not cfg.skip_images_without_annotations:
-    has_annotations = tf.constant(True)
+  has_annotations = _has_annotations(example, cfg)
 
   def skipped():
     stats = _zero_stats()
@@ -341,12 +358,7 @@ def train_example(example, key: tf.Tensor, canvas, cfg: TransformConfig):
     return _dummy(canvas, cfg, example["image/id"], stats)
 
   def processed():
-    image = decode_image(example["image"])
-    orig_hw = tf.shape(image)[:2]
-    boxes, labels, _, stats = clean_boxes(objects["bbox"], objects["label"], is_crowd, orig_hw,
-                                          cfg.drop_crowd)
-    stats = {**_zero_stats(), **stats,
-             **format_stats(example["image"], example.get("image/header"))}
+    image, orig_hw, boxes, labels, stats = _decode_and_clean(example, cfg)
     if not cfg.augment:
       target = resize_shortest_edge_size(orig_hw, cfg.eval_scale, cfg.eval_max_size)
       return _finish(image, boxes, labels, target, canvas, cfg, stats, orig_hw,
@@ -423,11 +435,7 @@ def train_augment(example, plan: dict, cfg: TransformConfig) -> dict:
   orig_size, image_id, short (int32), keep (False: no non-crowd annotation, skipped),
   stats int64 [len(EXAMPLE_STATS)].
   """
-  objects = example["objects"]
-  is_crowd = tf.cast(objects["is_crowd"], tf.bool)
-  has_annotations = tf.reduce_any(tf.logical_not(is_crowd))
-  if not cfg.skip_images_without_annotations:
-    has_annotations = tf.constant(True)
+  has_annotations = _has_annotations(example, cfg)
 
   def pack(image, boxes, labels, orig_hw, stats, keep):
     return {"image": image, "boxes": tf.reshape(boxes, [-1, 4]), "labels": labels,
@@ -443,12 +451,7 @@ def train_augment(example, plan: dict, cfg: TransformConfig) -> dict:
                 tf.ones([2], tf.int32), stats, False)
 
   def processed():
-    image = decode_image(example["image"])
-    orig_hw = tf.shape(image)[:2]
-    boxes, labels, _, stats = clean_boxes(objects["bbox"], objects["label"], is_crowd, orig_hw,
-                                          cfg.drop_crowd)
-    stats = {**_zero_stats(), **stats,
-             **format_stats(example["image"], example.get("image/header"))}
+    image, orig_hw, boxes, labels, stats = _decode_and_clean(example, cfg)
     if not cfg.augment:
       return pack(image, boxes, labels, orig_hw, stats, True)
     image, boxes = tf.cond(plan["flip"], lambda: hflip(image, boxes), lambda: (image, boxes))
@@ -518,13 +521,7 @@ def eval_example(example, canvas, cfg: TransformConfig):
   Images without annotations are kept (COCO evaluation counts them). `canvas` None: no padding
   (exact mode, one shape per image).
   """
-  objects = example["objects"]
-  image = decode_image(example["image"])
-  orig_hw = tf.shape(image)[:2]
-  boxes, labels, _, stats = clean_boxes(objects["bbox"], objects["label"], objects["is_crowd"],
-                                        orig_hw, cfg.drop_crowd)
-  stats = {**_zero_stats(), **stats,
-           **format_stats(example["image"], example.get("image/header"))}
+  image, orig_hw, boxes, labels, stats = _decode_and_clean(example, cfg)
   stats["images_without_annotations"] = tf.cast(tf.equal(tf.size(labels), 0), tf.int64)
   target = resize_shortest_edge_size(orig_hw, cfg.eval_scale, cfg.eval_max_size)
   return _finish(image, boxes, labels, target, canvas, cfg, stats, orig_hw, example["image/id"],
