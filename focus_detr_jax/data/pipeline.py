@@ -641,12 +641,17 @@ class DataIterator:
     self._after = self._after_var.numpy().copy()
 
 
-def make_train_iterator(config, process_index=None, process_count=None) -> DataIterator:
-  """Infinite, checkpointable iterator of training batches for this host."""
+def make_train_iterator(config, process_index=None, process_count=None,
+                        normalize_on_host=True) -> DataIterator:
+  """Infinite, checkpointable iterator of training batches for this host.
+
+  `normalize_on_host=False`: uint8 images, normalised inside the step (see DataIterator)."""
   data = _data_section(config)
   ds = make_train_dataset(config, process_index, process_count)
   _, meta = get_builder(config, prepare=False)
-  return DataIterator(ds, data, meta, train_schedule(config).num_groups, training=True)
+  iterator = DataIterator(ds, data, meta, train_schedule(config).num_groups, training=True)
+  iterator.normalize_on_host = normalize_on_host
+  return iterator
 
 
 def make_eval_iterator(config, process_index=None, process_count=None,

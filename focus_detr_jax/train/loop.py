@@ -197,8 +197,9 @@ def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps)
   state = state_lib.create_train_state(variables, tx, state_rng, ema=config.optim.ema_decay > 0)
   state = jax.device_put(state, sharding.replicated(mesh))
 
-  data_iter = pipeline.make_train_iterator(config, jax.process_index(), jax.process_count())
-  data_iter.normalize_on_host = False   # uint8 over the wire; normalised inside the step
+  # uint8 over the wire; normalised inside the step.
+  data_iter = pipeline.make_train_iterator(config, jax.process_index(), jax.process_count(),
+                                           normalize_on_host=False)
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                             model_config=config.model)
   try:
