@@ -72,6 +72,9 @@ def main(doc: str, define_flags: Callable[[flags.FlagValues, List[str]], None],
     # Background threads of orbax/tensorstore may leave unraisable exceptions (`Event loop is
     # closed`) behind a failed restore: logged at debug level, not printed as tracebacks.
     sys.unraisablehook = _log_unraisable
+    # Their asyncio futures may also fail unobserved (`Future exception was never retrieved`,
+    # logged by asyncio with a traceback): the restore error itself is reported by our code.
+    logging.getLogger("asyncio").addFilter(_demote_async_tracebacks)
   fv = flags.FlagValues()
   define_flags(fv, argv)
   flags.DEFINE_boolean("debug", False, f"show tracebacks of user errors (also: {DEBUG_ENV}=1)",
@@ -151,6 +154,14 @@ def configure_logging() -> None:
 
 def _log_unraisable(unraisable) -> None:
   logging.debug("exception ignored in %r: %r", unraisable.object, unraisable.exc_value)
+
+
+def _demote_async_tracebacks(record: logging.LogRecord) -> bool:
+  """asyncio records that carry a traceback go to debug level without it (False: dropped)."""
+  if record.exc_info or "never retrieved" in str(record.msg):
+    logging.debug("asyncio: %s", str(record.getMessage()).splitlines()[0])
+    return False
+  return True
 
 
 def _debug_requested(argv: Sequence[str]) -> bool:

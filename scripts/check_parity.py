@@ -14,16 +14,15 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import contextlib  # noqa: E402
+import contextlib
 
-import jax  # noqa: E402
-from absl import flags  # noqa: E402
+import jax
+from absl import flags
 
-from focus_detr_jax import cli  # noqa: E402
-from focus_detr_jax.models.focus_detr import COMPUTE_DTYPES  # noqa: E402
-from focus_detr_jax.parity import check  # noqa: E402
+from focus_detr_jax import cli
+from focus_detr_jax.models.focus_detr import COMPUTE_DTYPES
+from focus_detr_jax.parity import check
 
 
 FLAGS = ("reference-dir", "json", "stages", "sensitivity", "dtype")

@@ -7,13 +7,9 @@ Same flags, output and exit status as scripts/convert_checkpoint.py.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import convert_checkpoint  # noqa: E402
-
-from focus_detr_jax import cli  # noqa: E402
+from focus_detr_jax import cli
+from focus_detr_jax.convert import command
 
 
 def main(argv=None) -> int:
@@ -21,7 +17,7 @@ def main(argv=None) -> int:
   if any(a == "--format" or a.startswith("--format=") for a in argv[1:]):
     print("error: convert_detrex.py always uses --format detrex", file=sys.stderr)
     return 2
-  return cli.main(__doc__, convert_checkpoint.define_flags, convert_checkpoint.run,
+  return cli.main(__doc__, command.define_flags, command.run,
                   argv[:1] + ["--format=detrex"] + argv[1:])
 
 

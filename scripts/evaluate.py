@@ -11,14 +11,11 @@ in the workdir or beside the checkpoint unless --config is given (overrides may 
 metrics go to --workdir (or the checkpoint directory). User errors end with one `error: ...` line.
 """
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from absl import flags  # noqa: E402
+from absl import flags
 
-from focus_detr_jax import cli  # noqa: E402
+from focus_detr_jax import cli
 
 
 def define_flags(fv, argv):

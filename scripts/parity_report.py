@@ -10,13 +10,11 @@ and tolerance, then every failing stage in full.
 
 import json
 import re
-import sys
 import types
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from focus_detr_jax import cli  # noqa: E402
+from focus_detr_jax import cli
 
 
 def family(stage: str) -> str:

@@ -7,14 +7,11 @@ image decoded), 4000 image sizes of each size mix, the COCO recipe. Prints the M
 BENCHMARKS.md, section "Canvases: padded pixels per image vs detrex (simulation)".
 """
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from focus_detr_jax import cli  # noqa: E402
-from focus_detr_jax.data import buckets  # noqa: E402
-from focus_detr_jax.data import pipeline  # noqa: E402
+from focus_detr_jax import cli
+from focus_detr_jax.data import buckets
+from focus_detr_jax.data import pipeline
 
 OLD_CANVASES = ((800, 1333), (1333, 800))
 

@@ -17,14 +17,11 @@ SLURM and Open MPI; elsewhere pass --coordinator_address (or set JAX_COORDINATOR
 See docs/training.md.
 """
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from absl import flags  # noqa: E402
+from absl import flags
 
-from focus_detr_jax import cli  # noqa: E402
+from focus_detr_jax import cli
 
 
 def define_flags(fv, argv):

@@ -61,12 +61,11 @@ def tiny_config():
 
 def import_script(name):
   """A module of scripts/ (e.g. `import_script("predict").main(argv)` runs it in-process)."""
-  import sys
-  sys.path.insert(0, str(REPO / "scripts"))
-  try:
-    return __import__(name)
-  finally:
-    sys.path.pop(0)
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO / "scripts" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def make_fake_batch(batch_size=2, canvas=(128, 160), sizes=((128, 160), (96, 120)), seed=0):

@@ -18,12 +18,10 @@ process feeds only its own slice of the global batch, as a host of a pod slice w
 import argparse
 import functools
 import json
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def parse_args(argv=None):

@@ -39,7 +39,6 @@ import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 NUM_STEPS = 4
 STOP_AT = 2         # process 1 gets SIGTERM during this step

@@ -223,3 +223,33 @@ def test_weight_file_with_object_arrays_is_one_line(env, tmp_path):
                                str(tmp_path / "weights.npz"), str(tmp_path / "out")), env)
   _assert_one_line_error(proc, "weights.npz")
   assert proc.returncode == 1 and not (tmp_path / "out").exists() and seconds < 60
+
+
+def test_unobserved_background_failures_leave_no_traceback(tmp_path):
+  # What orbax/tensorstore leave behind a failed restore: an asyncio future whose exception
+  # nobody retrieves (asyncio logs it with a traceback when it is collected).
+  program = tmp_path / "prog.py"
+  program.write_text(
+      "import asyncio, gc, sys\n"
+      "from focus_detr_jax import cli\n"
+      "def run(fv, args):\n"
+      "  cli.configure_logging()\n"
+      "  loop = asyncio.new_event_loop()\n"
+      "  future = loop.create_future()\n"
+      "  try:\n"
+      "    raise ValueError('OUT_OF_RANGE: unreadable shard')\n"
+      "  except ValueError as e:\n"
+      "    future.set_exception(e)\n"
+      "  del future\n"
+      "  gc.collect()\n"
+      "  raise ValueError('no checkpoint can be restored')\n"
+      "cli.exit_with(cli.main('prog', lambda fv, argv: None, run, sys.argv))\n")
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  quiet = subprocess.run([sys.executable, str(program)], env=env, capture_output=True, text=True,
+                         timeout=120)
+  assert quiet.returncode == 1 and "Traceback" not in quiet.stderr, quiet.stderr
+  assert quiet.stderr.strip().splitlines()[-1].startswith("error: no checkpoint can be restored")
+  loud = subprocess.run([sys.executable, str(program), "--debug"], env=env, capture_output=True,
+                        text=True, timeout=120)
+  # The filter is what hides it: with --debug asyncio's record and its traceback are printed.
+  assert "Future exception was never retrieved" in loud.stderr and "unreadable shard" in loud.stderr

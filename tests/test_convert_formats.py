@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from conftest import import_script
 from focus_detr_jax.convert import backbones, torch_io
 from focus_detr_jax.convert.detrex import ConversionError
 from focus_detr_jax.convert.init import flatten, model_shapes
@@ -479,12 +480,7 @@ _SMALL = ["--config", str(REPO / "configs" / "tiny.py"), "--config.model.backbon
 
 
 def _run(*args):
-  sys.path.insert(0, str(REPO / "scripts"))
-  try:
-    import convert_checkpoint
-  finally:
-    sys.path.pop(0)
-  return convert_checkpoint.main(["convert_checkpoint.py", *args])
+  return import_script("convert_checkpoint").main(["convert_checkpoint.py", *args])
 
 
 def test_command_converts_a_torchvision_file(tmp_path, capsys):
