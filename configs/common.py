@@ -2,10 +2,105 @@
 
 Each config file under `configs/` returns an `ml_collections.ConfigDict` built from
 `get_base_config()` with a few overrides; `FrozenConfigDict`-style key checking makes a wrong
-override key fail before anything is built.
+override key fail before anything is built. `get_data_config(preset)` is the `config.data`
+section alone (the input pipeline's settings, read by `focus_detr_jax.data`).
 """
 
 import ml_collections
+
+# The COCO recipe's canvases: `buckets.choose_train_canvases(num_buckets=2, max_rescale=0.01,
+# group_bounds=COCO_GROUP_BOUNDS)` and `buckets.choose_eval_canvases` on
+# `buckets.COCO_LIKE_SIZE_MIX` (`scripts/benchmark_input.py --choose` recomputes them).
+COCO_GROUP_BOUNDS = (0.72, 1.0, 1.4)
+COCO_SCALE_BUCKETS = ((480, 512, 544, 576, 608, 640), (672, 704, 736, 768, 800))
+COCO_TRAIN_CANVASES = ((640, 1297), (800, 1333), (640, 853), (800, 1067),
+                       (853, 640), (1069, 800), (1138, 640), (1333, 800))
+COCO_EVAL_CANVASES = ((800, 1067), (800, 1199), (750, 1333), (1067, 800), (1199, 800),
+                      (1333, 750))
+
+
+def get_data_config(preset: str = "coco") -> ml_collections.ConfigDict:
+  """The `config.data` section. `preset`: "coco" (detrex recipe), "synthetic" (256x256 demo).
+
+  Sizes: `train_scales`/`train_max_size` and the crop branch follow spec §9 for COCO; the
+  synthetic preset scales them to a 256x256 canvas.
+  """
+  c = ml_collections.ConfigDict()
+  c.dataset = "coco"                  # "synthetic" | "coco" | "coco_folder"
+  # Optional fields are typed placeholders (None by default) so `--config.data.x=...` works.
+  c.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir (local or gs://)
+  c.tfds_name = "coco/2017"       # TFDS name of the "coco" dataset
+  c.train_split = "train"
+  c.eval_split = "validation"
+  c.folder = ml_collections.ConfigDict()
+  c.folder.train_images = ""          # directory of the training images
+  c.folder.train_annotations = ""     # instances JSON of the training images
+  c.folder.eval_images = ""
+  c.folder.eval_annotations = ""
+  c.folder.name = ""                  # readable part of the TFDS config name (optional)
+  c.folder.verify = "full"            # "full": decode every image at preparation; "header"
+  c.synthetic = ml_collections.ConfigDict()
+  c.synthetic.difficulty = "easy"     # "easy" | "hard"
+  c.synthetic.image_size = 256        # side of the square images (the height if image_width)
+  c.synthetic.image_width = 0         # > 0: non-square images, image_size x image_width (H x W)
+  c.synthetic.num_train = 1000
+  c.synthetic.num_val = 200
+  c.synthetic.seed = 0
+  c.synthetic.root = ""               # "" -> $FOCUS_DETR_DATA_DIR/synthetic or ~/.cache/...
+  # Static shapes.
+  # Training canvases (docs/data.md §5): group-major, one per (aspect group, scale bucket);
+  # for COCO 4 aspect groups (h/w < 0.72, < 1, < 1.4, >= 1.4) x 2 scale buckets = 8 shapes,
+  # chosen by `buckets.choose_train_canvases` (BENCHMARKS.md, "Input pipeline").
+  c.group_bounds = ml_collections.config_dict.placeholder(tuple)  # None: by the canvas count
+  c.group_bounds = COCO_GROUP_BOUNDS  # h/w bounds of the aspect groups (ascending)
+  c.scale_buckets = ml_collections.config_dict.placeholder(tuple)  # None: one, scale per image
+  c.scale_buckets = COCO_SCALE_BUCKETS  # a partition of train_scales: the scale is per step
+  c.canvases = COCO_TRAIN_CANVASES
+  c.canvas_weights = ml_collections.config_dict.placeholder(tuple)  # per aspect group; None:
+                                      # measured from the data (each image equally often)
+  c.schedule_sample_images = 2000     # images whose header sizes measure those weights
+  c.eval_canvases = ml_collections.config_dict.placeholder(tuple)  # None: same as `canvases`
+  c.eval_canvases = COCO_EVAL_CANVASES
+  c.eval_exact = False                # eval without canvases: batch 1, one shape per image
+  c.max_boxes = 100
+  c.batch_size = 16                   # global training batch (split evenly over hosts)
+  c.eval_batch_size = 8               # global eval batch
+  c.seed = 0
+  c.shuffle_buffer = 1000             # encoded images (after file-level shuffling)
+  c.num_parallel_calls = -1           # -1: tf.data AUTOTUNE
+  c.prefetch_batches = 2
+  # Augmentation (spec §9).
+  c.augment = True
+  c.flip_prob = 0.5
+  c.crop_prob = 0.5
+  c.train_scales = tuple(range(480, 801, 32))
+  c.train_max_size = 1333
+  c.crop_resize_scales = (400, 500, 600)
+  c.crop_resize_max_size = 0          # 0: unlimited, as detectron2
+  c.crop_size_range = (384, 600)
+  c.eval_scale = 800
+  c.eval_max_size = 1333
+  c.drop_crowd = True
+  c.skip_images_without_annotations = True
+  c.pixel_mean = (123.675, 116.28, 103.53)
+  c.pixel_std = (58.395, 57.12, 57.375)
+  if preset == "synthetic":
+    c.dataset = "synthetic"
+    c.group_bounds = None
+    c.scale_buckets = None
+    c.canvases = ((256, 256),)
+    c.eval_canvases = None
+    c.train_scales = tuple(range(160, 257, 16))
+    c.train_max_size = 256
+    c.crop_resize_scales = (128, 160, 192)
+    c.crop_size_range = (120, 192)
+    c.eval_scale = 256
+    c.eval_max_size = 256
+    c.batch_size = 8
+    c.shuffle_buffer = 256
+  elif preset != "coco":
+    raise ValueError(f"Unknown data preset {preset!r}; use 'coco' or 'synthetic'.")
+  return c
 
 
 def get_base_config():
@@ -73,7 +168,6 @@ def get_base_config():
 
   # Input pipeline (batch_size is the global training batch, eval_batch_size the global eval
   # batch, max_boxes the target slots per image, canvases the static padded shapes).
-  from focus_detr_jax.data.pipeline import get_data_config
   config.data = get_data_config("coco")
 
   # Optimiser (spec §9): AdamW, backbone lr x0.1, no weight decay on norms, clip 0.1, step drops.

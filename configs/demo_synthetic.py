@@ -7,13 +7,12 @@ What it reaches in its time budget: BENCHMARKS.md, section "Demo".
 """
 
 from configs import common
-from focus_detr_jax.data.pipeline import get_data_config
 
 
 def get_config():
   config = common.get_base_config()
   config.name = "demo_synthetic"
-  config.data = get_data_config("synthetic")
+  config.data = common.get_data_config("synthetic")
   config.data.batch_size = 8
   config.data.eval_batch_size = 8
   config.data.max_boxes = 8             # the easy set has 1-4 objects per image

@@ -23,8 +23,7 @@ def get_config():
   m.dn_number = 10
   m.batch_group_size = 2
   # Data for loop tests: a small synthetic set on one 128x128 canvas.
-  from focus_detr_jax.data.pipeline import get_data_config
-  config.data = get_data_config("synthetic")
+  config.data = common.get_data_config("synthetic")
   config.data.synthetic.image_size = 128
   config.data.synthetic.num_train = 32
   config.data.synthetic.num_val = 8

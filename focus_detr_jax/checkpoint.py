@@ -1,20 +1,25 @@
-"""Model checkpoints: variables (`params`, `frozen`) + the config that built them.
+"""Model checkpoints: variables (`params`, `frozen`) + the config that built them; and the
+variables of a training workdir's newest restorable step, read without anything of training.
 
 A model checkpoint directory holds `variables/` (orbax StandardCheckpointer) and `config.json`.
 Converters write it, training exports it, predict/evaluate/fine-tuning read it. Training state
 checkpoints (optimiser, step, RNG, input position) live in the training workdir instead
-(train/checkpointing.py) and can be turned into a model checkpoint.
+(train/checkpointing.py writes and resumes them); `load_workdir_variables` reads only their
+parameters.
 """
 
 import json
+import logging
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from focus_detr_jax.cli import UserError, one_line
 
 VARIABLES_DIR = "variables"
 CONFIG_FILE = "config.json"
@@ -90,3 +95,59 @@ def load_model_checkpoint(directory) -> Tuple[Dict[str, Any], ml_collections.Con
   with ocp.StandardCheckpointer() as checkpointer:
     variables = checkpointer.restore(directory / VARIABLES_DIR)
   return variables, config
+
+
+class CheckpointError(UserError):
+  """No checkpoint of a workdir can be restored."""
+
+
+def root_cause(error: BaseException, limit: int = 300) -> str:
+  """The innermost exception's message on one line (orbax wraps tensorstore's in long specs)."""
+  seen = [error]
+  while (seen[-1].__cause__ or seen[-1].__context__) is not None and len(seen) < 20:
+    seen.append(seen[-1].__cause__ or seen[-1].__context__)
+  message = one_line(seen[-1])
+  return message if len(message) <= limit else message[:limit] + "..."
+
+
+def load_workdir_variables(workdir) -> Tuple[Dict[str, Any], int]:
+  """(variables, step) of the newest training checkpoint of `workdir` that restores.
+
+  Reads only the parameters (the EMA ones when the run keeps them) and the other variable
+  collections, at their stored shapes: nothing of the optimiser or of training is needed. Steps
+  that do not restore are skipped with a warning (and left on disk); none restorable raises
+  `CheckpointError`, no checkpoint at all `FileNotFoundError`.
+  """
+  root = as_path(workdir) / "checkpoints"
+  steps = sorted((int(d.name) for d in root.iterdir() if d.name.isdigit()),
+                 reverse=True) if root.exists() else []
+  if not steps:
+    raise FileNotFoundError(f"no training checkpoint in {workdir}/checkpoints")
+  skipped: List[Tuple[int, str]] = []
+  for step in steps:
+    try:
+      variables = _restore_variables(root / str(step) / "state")
+    except Exception as e:  # pylint: disable=broad-except  # any unreadable step is skipped
+      reason = root_cause(e)
+      logging.warning("checkpoint %s cannot be restored, skipped (left on disk): %s",
+                      root / str(step), reason)
+      skipped.append((step, reason))
+      continue
+    if skipped:
+      logging.warning("restored step %d instead of the newest checkpoint (skipped: %s)", step,
+                      ", ".join(str(k) for k, _ in skipped))
+    return variables, step
+  raise CheckpointError(f"no checkpoint in {root} can be restored: " +
+                        "; ".join(f"step {k}: {why}" for k, why in skipped))
+
+
+def _restore_variables(state_dir) -> Dict[str, Any]:
+  stored = ocp.StandardCheckpointHandler().metadata(state_dir).tree
+  params = "ema_params" if stored.get("ema_params") is not None else "params"
+  wanted = {params: stored[params], "extra": stored.get("extra") or {}}
+  abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted,
+                                    is_leaf=lambda m: hasattr(m, "shape"))
+  restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=True))
+  return {"params": restored[params], **(restored.get("extra") or {})}

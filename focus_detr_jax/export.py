@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import export as jax_export
 
-from focus_detr_jax.models.postprocess import postprocess
+from focus_detr_jax.predict import predict
 
 _MAGIC = b"FDJXEXP1"
 FORMAT_VERSION = 1
@@ -41,9 +41,7 @@ def inference_function(model, num_select: int = 300):
   computation: model apply in eval mode, then `postprocess` (top-`num_select`, no NMS).
   """
   def infer(variables, images, padding_mask, image_size):
-    outputs = model.apply(variables, images, padding_mask, train=False)
-    return postprocess(outputs["pred_logits"], outputs["pred_boxes"], image_size,
-                       num_select=num_select)
+    return predict(model, variables, images, padding_mask, image_size, num_select=num_select)
   return infer
 
 

@@ -11,7 +11,7 @@ Images go through exactly the evaluation transform (`transforms.eval_example`: R
 (`eval_scale`, `eval_max_size`), placed top-left in the smallest canvas among
 `data.eval_canvases or data.canvases` that holds it; if none does, the one of the closest aspect
 ratio, scaled down to fit), are batched per canvas with padding
-slots, and run through one jitted forward per canvas (`visualize.selection_outputs`: the model,
+slots, and run through one jitted forward per canvas (`predict.predict_on_host`: the model,
 `postprocess` to the original pixels, and the token maps). Nothing here is backend specific.
 
 Files are read like the COCO-folder preparation (`coco_folder.load_image`: EXIF orientation
@@ -24,7 +24,18 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import jax
 import numpy as np
+import tensorflow as tf
+
+from focus_detr_jax import config_check, visualize
+from focus_detr_jax.checkpoint import (CONFIG_FILE, as_path, load_config, load_model_checkpoint,
+                                       load_workdir_variables)
+from focus_detr_jax.cli import UserError
+from focus_detr_jax.data import (canvas as canvas_lib, coco_folder, coco_tfds, iterators, synthetic,
+                                 transforms)
+from focus_detr_jax.evaluation.coco_eval import detections_to_coco
+from focus_detr_jax.predict import per_image, predict_on_host
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -37,9 +48,6 @@ def resolve_config(config=None, workdir=None, checkpoint=None):
   A given config must build the same model as the saved one (`config_check`): a mismatch raises
   `ConfigMismatchError` naming the differing keys before anything is loaded.
   """
-  from focus_detr_jax import config_check
-  from focus_detr_jax.checkpoint import CONFIG_FILE, as_path, load_config
-  from focus_detr_jax.cli import UserError
   directory = checkpoint or workdir
   if directory and not as_path(directory).exists():
     raise UserError(f"{'checkpoint' if checkpoint else 'workdir'} {directory} does not exist")
@@ -56,40 +64,14 @@ def resolve_config(config=None, workdir=None, checkpoint=None):
 
 
 def load_variables(config, workdir=None, checkpoint=None):
-  """(variables, step) from a model checkpoint, or the latest training checkpoint of a workdir.
-
-  With a workdir the EMA parameters are used when the run keeps them; `step` is None for a
-  model checkpoint.
-  """
-  import jax
-  from focus_detr_jax.checkpoint import load_model_checkpoint
-  from focus_detr_jax.models.focus_detr import FocusDETR
-  from focus_detr_jax.train import checkpointing, optim, state as state_lib
-  from focus_detr_jax.train.loop import init_variables
+  """(variables, step) from a model checkpoint, or the newest restorable training checkpoint of a
+  workdir (its EMA parameters when the run keeps them); `step` is None for a model checkpoint."""
+  del config   # the variables are read at their stored shapes (`resolve_config` checked them)
   if checkpoint:
     variables, _ = load_model_checkpoint(checkpoint)
     return variables, None
-  model = FocusDETR.from_config(config.model)
-
-  def train_state():
-    variables = init_variables(model, config, jax.random.PRNGKey(0))
-    tx, _ = optim.make_optimizer(variables["params"], config)
-    return state_lib.create_train_state(variables, tx, jax.random.PRNGKey(0),
-                                        ema=config.optim.ema_decay > 0)
-
-  # Shapes only (traced, not compiled), restored onto this process's first device.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree_util.tree_map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), jax.eval_shape(train_state))
-  ckpt = checkpointing.Checkpointer(workdir, model_config=config.model)
-  try:
-    state = ckpt.restore(target)   # the newest step that restores (unreadable ones skipped)
-  finally:
-    ckpt.close()
-  if state is None:
-    raise FileNotFoundError(f"no training checkpoint in {workdir}/checkpoints")
-  params = state.ema_params if state.ema_params is not None else state.params
-  return {"params": params, **state.extra}, int(state.step)
+  variables, step = load_workdir_variables(workdir)
+  return jax.device_put(variables, jax.local_devices()[0]), step
 
 
 def category_info(config) -> Tuple[Tuple[int, ...], Tuple[str, ...], bool]:
@@ -104,14 +86,11 @@ def category_info(config) -> Tuple[Tuple[int, ...], Tuple[str, ...], bool]:
   data = config.get("data")
   try:
     if data is not None and data.dataset == "coco":
-      from focus_detr_jax.data import coco_tfds
       ids, names = coco_tfds.COCO_CATEGORY_IDS, coco_tfds.COCO_CATEGORY_NAMES
     elif data is not None and data.dataset == "synthetic":
-      from focus_detr_jax.data import synthetic
       names = tuple(synthetic.class_names(data.synthetic.difficulty))
       ids = tuple(range(1, len(names) + 1))
     elif data is not None and data.dataset == "coco_folder":
-      from focus_detr_jax.data import coco_folder
       files = [f for f in (data.folder.train_annotations, data.folder.eval_annotations)
                if f and Path(f).is_file()]
       if files:
@@ -168,8 +147,6 @@ def read_image(path) -> np.ndarray:
 
   Raises `coco_folder.BadImage` (with `.reason`) for missing, unreadable or corrupt files.
   """
-  import tensorflow as tf
-  from focus_detr_jax.data import coco_folder, transforms
   try:
     encoded, _, _ = coco_folder.load_image(str(path), None, "full")
   except coco_folder.BadImage as e:
@@ -188,7 +165,6 @@ def read_image(path) -> np.ndarray:
 
 def eval_canvases(config):
   """The canvases of evaluation (None: `eval_exact`, one shape per image)."""
-  from focus_detr_jax.data import canvas as canvas_lib
   data = config.data
   if data.eval_exact:
     return None
@@ -201,8 +177,6 @@ def network_input(image: np.ndarray, config) -> Tuple[np.ndarray, Tuple[int, int
   Returns (uint8 network image padded to its canvas [H, W, 3] (unpadded with eval_exact),
   (h, w) of the resized image, the canvas (H, W) or None).
   """
-  import tensorflow as tf
-  from focus_detr_jax.data import canvas as canvas_lib, transforms
   data = config.data
   canvases = eval_canvases(config)
   canvas = None
@@ -223,18 +197,6 @@ def network_input(image: np.ndarray, config) -> Tuple[np.ndarray, Tuple[int, int
   return out.numpy(), size, canvas
 
 
-def normalize_batch(images_u8: np.ndarray, image_sizes: np.ndarray, config):
-  """uint8 [B, H, W, 3] -> (float32 (x - mean) / std zero-padded, padding_mask [B, H, W])."""
-  _, h, w, _ = images_u8.shape
-  mean = np.asarray(config.data.pixel_mean, np.float32)
-  std = np.asarray(config.data.pixel_std, np.float32)
-  mask = ((np.arange(h)[None, :, None] >= image_sizes[:, 0, None, None]) |
-          (np.arange(w)[None, None, :] >= image_sizes[:, 1, None, None]))
-  image = (images_u8.astype(np.float32) - mean) / std
-  image[mask] = 0.0
-  return image, mask
-
-
 @dataclasses.dataclass
 class ImageResult:
   """Predictions of one image. Boxes are xyxy in the pixels of `image` (the original)."""
@@ -244,7 +206,7 @@ class ImageResult:
   image_size: Tuple[int, int]        # (h, w) of the network input inside the canvas
   canvas: Tuple[int, int]            # (H, W) of the padded network input
   detections: Dict[str, np.ndarray]  # scores [K], labels [K], boxes [K, 4], valid [K]
-  maps: Dict[str, np.ndarray]        # token maps of this image (visualize.selection_maps)
+  maps: Dict[str, np.ndarray]        # token maps of this image (predict.selection_maps)
   path: Optional[str] = None
 
   @property
@@ -271,7 +233,6 @@ class _Batcher:
       yield from self._run(self.pending.pop(key))
 
   def _run(self, items) -> Iterator[ImageResult]:
-    from focus_detr_jax import visualize
     n = len(items)
     slots = self.batch_size
     net = np.zeros((slots,) + items[0]["network"].shape, np.uint8)
@@ -281,15 +242,16 @@ class _Batcher:
       net[i] = it["network"]
       sizes[i] = it["image_size"]
       orig[i] = it["image"].shape[:2]
-    images, mask = normalize_batch(net, sizes, self.config)
-    dets, maps = visualize.selection_outputs(self.model, self.variables, images, mask, sizes,
-                                             orig, num_select=self.num_select)
+    images, mask = iterators.normalize_batch(net, sizes, self.config.data.pixel_mean,
+                                             self.config.data.pixel_std)
+    dets, maps = predict_on_host(self.model, self.variables, images, mask, sizes, orig,
+                                 num_select=self.num_select)
     for i in range(n):
       it = items[i]
       yield ImageResult(name=it["name"], image_id=it["image_id"], image=it["image"],
                         image_size=tuple(int(v) for v in sizes[i]),
-                        canvas=tuple(net.shape[1:3]), detections=visualize.per_image(dets, i),
-                        maps=visualize.per_image(maps, i), path=it.get("path"))
+                        canvas=tuple(net.shape[1:3]), detections=per_image(dets, i),
+                        maps=per_image(maps, i), path=it.get("path"))
 
 
 def _defaults(model, config, batch_size, num_select):
@@ -313,7 +275,6 @@ def predict_files(model, variables, config, inputs: Sequence[str], *,
     max_images: stop after this many readable images.
     on_error: called with (input, reason) for each missing or unreadable input (default: log).
   """
-  from focus_detr_jax.data import coco_folder
   on_error = on_error or (lambda path, why: logging.warning("skipping %s: %s", path, why))
   batch_size, num_select = _defaults(model, config, batch_size, num_select)
   if eval_canvases(config) is None:
@@ -342,22 +303,19 @@ def predict_files(model, variables, config, inputs: Sequence[str], *,
 
 def predict_split(model, variables, config, split: str, *, num_select: Optional[int] = None,
                   max_images: Optional[int] = None) -> Iterator[ImageResult]:
-  """Predictions over a split of the config's dataset (`pipeline.make_eval_iterator`).
+  """Predictions over a split of the config's dataset (`iterators.make_eval_iterator`).
 
   `ImageResult.image` is the network input resized back to the original size (the original
   pixels are not kept by the pipeline); boxes are in original pixels.
   """
-  from focus_detr_jax import visualize
-  from focus_detr_jax.data import pipeline
   _, num_select = _defaults(model, config, None, num_select)
-  iterator = pipeline.make_eval_iterator(config, 0, 1, split=split)
+  iterator = iterators.make_eval_iterator(config, 0, 1, split=split)
   used = 0
   for batch in iterator:
     if max_images is not None and used >= max_images:
       break
-    dets, maps = visualize.selection_outputs(model, variables, batch["image"],
-                                             batch["padding_mask"], batch["image_size"],
-                                             batch["orig_size"], num_select=num_select)
+    dets, maps = predict_on_host(model, variables, batch["image"], batch["padding_mask"],
+                                 batch["image_size"], batch["orig_size"], num_select=num_select)
     for i in np.nonzero(batch["example_valid"])[0]:
       if max_images is not None and used >= max_images:
         break
@@ -368,13 +326,12 @@ def predict_split(model, variables, config, split: str, *, num_select: Optional[
       shown = visualize.resize(shown, batch["orig_size"][i])
       yield ImageResult(name=str(int(batch["image_id"][i])), image_id=int(batch["image_id"][i]),
                         image=shown, image_size=(h, w), canvas=tuple(batch["image"].shape[1:3]),
-                        detections=visualize.per_image(dets, i), maps=visualize.per_image(maps, i))
-  logging.info("input: %s", pipeline.format_stats(iterator.stats))
+                        detections=per_image(dets, i), maps=per_image(maps, i))
+  iterators.log_stats(iterator)
 
 
 def coco_results(result: ImageResult, label_to_category: Sequence[int]) -> List[Dict[str, Any]]:
   """COCO results entries of one image (valid detections; bbox xywh in original pixels)."""
-  from focus_detr_jax.evaluation.coco_eval import detections_to_coco
   d = result.detections
   return detections_to_coco([result.image_id], d["scores"][None], d["labels"][None],
                             d["boxes"][None], d["valid"][None], label_to_category)

@@ -7,16 +7,11 @@ Drawing is pure numpy/PIL and returns uint8 RGB arrays [H, W, 3]:
     token_dots(image, token_mask, level_shapes, image_size)     # selected tokens, coloured by level
     token_selection_panels(image, intermediates, level_shapes, image_size)   # the whole grid
 
-The arrays come from one forward pass with the `intermediates` collection mutable:
+The arrays come from one forward pass with the token maps (`predict.py`):
 
-    dets, maps = selection_outputs(model, variables, images, padding_mask, image_size)
+    dets, maps = predict_on_host(model, variables, images, padding_mask, image_size)
     panel = token_selection_panels(image_b, per_image(maps, b), feature_level_shapes(H, W),
                                    image_size[b])
-
-`maps` holds, per image: `fg_score` [N] (FTS logits of every token, levels finest first),
-`padding_mask_flat` [N], `updated` [E, N] (the tokens encoder layer e updates: the first
-min(focus_token_nums, K_e) of its foreground ranking) and `objects` [E, N] (the OESM object
-tokens of layer e: the multi-category-score top-k that run self-attention).
 
 For TensorBoard, `training_images(model, variables, batch, config)` returns
 {name: uint8 [N, H, W, 3]} for clu's `writer.write_images(step, ...)`.
@@ -26,11 +21,15 @@ Geometry: a token (i, j) of level l (stride s = 8 * 2**l) covers network-input p
 canvas, and a displayed image of any size is mapped onto it (so the original image works too).
 """
 
+import colorsys
 import functools
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from focus_detr_jax.models.focus_detr import feature_level_shapes
+from focus_detr_jax.predict import per_image, predict_on_host
 
 LEVEL_COLORS = ((255, 60, 60), (255, 200, 0), (0, 210, 255), (190, 90, 255))
 _TITLE_HEIGHT = 18
@@ -60,7 +59,6 @@ def jet(values) -> np.ndarray:
 
 def label_color(label: int):
   """A distinct, deterministic colour per class (golden-ratio hues)."""
-  import colorsys
   h = (0.07 + 0.618034 * int(label)) % 1.0
   r, g, b = colorsys.hsv_to_rgb(h, 0.85, 1.0)
   return int(r * 255), int(g * 255), int(b * 255)
@@ -357,101 +355,7 @@ def token_selection_panels(image, intermediates: Mapping[str, Any], level_shapes
   return grid
 
 
-# ----------------------------------------------------------------------------- model side
-
-def selection_maps(intermediates, num_tokens: int):
-  """Traceable: the `intermediates` collection of one forward pass -> token maps.
-
-  Returns dict fg_score [B, N], padding_mask_flat [B, N], updated [B, E, N] bool,
-  objects [B, E, N] bool, focus_token_nums [B], layer_counts [B, E].
-  """
-  import jax.numpy as jnp
-  first = lambda name: intermediates[name][0]   # sow stores a tuple of values
-  fg_score = first("fg_score")
-  b = fg_score.shape[0]
-  focus = first("focus_token_nums")
-  counts = first("layer_counts")
-  rows_b = jnp.arange(b)[:, None]
-  updated, objects = [], []
-  e = 0
-  while f"encoder_layer{e}" in intermediates:
-    info = first(f"encoder_layer{e}")
-    idx = info["fg_inds"]
-    k = idx.shape[1]
-    write_back = jnp.arange(k)[None, :] < jnp.minimum(focus, counts[:, e])[:, None]
-    updated.append(jnp.zeros((b, num_tokens), jnp.int8).at[rows_b, idx].max(
-        write_back.astype(jnp.int8)) > 0)
-    obj = jnp.take_along_axis(idx, info["sel_local"], axis=1)
-    objects.append(jnp.zeros((b, num_tokens), jnp.int8).at[rows_b, obj].max(
-        info["sel_valid"].astype(jnp.int8)) > 0)
-    e += 1
-  return dict(fg_score=fg_score, padding_mask_flat=first("padding_mask_flat"),
-              updated=jnp.stack(updated, axis=1), objects=jnp.stack(objects, axis=1),
-              focus_token_nums=focus, layer_counts=counts)
-
-
-def _forward(variables, images, padding_mask, image_size, output_size, *, model, num_select):
-  from focus_detr_jax.models.postprocess import postprocess
-  outputs, state = model.apply(variables, images, padding_mask, train=False,
-                               mutable=["intermediates"])
-  dets = postprocess(outputs["pred_logits"], outputs["pred_boxes"], image_size, output_size,
-                     num_select=num_select)
-  maps = selection_maps(state["intermediates"], outputs["fg_score"].shape[1])
-  return dets, maps
-
-
-_JITTED = {}
-
-
-def _canonical(value):
-  if isinstance(value, Mapping):
-    return tuple(sorted((str(k), _canonical(v)) for k, v in value.items()))
-  if isinstance(value, (list, tuple)):
-    return tuple(_canonical(v) for v in value)
-  return repr(value)
-
-
-def _model_key(model):
-  """Equal for models built from equal configs (a config.json round trip turns tuples to lists)."""
-  import dataclasses
-  return (type(model).__name__,) + tuple(
-      (f.name, _canonical(getattr(model, f.name))) for f in dataclasses.fields(model)
-      if f.name not in ("parent", "name"))
-
-
-def _jitted_forward(model, num_select: int):
-  """One jitted function per (model, num_select), shared by predict, tests and training."""
-  import jax
-  key = (_model_key(model), int(num_select))
-  if key not in _JITTED:
-    _JITTED[key] = jax.jit(functools.partial(_forward, model=model, num_select=int(num_select)))
-  return _JITTED[key]
-
-
-def selection_outputs(model, variables, images, padding_mask, image_size, output_size=None,
-                      num_select: Optional[int] = None):
-  """One eval forward pass -> (detections, token maps), numpy on the host.
-
-  Detections are `postprocess`'s (scores/labels/boxes/valid/query, boxes xyxy in `output_size`
-  pixels, default `image_size`); the maps are `selection_maps`'. Jitted once per model,
-  `num_select` and input shape.
-  """
-  import jax
-  import jax.numpy as jnp
-  if num_select is None:
-    num_select = min(300, model.num_queries * model.num_classes)
-  image_size = jnp.asarray(image_size, jnp.int32)
-  output_size = image_size if output_size is None else jnp.asarray(output_size, jnp.int32)
-  dets, maps = _jitted_forward(model, num_select)(variables, jnp.asarray(images, jnp.float32),
-                                                  jnp.asarray(padding_mask, bool), image_size,
-                                                  output_size)
-  return jax.device_get(dets), jax.device_get(maps)
-
-
-def per_image(tree: Mapping[str, np.ndarray], b: int) -> Dict[str, np.ndarray]:
-  """Row `b` of every array of a batch dict."""
-  return {k: np.asarray(v)[b] for k, v in tree.items()}
-
+# ----------------------------------------------------------------------------- TensorBoard
 
 def training_images(model, variables, batch, config, max_images: int = 2,
                     class_names: Optional[Sequence[str]] = None,
@@ -459,7 +363,7 @@ def training_images(model, variables, batch, config, max_images: int = 2,
   """TensorBoard images of an eval-style batch: detections and token-selection grids.
 
   Args:
-    batch: a batch of `pipeline.make_eval_iterator` (image, padding_mask, image_size, and
+    batch: a batch of `iterators.make_eval_iterator` (image, padding_mask, image_size, and
       optionally boxes/labels/box_valid ground truth and example_valid).
     config: the full config (`data.pixel_mean/std`, `model.num_select`).
     max_images: images drawn (the first valid ones; always this many forward slots, so the
@@ -468,7 +372,6 @@ def training_images(model, variables, batch, config, max_images: int = 2,
     {"detections": uint8 [n, H, W, 3] (canvas size; ground truth white, predictions coloured),
      "token_selection": uint8 [n, H', W', 3]}; empty if the batch has no valid example.
   """
-  from focus_detr_jax.models.focus_detr import feature_level_shapes
   images = np.asarray(batch["image"])
   valid = np.asarray(batch.get("example_valid", np.ones(images.shape[0], bool)), bool)
   chosen = np.nonzero(valid)[0][:max_images]
@@ -477,9 +380,9 @@ def training_images(model, variables, batch, config, max_images: int = 2,
   slots = min(max_images, images.shape[0])
   idx = np.concatenate([chosen, np.repeat(chosen[-1:], slots - chosen.size)])
   sizes = np.asarray(batch["image_size"], np.int32)[idx]
-  dets, maps = selection_outputs(model, variables, images[idx],
-                                 np.asarray(batch["padding_mask"])[idx], sizes,
-                                 num_select=config.model.num_select)
+  dets, maps = predict_on_host(model, variables, images[idx],
+                               np.asarray(batch["padding_mask"])[idx], sizes,
+                               num_select=config.model.num_select)
   canvas_hw = images.shape[1:3]
   level_shapes = feature_level_shapes(*canvas_hw, num_levels=model.num_levels)
   det_images, token_images = [], []

@@ -9,20 +9,19 @@ Prints one row per stage (max error, tolerance, pass/fail); exits non-zero on an
 no stage ran. Works on any directory laid out like shared/parity/public (decisions.md §8).
 """
 
+import contextlib
 import dataclasses
 import json
 import sys
 from pathlib import Path
-
-
-import contextlib
 
 import jax
 from absl import flags
 
 from focus_detr_jax import cli
 from focus_detr_jax.models.focus_detr import COMPUTE_DTYPES
-from focus_detr_jax.parity import check
+from focus_detr_jax.parity.diagnostics import decoder_sensitivity
+from focus_detr_jax.parity.forward_stages import run_all
 
 
 FLAGS = ("reference-dir", "json", "stages", "sensitivity", "dtype")
@@ -52,12 +51,12 @@ def run(fv, positional):
   args.reference_dir = Path(args.reference_dir)
   args.json = Path(args.json) if args.json else None
   if args.sensitivity:
-    for name, value in check.decoder_sensitivity(args.reference_dir):
+    for name, value in decoder_sensitivity(args.reference_dir):
       print(f"{name:70s} {value:11.3e}")
     return 0
   # float64 needs 64-bit JAX; otherwise leave the process's setting as it is.
   with jax.enable_x64(True) if args.dtype == "float64" else contextlib.nullcontext():
-    results, skipped = check.run_all(args.reference_dir, args.stages, dtype=args.dtype)
+    results, skipped = run_all(args.reference_dir, args.stages, dtype=args.dtype)
   for r in results:
     print(r.row())
   for s in skipped:

@@ -13,7 +13,6 @@ import re
 import types
 from pathlib import Path
 
-
 from focus_detr_jax import cli
 
 

@@ -9,9 +9,9 @@ BENCHMARKS.md, section "Canvases: padded pixels per image vs detrex (simulation)
 
 
 
+from configs import common
 from focus_detr_jax import cli
 from focus_detr_jax.data import buckets
-from focus_detr_jax.data import pipeline
 
 OLD_CANVASES = ((800, 1333), (1333, 800))
 
@@ -40,7 +40,7 @@ def run(fv, positional):
   del fv
   if positional:
     raise cli.UsageError(f"unexpected arguments {positional}")
-  data = pipeline.get_data_config("coco")
+  data = common.get_data_config("coco")
   print(row("COCO-like (`COCO_LIKE_SIZE_MIX`)", buckets.COCO_LIKE_SIZE_MIX, data))
   print(row("more portrait / 3:2 / 16:9 (`ALTERNATIVE_SIZE_MIX`)", buckets.ALTERNATIVE_SIZE_MIX,
             data))

@@ -55,12 +55,10 @@ import numpy as np  # noqa: E402
 import flax  # noqa: E402
 
 from configs import tiny  # noqa: E402
-from focus_detr_jax.models.focus_detr import FocusDETR  # noqa: E402
+from focus_detr_jax.models.focus_detr import FocusDETR, init_variables  # noqa: E402
 from focus_detr_jax.train import (checkpointing, optim, sharding, state as state_lib,  # noqa
                                   steps)
-from focus_detr_jax.train.criterion import LossConfig  # noqa: E402
-from focus_detr_jax.train.loop import init_variables  # noqa: E402
-from focus_detr_jax.train.objective import model_loss  # noqa: E402
+from focus_detr_jax.train.objective import Objective, model_loss  # noqa: E402
 
 
 def make_config(canvas):
@@ -111,17 +109,18 @@ class Setup:
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(self.config.seed))
     # Initialise on one local device; every process computes the same values.
     with jax.default_device(jax.local_devices()[0]):
-      variables = init_variables(self.model, self.config, init_rng)
+      variables = init_variables(self.model, init_rng)
       self.tx, self.schedule = optim.make_optimizer(variables["params"], self.config)
       self.state = jax.device_get(state_lib.create_train_state(
           variables, self.tx, state_rng, ema=self.config.optim.ema_decay > 0))
-    self.loss_config = LossConfig.from_config(self.config)
+    self.objective = Objective.from_config(self.config)
 
   def jit_train_step(self, mesh):
     """The train step jitted exactly as train/loop.py does (replicated state, sharded batch)."""
     return sharding.jit_data_parallel(
-        functools.partial(steps.train_step, model=self.model, config=self.config, tx=self.tx,
-                          schedule=self.schedule, loss_config=self.loss_config), mesh)
+        functools.partial(steps.train_step, model=self.model, objective=self.objective,
+                          tx=self.tx, schedule=self.schedule,
+                          ema_decay=self.config.optim.ema_decay), mesh)
 
   def jit_probe(self, mesh):
     """The discrete choices of the step's forward pass (same key as the step): foreground
@@ -130,8 +129,7 @@ class Setup:
     def probe(state, batch):
       key = jax.random.fold_in(state.rng, state.step)
       capture = _CaptureIntermediates(self.model)
-      _, aux = model_loss(capture, state.params, state.extra, batch, self.config, key=key,
-                          loss_config=self.loss_config)
+      _, aux = model_loss(capture, state.params, state.extra, batch, self.objective, key=key)
       out = {"match/" + name: getattr(aux["matching"], name)
              for name in aux["matching"]._fields}
       out["enc_topk_proposals"] = aux["outputs"]["enc_topk_proposals"]
@@ -150,6 +148,7 @@ class _CaptureIntermediates:
 
   def __init__(self, model):
     self.model = model
+    self.num_levels = model.num_levels
     self.intermediates = None
 
   def apply(self, *args, **kwargs):

@@ -85,9 +85,9 @@ def _reuse_compiled(loop):
   cache = {}
   real_init, real_jit = loop.init_variables, loop.sharding.jit_data_parallel
 
-  def init_variables(model, config, rng):
+  def init_variables(model, rng):
     if "variables" not in cache:
-      cache["variables"] = jax.device_get(real_init(model, config, rng))
+      cache["variables"] = jax.device_get(real_init(model, rng))
     return jax.tree_util.tree_map(jnp.asarray, cache["variables"])
 
   def jit_data_parallel(fn, mesh, donate_state=False):
@@ -143,7 +143,7 @@ def main(args):
                              initialization_timeout=300)
   import flax
   import numpy as np
-  from focus_detr_jax.data import pipeline
+  from focus_detr_jax.data import iterators
   from focus_detr_jax.train import loop
 
   i = jax.process_index()
@@ -168,14 +168,14 @@ def main(args):
     _LIVE_ITERATORS.append(it)
     return it
 
-  real_iterator = pipeline.make_train_iterator
+  real_iterator = iterators.make_train_iterator
 
   records, finals = [], {}
   for phase, workdir in (("sigterm", "run"), ("budget", "run"), ("resume", "run"),
                          ("full", "full")):
     workdir = out / workdir
     hold = phase == "sigterm" and i == SIGNALLED
-    pipeline.make_train_iterator = (
+    iterators.make_train_iterator = (
         (lambda *a, **k: keep(_HoldBatch(real_iterator(*a, **k), out / "ready_for_sigterm",
                                          handled, args.signal_timeout)))
         if hold else lambda *a, **k: keep(real_iterator(*a, **k)))

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from configs import common
 from focus_detr_jax.data import buckets
-from focus_detr_jax.data import pipeline
+from focus_detr_jax.data import streams
+from focus_detr_jax.data import transforms
 
-COCO = pipeline.get_data_config("coco")
+COCO = common.get_data_config("coco")
 # Another size mix than the one the defaults were chosen on: more portrait, more 3:2 and 16:9.
 OTHER_MIX = buckets.ALTERNATIVE_SIZE_MIX
 
@@ -61,7 +63,6 @@ def test_bad_schedules_are_refused():
 
 def test_tf_plan_draws_what_the_size_simulation_draws():
   """`transforms.train_plan` (TF) groups images as `buckets.aspect_group` says."""
-  from focus_detr_jax.data import transforms  # pylint: disable=import-outside-toplevel
   cfg = transforms.TransformConfig.from_config(COCO)
   for hw in ((480, 640), (640, 427), (500, 500)):
     for i in range(20):
@@ -127,11 +128,11 @@ def test_eval_canvases_hold_every_image_with_little_padding():
 
 
 def test_a_single_canvas_needs_no_groups_or_buckets():
-  c = pipeline.get_data_config("coco")
+  c = common.get_data_config("coco")
   c.canvases = ((512, 512),)
-  s = pipeline.train_schedule(c)
+  s = streams.train_schedule(c)
   assert s.num_groups == 1 and not s.scale_per_step and s.canvases == ((512, 512),)
   c.canvases = ((512, 512), (512, 512))
   c.canvas_weights = (1.0, 1.0, 1.0, 1.0)
   with pytest.raises(ValueError, match="group-major"):
-    pipeline.train_schedule(c)
+    streams.train_schedule(c)

@@ -1,6 +1,7 @@
 """Bad input never crashes and never passes silently: each case handled and counted."""
 
 import io
+import json
 import math
 import os
 
@@ -10,7 +11,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from focus_detr_jax.data import coco_folder
-from focus_detr_jax.data import pipeline
+from focus_detr_jax.data import iterators
 from focus_detr_jax.data import testing
 
 CATS = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
@@ -83,7 +84,6 @@ def prepared(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("bad"))
   entries = _entries()
   images_dir, ann_path = testing.write_coco_folder(root, "train", entries, CATS)
-  import json  # pylint: disable=import-outside-toplevel
   data = json.load(open(ann_path))
   data["images"].append({"id": 1, "file_name": "dup.jpg"})           # duplicate id
   data["images"].append({"id": 99})                                  # no file_name
@@ -148,7 +148,7 @@ def _config(root, splits, **kw):
 
 def test_eval_counts_truncation_and_keeps_images_without_annotations(prepared):
   root, splits, _ = prepared
-  it = pipeline.make_eval_iterator(_config(root, splits))
+  it = iterators.make_eval_iterator(_config(root, splits))
   batches = list(it)
   ids = np.concatenate([b["image_id"][b["example_valid"]] for b in batches])
   assert sorted(ids.tolist()) == [1, 2, 3, 4, 5, 6, 7, 11, 12, 13, 14, 15, 16]
@@ -165,7 +165,7 @@ def test_eval_counts_truncation_and_keeps_images_without_annotations(prepared):
 
 def test_training_skips_images_without_annotations_and_counts(prepared):
   root, splits, _ = prepared
-  it = pipeline.make_train_iterator(_config(root, splits, augment=False))
+  it = iterators.make_train_iterator(_config(root, splits, augment=False))
   ids = []
   for _ in range(12):  # ~2 epochs of the 11 usable images
     b = next(it)
@@ -281,10 +281,10 @@ def test_counts_are_reported_in_the_logs(tmp_path, caplog):
 
 def test_pipeline_counts_are_logged(prepared, caplog):
   root, splits, _ = prepared
-  it = pipeline.make_eval_iterator(_config(root, splits))
+  it = iterators.make_eval_iterator(_config(root, splits))
   for _ in it:
     pass
   with caplog.at_level("INFO"):
-    pipeline.log_stats(it, prefix="eval input")
+    iterators.log_stats(it, prefix="eval input")
   assert "eval input:" in caplog.text and "images_truncated=1" in caplog.text
   assert "boxes_truncated=7" in caplog.text and "images_png=" in caplog.text

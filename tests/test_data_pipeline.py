@@ -1,11 +1,11 @@
 """Pipeline: batch interface, canvases per step, exact resume, per-host sharding, eval once."""
 
-import os
-
 import numpy as np
 import pytest
 
-from focus_detr_jax.data import pipeline
+from configs import common
+from focus_detr_jax.data import iterators
+from focus_detr_jax.data import streams
 from focus_detr_jax.data import testing
 
 CATS = [{"id": 1, "name": "red"}, {"id": 2, "name": "green"}, {"id": 3, "name": "blue"}]
@@ -58,7 +58,7 @@ def _same(a, b):
 
 
 def test_batch_interface(config):
-  it = pipeline.make_train_iterator(config)
+  it = iterators.make_train_iterator(config)
   b = next(it)
   h, w = b["image"].shape[1:3]
   assert (h, w) in CANVASES
@@ -81,9 +81,10 @@ def test_batch_interface(config):
 
 
 def test_normalisation_is_exact():
-  c = pipeline.get_data_config()
-  it = pipeline.DataIterator.__new__(pipeline.DataIterator)
+  c = common.get_data_config()
+  it = iterators.DataIterator.__new__(iterators.DataIterator)
   it._training = True  # pylint: disable=protected-access
+  it.normalize_on_host = True
   mean = np.asarray(c.pixel_mean, np.float32)
   std = np.asarray(c.pixel_std, np.float32)
   it._mean, it._std = mean, std  # pylint: disable=protected-access
@@ -97,18 +98,18 @@ def test_normalisation_is_exact():
   assert not out["image"][0, 3:].any() and not out["image"][0, :, 4:].any()
   # Every uint8 value of every channel, against the detectron2 formula in float32.
   every = np.broadcast_to(np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1), (1, 16, 16, 3))
-  image, mask = pipeline.normalize_batch(every, np.array([[16, 16]]), mean, std)
+  image, mask = iterators.normalize_batch(every, np.array([[16, 16]]), mean, std)
   np.testing.assert_array_equal(image, (every.astype(np.float32) - mean) / std)
   assert not mask.any()
 
 
 def test_canvas_follows_the_step_schedule_and_aspect(config):
-  it = pipeline.make_train_iterator(config)
+  it = iterators.make_train_iterator(config)
   shapes = []
   for step in range(8):
     b = next(it)
     canvas = b["image"].shape[1:3]
-    assert canvas == pipeline.canvas_for_step(config, step)
+    assert canvas == streams.canvas_for_step(config, step)
     shapes.append(canvas)
     # Grouped by the orientation of the augmented image (the crop's, or the original's).
     size = b["image_size"]
@@ -120,7 +121,7 @@ def test_canvas_follows_the_step_schedule_and_aspect(config):
 
 
 def test_augmented_batches_keep_boxes_on_pixels(config):
-  it = pipeline.make_train_iterator(config)
+  it = iterators.make_train_iterator(config)
   n = 0
   for _ in range(8):
     b = next(it)
@@ -135,13 +136,13 @@ def test_augmented_batches_keep_boxes_on_pixels(config):
 
 
 def test_exact_resume_from_a_checkpoint(config, tmp_path):
-  it = pipeline.make_train_iterator(config)
+  it = iterators.make_train_iterator(config)
   for _ in range(3):
     next(it)
   path = it.save(str(tmp_path / "input"))
   stats = it.stats
   expected = [next(it) for _ in range(4)]
-  fresh = pipeline.make_train_iterator(config)
+  fresh = iterators.make_train_iterator(config)
   fresh.restore(path)
   assert fresh.stats == stats
   for want in expected:
@@ -149,17 +150,17 @@ def test_exact_resume_from_a_checkpoint(config, tmp_path):
 
 
 def test_order_is_deterministic_from_the_seed(config):
-  a = [next(pipeline.make_train_iterator(config)) for _ in range(1)]
-  b = [next(pipeline.make_train_iterator(config)) for _ in range(1)]
+  a = [next(iterators.make_train_iterator(config)) for _ in range(1)]
+  b = [next(iterators.make_train_iterator(config)) for _ in range(1)]
   assert _same(a[0], b[0])
   other = config.copy_and_resolve_references()
   other.seed = 5
-  it = pipeline.make_train_iterator(other)
+  it = iterators.make_train_iterator(other)
   assert not _same(next(it), a[0]) or not _same(next(it), a[0])
 
 
 def test_hosts_read_disjoint_shards_and_agree_on_canvases(config):
-  its = [pipeline.make_train_iterator(config, process_index=p, process_count=2)
+  its = [iterators.make_train_iterator(config, process_index=p, process_count=2)
          for p in range(2)]
   ids = [set(), set()]
   # ~4 epochs of each host's 6 images: the aspect-group schedule draws every image equally
@@ -175,7 +176,7 @@ def test_hosts_read_disjoint_shards_and_agree_on_canvases(config):
 
 
 def test_eval_every_image_exactly_once(config):
-  batches = list(pipeline.make_eval_iterator(config))
+  batches = list(iterators.make_eval_iterator(config))
   ids = np.concatenate([b["image_id"][b["example_valid"]] for b in batches])
   assert sorted(ids.tolist()) == list(range(1000, 1007))
   # 4 landscape + 3 portrait images, batch 2: 2 + 2 batches, each canvas's last one padded.
@@ -191,7 +192,7 @@ def test_eval_every_image_exactly_once(config):
 
 
 def test_eval_on_two_hosts_same_batches_per_canvas(config):
-  runs = [list(pipeline.make_eval_iterator(config, process_index=p, process_count=2))
+  runs = [list(iterators.make_eval_iterator(config, process_index=p, process_count=2))
           for p in range(2)]
   assert [b["image"].shape for b in runs[0]] == [b["image"].shape for b in runs[1]]
   ids = [np.concatenate([b["image_id"][b["example_valid"]] for b in r]).tolist() for r in runs]
@@ -202,31 +203,17 @@ def test_eval_on_two_hosts_same_batches_per_canvas(config):
 def test_exact_eval_mode(config):
   c = config.copy_and_resolve_references()
   c.eval_exact = True
-  batches = list(pipeline.make_eval_iterator(c))
+  batches = list(iterators.make_eval_iterator(c))
   assert len(batches) == 7
   for b in batches:
     assert b["image"].shape[1:3] == tuple(b["image_size"][0]) and not b["padding_mask"].any()
 
 
-def test_device_prefetch_resumes_exactly(config, tmp_path):
-  from focus_detr_jax.data import device  # pylint: disable=import-outside-toplevel
-  it = device.prefetch_to_device(pipeline.make_train_iterator(config), size=2)
-  next(it)
-  path = it.save(str(tmp_path / "dev"))
-  want = [next(it) for _ in range(3)]
-  fresh = device.prefetch_to_device(pipeline.make_train_iterator(config), size=2)
-  fresh.restore(path)
-  for w in want:
-    got = next(fresh)
-    assert all(np.array_equal(np.asarray(got[k]), np.asarray(w[k])) for k in w)
-
-
 def test_config_presets():
-  coco = pipeline.get_data_config()
+  coco = common.get_data_config()
   assert coco.dataset == "coco" and coco.max_boxes == 100 and coco.train_max_size == 1333
   assert tuple(coco.train_scales) == tuple(range(480, 801, 32))
-  syn = pipeline.get_data_config("synthetic")
+  syn = common.get_data_config("synthetic")
   assert syn.dataset == "synthetic" and tuple(syn.canvases) == ((256, 256),)
   with pytest.raises(ValueError):
-    pipeline.get_data_config("nope")
-  assert os.path.basename(pipeline.__file__) == "pipeline.py"
+    common.get_data_config("nope")

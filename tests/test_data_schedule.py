@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from focus_detr_jax.data import buckets
-from focus_detr_jax.data import pipeline
+from focus_detr_jax.data import device
+from focus_detr_jax.data import iterators
+from focus_detr_jax.data import streams
 from focus_detr_jax.data import testing
 
 CATS = [{"id": 1, "name": "red"}, {"id": 2, "name": "green"}]
@@ -60,8 +62,8 @@ def test_images_are_drawn_uniformly_whatever_their_orientation(config):
   """8 landscape + 4 portrait images: 2/3 of the steps are landscape and, after 3 epochs'
   worth of steps, every image has been seen 3 times (a fixed 50/50 schedule would show each
   portrait image twice as often as each landscape image)."""
-  assert pipeline.train_schedule(config).group_counts in ((2, 1), (666667, 333333))
-  it = pipeline.make_train_iterator(config)
+  assert streams.train_schedule(config).group_counts in ((2, 1), (666667, 333333))
+  it = iterators.make_train_iterator(config)
   counts = collections.Counter()
   epochs = 3
   for _ in range(12 * epochs // 2):
@@ -73,19 +75,19 @@ def test_images_are_drawn_uniformly_whatever_their_orientation(config):
 
 
 def test_scale_and_canvas_follow_the_step(config):
-  schedule = pipeline.train_schedule(config)
-  it = pipeline.make_train_iterator(config)
+  schedule = streams.train_schedule(config)
+  it = iterators.make_train_iterator(config)
   shapes = set()
   for step in range(16):
     b = next(it)
     plan = buckets.plan_for_step(step, schedule)
-    assert b["image"].shape[1:3] == plan.canvas == pipeline.canvas_for_step(config, step)
+    assert b["image"].shape[1:3] == plan.canvas == streams.canvas_for_step(config, step)
     shapes.add(plan.canvas)
     # No crop: every image's short side is the step's scale, its orientation the step's group.
     assert (b["image_size"].min(axis=1) == plan.scale).all()
     assert ((b["image_size"][:, 0] >= b["image_size"][:, 1]) == (plan.group == 1)).all()
   assert len(shapes) >= 3 and shapes <= set(CANVASES)
-  assert pipeline.train_shapes(config) == CANVASES
+  assert streams.train_shapes(config) == CANVASES
   assert it.stats["images_rescaled_to_fit"] == 0
 
 
@@ -94,7 +96,7 @@ def test_crop_branch_images_fit_or_are_counted(config):
   c.crop_prob = 1.0
   c.crop_resize_scales = (48, 60)
   c.crop_size_range = (30, 48)
-  it = pipeline.make_train_iterator(c)
+  it = iterators.make_train_iterator(c)
   rescaled = 0
   for step in range(8):
     b = next(it)
@@ -105,18 +107,18 @@ def test_crop_branch_images_fit_or_are_counted(config):
       errors = testing.alignment_errors(img, b["boxes"][i], b["labels"][i], b["box_valid"][i],
                                         b["image_size"][i])
       assert max(errors, default=0) <= 1.6, errors
-    rescaled += int((b["image_size"].min(axis=1) != pipeline.buckets.plan_for_step(
-        step, pipeline.train_schedule(c)).scale).sum())
+    rescaled += int((b["image_size"].min(axis=1) != buckets.plan_for_step(
+        step, streams.train_schedule(c)).scale).sum())
   assert it.stats["images_rescaled_to_fit"] == rescaled
 
 
 def test_exact_resume_with_scale_buckets(config, tmp_path):
-  it = pipeline.make_train_iterator(config)
+  it = iterators.make_train_iterator(config)
   for _ in range(5):
     next(it)
   path = it.save(str(tmp_path / "input"))
   want = [next(it) for _ in range(5)]
-  fresh = pipeline.make_train_iterator(config)
+  fresh = iterators.make_train_iterator(config)
   fresh.restore(path)
   for w in want:
     got = next(fresh)
@@ -124,11 +126,11 @@ def test_exact_resume_with_scale_buckets(config, tmp_path):
 
 
 def test_two_hosts_use_the_same_canvas_at_every_step(config):
-  its = [pipeline.make_train_iterator(config, process_index=p, process_count=2)
+  its = [iterators.make_train_iterator(config, process_index=p, process_count=2)
          for p in range(2)]
   for step in range(10):
     shapes = {next(it)["image"].shape[1:3] for it in its}
-    assert shapes == {pipeline.canvas_for_step(config, step)}
+    assert shapes == {streams.canvas_for_step(config, step)}
 
 
 def test_a_dataset_without_portrait_images_trains(tmp_path):
@@ -140,18 +142,15 @@ def test_a_dataset_without_portrait_images_trains(tmp_path):
   c.group_bounds = (1.0,)
   c.crop_prob = 0.0
   c.batch_size = 2
-  assert pipeline.train_schedule(c).group_counts[1] == 0
-  it = pipeline.make_train_iterator(c)
+  assert streams.train_schedule(c).group_counts[1] == 0
+  it = iterators.make_train_iterator(c)
   for _ in range(6):
     assert next(it)["image"].shape == (2, 96, 96, 3)
 
 
 def test_uint8_batches_normalised_on_device_equal_the_host_ones(config):
-  from focus_detr_jax.data import device  # pylint: disable=import-outside-toplevel
-  host = next(pipeline.make_train_iterator(config))
-  it = pipeline.make_train_iterator(config)
-  it.normalize_on_host = False
-  raw = next(it)
+  host = next(iterators.make_train_iterator(config))
+  raw = next(iterators.make_train_iterator(config, normalize_on_host=False))
   assert raw["image"].dtype == np.uint8 and "padding_mask" not in raw
   out = device.normalize_on_device(raw, config.pixel_mean, config.pixel_std)
   np.testing.assert_array_equal(np.asarray(out["image"]), host["image"])

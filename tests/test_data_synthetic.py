@@ -6,8 +6,10 @@ import os
 import numpy as np
 import pytest
 
+from configs import demo_synthetic
 from focus_detr_jax.data import coco_folder
-from focus_detr_jax.data import pipeline
+from focus_detr_jax.data import datasets
+from focus_detr_jax.data import iterators
 from focus_detr_jax.data import synthetic
 from focus_detr_jax.data import testing
 
@@ -144,7 +146,7 @@ def test_read_through_the_folder_builder(generated):
   config = testing.small_config(root, size=SIZE)
   config.synthetic.num_train, config.synthetic.num_val = 6, 3
   config.synthetic.root = root
-  builder, meta = pipeline.get_builder(config)
+  builder, meta = datasets.get_builder(config)
   assert isinstance(builder, coco_folder.CocoFolder)
   assert meta.category_names == synthetic.EASY_CLASSES and meta.category_ids == (1, 2, 3, 4)
   stats = builder.prepare_stats["train"]
@@ -154,7 +156,7 @@ def test_read_through_the_folder_builder(generated):
   data, _ = _files(ds, "validation")
   want = {im["id"]: sum(a["image_id"] == im["id"] for a in data["annotations"])
           for im in data["images"]}
-  it = pipeline.make_eval_iterator(config)
+  it = iterators.make_eval_iterator(config)
   got = {}
   for b in it:
     for i in np.nonzero(b["example_valid"])[0]:
@@ -165,7 +167,6 @@ def test_read_through_the_folder_builder(generated):
 
 
 def test_demo_config_uses_the_synthetic_preset():
-  from configs import demo_synthetic  # pylint: disable=import-outside-toplevel
   config = demo_synthetic.get_config()
   assert config.data.dataset == "synthetic" and config.data.synthetic.difficulty == "easy"
   assert tuple(config.data.canvases) == ((256, 256),)

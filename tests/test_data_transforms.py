@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from configs import common
 from focus_detr_jax.data import canvas as canvas_lib
 from focus_detr_jax.data import testing
 from focus_detr_jax.data import transforms
@@ -50,7 +51,8 @@ def _example(rects=RECTS, hw=(100, 120), crowd=None, fmt="PNG"):
 
 
 def _cfg(**kw):
-  base = transforms.TransformConfig(
+  base = dataclasses.replace(
+      transforms.TransformConfig.from_config(common.get_data_config("coco")),
       max_boxes=10, train_scales=(64, 80, 96, 112), train_max_size=160,
       crop_resize_scales=(60, 80, 100), crop_size_range=(40, 90), eval_scale=96,
       eval_max_size=160)
@@ -273,7 +275,7 @@ def test_decoding_matches_pil_and_counts_formats():
     got = transforms.decode_image(tf.constant(data)).numpy()
     want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     np.testing.assert_array_equal(got, want, err_msg=name)
-    stats = {k: int(v) for k, v in transforms.format_stats(tf.constant(data)).items()}
+    stats = {k: int(v) for k, v in transforms.image_format_counts(tf.constant(data)).items()}
     assert stats["images_png"] == name.startswith("png"), name
     assert stats["images_grayscale"] == name.endswith("gray"), name
     assert stats["images_cmyk"] == (name == "jpeg_cmyk"), name

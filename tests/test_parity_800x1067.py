@@ -10,7 +10,8 @@ FOCUS_DETR_PARITY_ROOT); a fresh clone skips it with that reason. One eval progr
 import pytest
 
 from conftest import PARITY_ROOT, full_set_available
-from focus_detr_jax.parity import check
+from focus_detr_jax.parity.forward_stages import eval_stages
+from focus_detr_jax.parity.reference import config_for_reference, load_reference
 
 SET = PARITY_ROOT / "public_800x1067"
 pytestmark = pytest.mark.skipif(not full_set_available("public_800x1067"),
@@ -21,10 +22,10 @@ DECODER_ROWS = ("eval/pred_logits", "eval/pred_boxes", "eval/infer_img0", "eval/
 
 @pytest.fixture(scope="module")
 def results():
-  reference = check.load_reference(SET)
-  config = check.config_for_reference(reference["meta"])
+  reference = load_reference(SET)
+  config = config_for_reference(reference["meta"])
   skipped = []
-  rows = check.eval_stages(reference, config, skipped)
+  rows = eval_stages(reference, config, skipped)
   return rows, skipped
 
 

@@ -7,23 +7,27 @@ per set (module fixtures); every stage row of scripts/check_parity.py must pass 
 tolerances.
 """
 
+import jax
 import numpy as np
 import pytest
 
 from conftest import r50_sets
-from focus_detr_jax.parity import check
+from focus_detr_jax.parity import compare, diagnostics, forward_stages, loss_stages
+from focus_detr_jax.parity.reference import (build_model, config_for_reference, forced_from,
+                                             load_reference, make_batch, run_forward)
+from focus_detr_jax.parity.weights import build_state_dict
 
 SETS = r50_sets()
 
 
 @pytest.fixture(scope="module", params=[d for _, d in SETS], ids=[n for n, _ in SETS])
 def reference(request):
-  return check.load_reference(request.param)
+  return load_reference(request.param)
 
 
 @pytest.fixture(scope="module")
 def config(reference):
-  return check.config_for_reference(reference["meta"])
+  return config_for_reference(reference["meta"])
 
 
 def _assert_all_pass(results):
@@ -33,14 +37,14 @@ def _assert_all_pass(results):
 
 
 def test_deformable_attention_function_and_module(reference):
-  results = check.msda_stages(reference["ms_deform_attn"])
+  results = forward_stages.msda_stages(reference["ms_deform_attn"])
   assert [r.stage for r in results] == ["msda/function", "msda/module_ref2", "msda/module_ref4"]
   _assert_all_pass(results)
 
 
 @pytest.fixture(scope="module")
 def eval_results(reference, config):
-  return check.eval_stages(reference, config)
+  return forward_stages.eval_stages(reference, config)
 
 
 @pytest.mark.parametrize("group", [
@@ -62,18 +66,17 @@ def test_eval_stage_coverage(eval_results):
 
 @pytest.fixture(scope="module")
 def train_forward(reference, config):
-  return check.train_forward(reference, config)
+  return forward_stages.train_forward(reference, config)
 
 
 def test_train_forward_stages(reference, config, train_forward):
-  results = check.train_stages(reference, config, train_forward)
+  results = forward_stages.train_stages(reference, config, train_forward)
   assert any(r.stage == "train/padding_mask_lvl0" for r in results)
   _assert_all_pass(results)
 
 
 def test_manifest_weights_match_fingerprint(reference):
   """The weight rule reproduces the recorded per-key sums (meta.json weight_fingerprint)."""
-  from focus_detr_jax.parity.weights import build_state_dict
   sd = build_state_dict(reference["dir"] / "state_dict_manifest.json", reference["meta"]["seed"])
   fingerprint = reference["meta"]["weight_fingerprint"]
   assert set(fingerprint) == set(sd)
@@ -84,18 +87,18 @@ def test_manifest_weights_match_fingerprint(reference):
 
 
 def test_criterion_on_stored_outputs(reference):
-  _assert_all_pass(check.criterion_only_stages(reference["dir"]))
+  _assert_all_pass(loss_stages.criterion_only_stages(reference["dir"]))
 
 
 @pytest.mark.parametrize("with_dn", [False, True], ids=["dn_off", "dn_on"])
 def test_training_losses_and_gradients(reference, config, with_dn):
   """All 40 loss terms, the 7 matchings, DN queries/outputs, and the gradients (issue 10)."""
   if with_dn:
-    rows = check.dn_stages(reference, config)
+    rows = loss_stages.dn_stages(reference, config)
     assert any("attn_mask" in r.stage for r in rows)
   else:
-    rows = check.train_loss_stages(reference, config)
-  rows += check.gradient_stages(reference, config, with_dn)
+    rows = loss_stages.train_loss_stages(reference, config)
+  rows += loss_stages.gradient_stages(reference, config, with_dn)
   grads = reference["grads_train_dn" if with_dn else "grads_train"]
   n_full = sum(k.startswith("grad__") for k in grads)
   assert n_full >= 8 and sum("/grad " in r.stage for r in rows) >= n_full
@@ -104,16 +107,15 @@ def test_training_losses_and_gradients(reference, config, with_dn):
 
 def _float64_end_to_end_rows(reference, config):
   """Our float64 model, every index forced, against a set without the full `memory` (compact)."""
-  import jax
   ref = reference["forward_eval"]
-  images, mask, _ = check.make_batch(reference["inputs"])
-  forced = check.forced_from(ref, config.model.num_encoder_layers)
+  images, mask, _ = make_batch(reference["inputs"])
+  forced = forced_from(ref, config.model.num_encoder_layers)
   config64 = config.copy_and_resolve_references()
   config64.model.dtype = "float64"
   with jax.enable_x64(True):
-    model64, variables64 = check.build_model(config64, reference["dir"], images.shape, train=False)
-    out64, inter64 = check.run_forward(model64, variables64, images.astype(np.float64), mask,
-                                       False, forced)
+    model64, variables64 = build_model(config64, reference["dir"], train=False)
+    out64, inter64 = run_forward(model64, variables64, images.astype(np.float64), mask, False,
+                                 forced)
   rownorm = np.linalg.norm(inter64["memory"], axis=-1)
   return {"end to end: |reference f32 - ours f64| memory_rownorm / rownorm":
               float(np.max(np.abs(rownorm - ref["memory_rownorm"]) / ref["memory_rownorm"])),
@@ -128,11 +130,11 @@ def test_float64_model_against_the_float32_reference(reference, config):
   if "memory" not in reference["forward_eval"]:  # compact set: end to end only
     rows = _float64_end_to_end_rows(reference, config)
     assert rows["end to end: |reference f32 - ours f64| memory_rownorm / rownorm"] <= 1e-4, rows
-    assert 0 < rows["end to end: |reference f32 - ours f64| pred_logits"] <= check.TOL_DEC_LOGITS
-    assert rows["end to end: |reference f32 - ours f64| pred_boxes"] <= check.TOL_DEC_BOXES, rows
+    assert 0 < rows["end to end: |reference f32 - ours f64| pred_logits"] <= compare.TOL_DEC_LOGITS
+    assert rows["end to end: |reference f32 - ours f64| pred_boxes"] <= compare.TOL_DEC_BOXES, rows
     return
-  rows = dict(check.float64_rounding_rows(reference, config))
-  assert rows["end to end: |reference f32 - ours f64| memory"] <= check.TOL_MEMORY, rows
-  assert rows["end to end: |reference f32 - ours f64| pred_logits"] <= check.TOL_DEC_LOGITS, rows
-  assert rows["end to end: |reference f32 - ours f64| pred_boxes"] <= check.TOL_DEC_BOXES, rows
+  rows = dict(diagnostics.float64_rounding_rows(reference, config))
+  assert rows["end to end: |reference f32 - ours f64| memory"] <= compare.TOL_MEMORY, rows
+  assert rows["end to end: |reference f32 - ours f64| pred_logits"] <= compare.TOL_DEC_LOGITS, rows
+  assert rows["end to end: |reference f32 - ours f64| pred_boxes"] <= compare.TOL_DEC_BOXES, rows
   assert rows["memory forced: |ours f32 - ours f64| pred_logits"] > 0, rows

@@ -8,6 +8,8 @@ import pytest
 from PIL import Image
 
 from focus_detr_jax import inference, visualize
+from focus_detr_jax.data import iterators
+from focus_detr_jax.predict import predict_on_host
 from conftest import import_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,8 +88,8 @@ def test_boxes_equal_the_models_own_outputs(predicted, tiny_config, tiny_model_a
   mask[0, :96, :128] = False
   mask[1, :1, :1] = False
   x[mask] = 0.0
-  want, maps = visualize.selection_outputs(model, variables, x, mask, sizes, sizes,
-                                           num_select=tiny_config.model.num_select)
+  want, maps = predict_on_host(model, variables, x, mask, sizes, sizes,
+                               num_select=tiny_config.model.num_select)
   keep = want["valid"][0]
   assert len(got) == keep.sum()
   boxes = want["boxes"][0][keep]
@@ -147,7 +149,8 @@ def test_training_images_for_tensorboard(predicted, tiny_config, tiny_model_and_
   assert size == (96, 128) and canvas == (128, 128)
   u8 = np.stack([network, network])
   sizes = np.asarray([size, [1, 1]], np.int32)
-  x, mask = inference.normalize_batch(u8, sizes, tiny_config)
+  x, mask = iterators.normalize_batch(u8, sizes, tiny_config.data.pixel_mean,
+                                     tiny_config.data.pixel_std)
   m = tiny_config.data.max_boxes
   boxes = np.zeros((2, m, 4), np.float32)
   boxes[0, 0] = (0.5, 0.5, 0.4, 0.4)

@@ -6,7 +6,7 @@ import pytest
 
 from focus_detr_jax.models import remat
 from focus_detr_jax.models.focus_detr import FocusDETR
-from focus_detr_jax.train.objective import model_loss
+from focus_detr_jax.train.objective import Objective, model_loss
 from test_train_step import _batch
 
 
@@ -18,7 +18,8 @@ def _loss_and_grads(config, variables, setting):
   batch = _batch(config)
 
   def loss(p):
-    return model_loss(model, p, extra, batch, config, key=jax.random.PRNGKey(3))[0]
+    return model_loss(model, p, extra, batch, Objective.from_config(config),
+                      key=jax.random.PRNGKey(3))[0]
 
   return jax.jit(jax.value_and_grad(loss))(variables["params"])
 

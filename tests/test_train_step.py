@@ -9,7 +9,7 @@ import pytest
 
 from conftest import make_fake_batch
 from focus_detr_jax.train import optim, state as state_lib, steps
-from focus_detr_jax.train.criterion import LossConfig
+from focus_detr_jax.train.objective import Objective
 
 
 def _batch(config):
@@ -35,9 +35,9 @@ def step_setup(tiny_config, tiny_model_and_variables):
   config = tiny_config.copy_and_resolve_references()
   config.optim.lr = 1e-3          # overfit one batch quickly
   tx, schedule = optim.make_optimizer(variables["params"], config)
-  step = jax.jit(functools.partial(steps.train_step, model=model, config=config, tx=tx,
-                                   schedule=schedule,
-                                   loss_config=LossConfig.from_config(config)))
+  step = jax.jit(functools.partial(steps.train_step, model=model,
+                                   objective=Objective.from_config(config), tx=tx,
+                                   schedule=schedule, ema_decay=config.optim.ema_decay))
   state = state_lib.create_train_state(variables, tx, jax.random.PRNGKey(1), ema=False)
   return step, state, _batch(tiny_config)
 

@@ -32,11 +32,9 @@ from focus_detr_jax.convert import backbones, torch_io
 from focus_detr_jax.convert.backbones import ConversionError, row
 from focus_detr_jax.convert.detrex import _alias_map, canonical_key, state_dict_to_variables
 from focus_detr_jax.convert.swin import swin_key_to_path
+from focus_detr_jax.models.focus_detr import (INIT_IMAGE_SIZE, SKIP_COLLECTIONS, FocusDETR,
+                                              init_variables as model_init_variables)
 
-# Input used to trace the model for shapes / init: large enough that every level has more tokens
-# than the 900 queries and the 300 OESM tokens of the standard configs.
-INIT_IMAGE_SIZE = (320, 480)
-SKIP_COLLECTIONS = ("intermediates",)   # sown activations, not variables
 MODEL_FORMATS = ("ours", "detrex")
 _HEAD = re.compile(r"^params/(class_embed_\d+/(kernel|bias)|label_enc)$")
 
@@ -72,7 +70,6 @@ def unflatten(flat) -> Dict[str, Any]:
 
 
 def _model(config):
-  from focus_detr_jax.models.focus_detr import FocusDETR
   return FocusDETR.from_config(config.model)
 
 
@@ -89,24 +86,10 @@ def model_shapes(config, image_size=INIT_IMAGE_SIZE):
 
 
 def init_variables(config, seed: Optional[int] = None, image_size=INIT_IMAGE_SIZE):
-  """A fresh init of the model (numpy arrays), seeded by `config.seed` unless `seed` is given.
-
-  The init is jitted with the forward pass dead-code-eliminated; on CPU it is compiled without
-  backend optimisation (the init runs once, compiling it fully takes several times longer).
-  """
-  model = _model(config)
+  """A fresh init of the model (numpy arrays), seeded by `config.seed` unless `seed` is given."""
   key = jax.random.PRNGKey(int(config.get("seed", 0) if seed is None else seed))
-  height, width = image_size
-
-  def init(k):
-    v = model.init(k, jnp.zeros((1, height, width, 3), jnp.float32),
-                   jnp.zeros((1, height, width), bool))
-    return {c: v[c] for c in v if c not in SKIP_COLLECTIONS}
-
-  lowered = jax.jit(init).lower(key)
-  options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-  compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
-  return jax.tree_util.tree_map(np.asarray, jax.device_get(compiled(key)))
+  variables = model_init_variables(_model(config), key, image_size)
+  return jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
 
 
 # ------------------------------------------------------------------------------------------------

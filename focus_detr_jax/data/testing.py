@@ -7,7 +7,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from focus_detr_jax.data import pipeline
+from configs import common
 
 # Pure colours: easy to find again after resizing (one per object in drawn test images).
 COLOURS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255),
@@ -16,7 +16,7 @@ COLOURS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), 
 
 def small_config(root: str, size: int = 128, **overrides):
   """The synthetic preset shrunk to `size`-pixel images and canvases (fast tests)."""
-  c = pipeline.get_data_config("synthetic")
+  c = common.get_data_config("synthetic")
   c.synthetic.root = os.path.join(root, "synthetic")
   c.synthetic.image_size = size
   c.synthetic.num_train = 16

@@ -10,7 +10,7 @@ Finally the image is scaled down if it does not fit its canvas and placed top-le
 
 Boxes travel as absolute-pixel xyxy float32 and leave as normalised cxcywh relative to the
 resized, unpadded image. Images stay uint8 (resized with antialiased bilinear, rounded like PIL);
-normalisation happens on the host after batching (`pipeline.py`) so tf.data buffers and iterator
+normalisation happens after batching (`iterators.py`, `device.py`) so tf.data buffers and iterator
 checkpoints stay 4x smaller.
 
 All randomness is stateless, keyed by (seed, position of the example in its stream), so the
@@ -25,7 +25,7 @@ import tensorflow as tf
 from focus_detr_jax.data import buckets
 from focus_detr_jax.data import canvas as canvas_lib
 
-# Per-example counters produced by the map (summed over the stream by `pipeline.py`).
+# Per-example counters produced by the map (summed over the stream by `streams.py`).
 EXAMPLE_STATS = (
     "images_without_annotations",   # no non-crowd box: skipped in training (detectron2
                                     # filter_empty=True), kept in evaluation (COCO counts them)
@@ -46,20 +46,21 @@ EMPTY_BOX_THRESHOLD = 1e-5  # detectron2 Boxes.nonempty(threshold)
 
 @dataclasses.dataclass(frozen=True)
 class TransformConfig:
-  """Static transform settings (built once from the data config)."""
-  max_boxes: int = 100
-  augment: bool = True
-  flip_prob: float = 0.5
-  crop_prob: float = 0.5
-  train_scales: tuple[int, ...] = tuple(range(480, 801, 32))
-  train_max_size: int = 1333
-  crop_resize_scales: tuple[int, ...] = (400, 500, 600)
-  crop_resize_max_size: int = 0          # 0: unlimited (detectron2 default sys.maxsize)
-  crop_size_range: tuple[int, int] = (384, 600)
-  eval_scale: int = 800
-  eval_max_size: int = 1333
-  drop_crowd: bool = True
-  skip_images_without_annotations: bool = True
+  """Static transform settings, built once from the data config (`from_config`; the defaults
+  are `configs.common.get_data_config`'s)."""
+  max_boxes: int
+  augment: bool
+  flip_prob: float
+  crop_prob: float
+  train_scales: tuple[int, ...]
+  train_max_size: int
+  crop_resize_scales: tuple[int, ...]
+  crop_resize_max_size: int              # 0: unlimited (detectron2 default sys.maxsize)
+  crop_size_range: tuple[int, int]
+  eval_scale: int
+  eval_max_size: int
+  drop_crowd: bool
+  skip_images_without_annotations: bool
 
   @classmethod
   def from_config(cls, config) -> "TransformConfig":
@@ -82,7 +83,7 @@ class TransformConfig:
 
 # ----------------------------------------------------------------------------- geometry helpers
 
-def format_stats(encoded: tf.Tensor, header=None) -> dict:
+def image_format_counts(encoded: tf.Tensor, header=None) -> dict:
   """Counters of the image container/colour format, read from the header (never raises).
 
   `header`: the example's `image/header` if the pipeline already read it (else read here).
@@ -340,7 +341,7 @@ def _decode_and_clean(example, cfg: TransformConfig):
                                         tf.cast(objects["is_crowd"], tf.bool), orig_hw,
                                         cfg.drop_crowd)
   stats = {**_zero_stats(), **stats,
-           **format_stats(example["image"], example.get("image/header"))}
+           **image_format_counts(example["image"], example.get("image/header"))}
   return image, orig_hw, boxes, labels, stats
 
 
@@ -389,11 +390,11 @@ def train_example(example, key: tf.Tensor, canvas, cfg: TransformConfig):
 
 
 # ----------------------------------------------------------------------------- training in two stages
-# The pipeline (`pipeline.py`) splits `train_example` in two so that the canvas can follow the
-# step: `train_plan` draws every random choice from the header size (no decoding), which gives the
-# image's aspect group before anything is decoded; `train_augment` decodes and applies flip and
-# the crop branch; `train_finish` applies the final multi-scale resize (the step's scale, or the
-# image's own) and pads into the step's canvas. Same keys, same draws as `train_example`.
+# The training stream (`streams.py`) splits `train_example` in two so that the canvas can follow
+# the step: `train_plan` draws every random choice from the header size (no decoding), which gives
+# the image's aspect group before anything is decoded; `train_augment` decodes and applies flip
+# and the crop branch; `train_finish` applies the final multi-scale resize (the step's scale, or
+# the image's own) and pads into the step's canvas. Same keys, same draws as `train_example`.
 
 def train_plan(hw: tf.Tensor, key: tf.Tensor, cfg: TransformConfig, group_bounds) -> dict:
   """Random choices of one training example from its header size `hw` (int32 [2]).

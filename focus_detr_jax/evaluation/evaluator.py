@@ -15,11 +15,10 @@ import jax
 import numpy as np
 
 from focus_detr_jax.checkpoint import as_path
+from focus_detr_jax.data import datasets, iterators
 from focus_detr_jax.evaluation.coco_eval import (METRIC_NAMES, coco_evaluate, detections_to_coco,
                                                  format_table)
-from focus_detr_jax.train.steps import predict_step
-
-_PREDICT_KEYS = ("image", "padding_mask", "image_size", "orig_size")
+from focus_detr_jax.predict import jit_predict
 
 
 def _allgather(tree):
@@ -33,20 +32,17 @@ class Evaluator:
   """`run(variables, step)` -> {AP, AP50, AP75, APs, APm, APl, ...}."""
 
   def __init__(self, model, config, workdir=None, max_batches: Optional[int] = None):
-    from focus_detr_jax.data import pipeline
     self.config = config
     self.workdir = as_path(workdir) if workdir else None
     self.max_batches = max_batches
-    self._pipeline = pipeline
-    self._predict = jax.jit(functools.partial(predict_step, model=model,
-                                              num_select=config.model.num_select))
-    self.label_to_category = pipeline.label_to_category_id(config)
+    self._predict = functools.partial(jit_predict, model, num_select=config.model.num_select)
+    self.label_to_category = datasets.label_to_category_id(config)
     self._gt = None
 
   @property
   def ground_truth(self):
     if self._gt is None:
-      self._gt = self._pipeline.coco_ground_truth(self.config)
+      self._gt = datasets.coco_ground_truth(self.config)
     return self._gt
 
   def predict(self, variables):
@@ -56,13 +52,14 @@ class Evaluator:
     evaluation is restricted to the ids, so they are reported (input counts) instead of being
     scored as missed detections.
     """
-    iterator = self._pipeline.make_eval_iterator(self.config, jax.process_index(),
-                                                 jax.process_count())
+    iterator = iterators.make_eval_iterator(self.config, jax.process_index(),
+                                            jax.process_count())
     detections, evaluated = [], set()
     for i, batch in enumerate(iterator):
       if self.max_batches is not None and i >= self.max_batches:
         break
-      out = self._predict(variables, {k: batch[k] for k in _PREDICT_KEYS})
+      out = self._predict(variables, batch["image"], batch["padding_mask"], batch["image_size"],
+                          batch["orig_size"])
       host = dict(image_id=batch["image_id"], example_valid=batch["example_valid"],
                   **jax.device_get(out))
       host = _allgather(host)
@@ -71,7 +68,7 @@ class Evaluator:
                                        host["boxes"], valid, self.label_to_category)
       evaluated.update(int(i) for i in
                        np.asarray(host["image_id"])[np.asarray(host["example_valid"], bool)])
-    self._pipeline.log_stats(iterator, prefix="evaluation input")
+    iterators.log_stats(iterator, prefix="evaluation input")
     return detections, evaluated
 
   def run(self, variables, step: Optional[int] = None) -> Dict[str, float]:

@@ -10,8 +10,9 @@ counts are masks. Teacher forcing (decisions §8) replaces the three data-depend
 given indices. Intermediates for parity checks are `sow`n into the `intermediates` collection.
 """
 
+import dataclasses
 import math
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -24,6 +25,8 @@ from focus_detr_jax.models.encoder import FocusEncoderLayer
 from focus_detr_jax.models.layers import (MLP, TORCH_LINEAR_KERNEL, gather_rows, island_dtype,
                                           layer_norm, scatter_rows)
 from focus_detr_jax.models.neck import ChannelMapper
+from focus_detr_jax.models.resnet import ResNet
+from focus_detr_jax.models.swin import SwinTransformer
 from focus_detr_jax.models.position import sine_box_embedding, sine_position_embedding
 from focus_detr_jax.ops import exact
 from focus_detr_jax.ops.boxes import inverse_sigmoid
@@ -171,13 +174,59 @@ def _uniform(low, high):
   return init
 
 
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+  """`config.model.backbone` read once: frozen and hashable, so that the model built from it is
+  a valid static argument of `jax.jit`. The defaults live in configs/common.py only."""
+  name: str                       # "resnet" | "swin"
+  depth: int                      # resnet
+  norm: str
+  freeze_at: int
+  base_width: int
+  embed_dim: int                  # swin
+  depths: Tuple[int, ...]
+  num_heads: Tuple[int, ...]
+  window_size: int
+  drop_path_rate: float
+
+  @classmethod
+  def from_config(cls, backbone_config) -> "BackboneConfig":
+    values = {f.name: backbone_config[f.name] for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()})
+
+
+# Input traced for shapes / init (variable shapes do not depend on it): large enough that every
+# level has more tokens than the 900 queries and the 300 OESM tokens of the standard configs.
+INIT_IMAGE_SIZE = (320, 480)
+SKIP_COLLECTIONS = ("intermediates",)   # sown activations, not variables
+
+
+def init_variables(model, rng, image_size=INIT_IMAGE_SIZE) -> Dict[str, Any]:
+  """The model's variables (`params`, `frozen`; no sown intermediates) for PRNG key `rng`.
+
+  The init is jitted with the forward pass dead-code-eliminated; on CPU it is compiled without
+  backend optimisation (the init runs once, compiling it fully takes several times longer).
+  """
+  height, width = image_size
+
+  def init(key):
+    v = model.init(key, jnp.zeros((1, height, width, 3), jnp.float32),
+                   jnp.zeros((1, height, width), bool))
+    return {c: v[c] for c in v if c not in SKIP_COLLECTIONS}
+
+  lowered = jax.jit(init).lower(rng)
+  options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+  compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+  return compiled(rng)
+
+
 class FocusDETR(nn.Module):
   """Focus-DETR detector. Build with `FocusDETR.from_config(config.model)`.
 
   Attributes mirror `config.model` (configs/common.py).
   """
   num_classes: int = 80
-  backbone: Any = None                     # ConfigDict-like settings of the backbone
+  backbone: Optional[BackboneConfig] = None   # required: build with `from_config`
   hidden_dim: int = 256
   num_heads: int = 8
   ffn_dim: int = 2048
@@ -206,7 +255,8 @@ class FocusDETR(nn.Module):
     if c.num_levels != 4:
       raise ValueError("Focus-DETR's top-down score modulation is defined for exactly 4 levels")
     return cls(
-        num_classes=c.num_classes, backbone=dict(c.backbone), hidden_dim=c.hidden_dim,
+        num_classes=c.num_classes, backbone=BackboneConfig.from_config(c.backbone),
+        hidden_dim=c.hidden_dim,
         num_heads=c.num_heads, ffn_dim=c.ffn_dim, num_encoder_layers=c.num_encoder_layers,
         num_decoder_layers=c.num_decoder_layers, num_levels=c.num_levels,
         num_points=c.num_points, num_queries=c.num_queries, topk_sa=c.topk_sa,
@@ -217,21 +267,21 @@ class FocusDETR(nn.Module):
 
   def setup(self):
     d, dt = self.hidden_dim, self.dtype
-    bb = dict(self.backbone or {"name": "resnet", "depth": 50, "norm": "frozen_bn",
-                                "freeze_at": 1, "base_width": 64})
-    if bb["name"] == "resnet":
-      from focus_detr_jax.models.resnet import ResNet
-      self.backbone_net = ResNet(depth=bb["depth"], norm=bb["norm"], freeze_at=bb["freeze_at"],
-                                 base_width=bb.get("base_width", 64), dtype=dt,
-                                 remat=self.remat, name="backbone")
-    elif bb["name"] == "swin":
-      from focus_detr_jax.models.swin import SwinTransformer
+    bb = self.backbone
+    if bb is None:
+      raise ValueError("FocusDETR needs its backbone settings: build it with "
+                       "FocusDETR.from_config(config.model)")
+    if bb.name == "resnet":
+      self.backbone_net = ResNet(depth=bb.depth, norm=bb.norm, freeze_at=bb.freeze_at,
+                                 base_width=bb.base_width, dtype=dt, remat=self.remat,
+                                 name="backbone")
+    elif bb.name == "swin":
       self.backbone_net = SwinTransformer(
-          embed_dim=bb["embed_dim"], depths=tuple(bb["depths"]), num_heads=tuple(bb["num_heads"]),
-          window_size=bb["window_size"], drop_path_rate=bb["drop_path_rate"], dtype=dt,
+          embed_dim=bb.embed_dim, depths=bb.depths, num_heads=bb.num_heads,
+          window_size=bb.window_size, drop_path_rate=bb.drop_path_rate, dtype=dt,
           remat=self.remat, name="backbone")
     else:
-      raise ValueError(f"unknown backbone {bb['name']!r}; expected 'resnet' or 'swin'")
+      raise ValueError(f"unknown backbone {bb.name!r}; expected 'resnet' or 'swin'")
     self.neck = ChannelMapper(d, self.num_levels, dtype=dt)
     self.level_embeds = self.param("level_embeds", nn.initializers.normal(1.0),
                                    (self.num_levels, d))

@@ -1,57 +1,53 @@
-"""Parity stages of the training objective, for check_parity.py (decisions §8).
+"""Parity stages of the training objective (decisions §8).
 
-Each `compare_*` function reads a reference directory laid out like /work/shared/parity/public
-and returns rows `StageRow(stage, max_error, tolerance, passed)`; `passed` is None when the
-stage is skipped (its arrays are absent; the stage name says why). Index stages report the number
-of mismatches with tolerance 0; loss stages the max relative error with rtol 1e-4.
-
-What the reference data allows (parity/README §7, training_extras.md §6):
+`compare_*` / `loss_stage_rows`: the criterion on the outputs stored in a reference directory
+(the `criterion/` rows of check_parity.py); `passed` is None when a row is skipped (its arrays are
+absent; the stage name says why). Index stages report the number of mismatches with tolerance 0;
+loss stages the max relative error with rtol 1e-4. What the stored outputs allow (parity/README
+§7, training_extras.md §6):
   * `foreground_labels.npz`: labels exact, select loss (with `fg_score` of losses_train.npz);
   * `losses_train.npz` (DN off): no `aux_pred_logits`, so only the final and enc matchings and
     their losses, select_loss and the DN placeholder are compared;
   * `dn_train.npz` (DN on, top-k teacher-forced): all 7 matchings, all 40 terms and the total,
     and the CDN queries built from the recorded draws.
-Matchings are computed (Hungarian on device), never forced.
+Matchings are computed (Hungarian on device), never forced. `train_loss_stages`, `dn_stages`,
+`gradient_stages`: our own teacher-forced forward + criterion (DN off, on) and its gradients.
 """
 
+import dataclasses
 import functools
 import math
 import os
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from focus_detr_jax.convert import detrex as detrex_convert
+from focus_detr_jax.parity.compare import (TOL_DEC_BOXES, TOL_DEC_LOGITS, TOL_DN_BOX,
+                                           TOL_GRAD_MAX, TOL_GRAD_NORM, TOL_GRAD_NORM_ATOL,
+                                           TOL_GRAD_REL_L2, TOL_LOSS, TOL_MODULE, StageResult,
+                                           compare_close, compare_exact)
+from focus_detr_jax.parity.reference import (backbone_mapper, build_model, forced_from, load_npz,
+                                             make_batch)
 from focus_detr_jax.train import criterion as criterion_lib
 from focus_detr_jax.train import denoising as denoising_lib
 from focus_detr_jax.train import foreground as foreground_lib
+from focus_detr_jax.train.objective import Objective, model_loss
 
-LOSS_RTOL = 1e-4
-DN_BOX_ATOL = 1e-5
 MATCH_NAMES = ("final", "aux0", "aux1", "aux2", "aux3", "aux4", "enc")
 _OUTPUT_KEYS = ("pred_logits", "pred_boxes", "aux_pred_logits", "aux_pred_boxes",
                 "enc_pred_logits", "enc_pred_boxes", "fg_score")
 
 
-class StageRow(NamedTuple):
-  """One line of the parity report."""
-  stage: str
-  max_error: float
-  tolerance: float
-  passed: Optional[bool]  # None = skipped
+def _row(stage: str, error: float, tolerance: float, passed: bool) -> StageResult:
+  return StageResult(stage, error, f"{tolerance:g}", passed)
 
 
-def _skipped(stage: str, why: str) -> StageRow:
-  return StageRow(f"{stage} (skipped: {why})", math.nan, math.nan, None)
-
-
-def _load(parity_dir, name) -> Optional[Dict[str, np.ndarray]]:
-  path = Path(parity_dir) / name
-  if not path.exists():
-    return None
-  with np.load(path) as z:
-    return {k: z[k] for k in z.files}
+def _skipped(stage: str, why: str) -> StageResult:
+  return StageResult(f"{stage} (skipped: {why})", math.nan, "", None)
 
 
 def load_targets(parity_dir, max_boxes: int = 100) -> Optional[Dict[str, np.ndarray]]:
@@ -60,7 +56,7 @@ def load_targets(parity_dir, max_boxes: int = 100) -> Optional[Dict[str, np.ndar
   Returns None when inputs.npz is absent. Keys: boxes [B, M, 4] float32 cxcywh, labels [B, M]
   int32, box_valid [B, M] bool, image_size [B, 2] int32 (h, w).
   """
-  inputs = _load(parity_dir, "inputs.npz")
+  inputs = load_npz(Path(parity_dir) / "inputs.npz")
   if inputs is None:
     return None
   sizes = inputs["train_image_sizes"].astype(np.int32)
@@ -112,7 +108,7 @@ def _evaluate(parity_dir: str, npz_name: str, max_boxes: int):
 
   Returns (ref, aux, total, num_aux) or None when a needed file or array is absent.
   """
-  ref = _load(parity_dir, npz_name)
+  ref = load_npz(Path(parity_dir) / npz_name)
   targets = load_targets(parity_dir, max_boxes)
   if ref is None or targets is None:
     return None
@@ -134,10 +130,10 @@ def _evaluate(parity_dir: str, npz_name: str, max_boxes: int):
   return ref, jax.device_get(aux), float(total), outputs["aux_pred_logits"].shape[0]
 
 
-def compare_foreground_labels(parity_dir, max_boxes: int = 100) -> List[StageRow]:
+def compare_foreground_labels(parity_dir, max_boxes: int = 100) -> List[StageResult]:
   """Foreground labels exact (foreground_labels.npz) and the unweighted select loss (rtol 1e-4)."""
   stage = "foreground_labels"
-  ref = _load(parity_dir, "foreground_labels.npz")
+  ref = load_npz(Path(parity_dir) / "foreground_labels.npz")
   targets = load_targets(parity_dir, max_boxes)
   if ref is None or targets is None:
     return [_skipped(stage, "foreground_labels.npz or inputs.npz absent")]
@@ -146,19 +142,19 @@ def compare_foreground_labels(parity_dir, max_boxes: int = 100) -> List[StageRow
       targets["boxes"], targets["box_valid"], targets["image_size"], level_shapes,
       tuple(int(s) for s in ref["strides"]), tuple(tuple(r) for r in ref["limit_range"].tolist())))
   mismatches = int(np.sum(labels != ref["labels_flat"]))
-  rows = [StageRow(stage, float(mismatches), 0.0, mismatches == 0)]
-  train = _load(parity_dir, "losses_train.npz")
+  rows = [_row(stage, float(mismatches), 0.0, mismatches == 0)]
+  train = load_npz(Path(parity_dir) / "losses_train.npz")
   if train is None or "fg_score" not in train:
     rows.append(_skipped("select_loss", "fg_score of losses_train.npz absent"))
     return rows
   per_image = np.asarray(foreground_lib.select_loss_per_image(train["fg_score"], labels))
   err = max(max(_rel_error(o, r) for o, r in zip(per_image, ref["select_loss_per_image"])),
             _rel_error(per_image.mean(), ref["select_loss"]))
-  rows.append(StageRow("select_loss (per image and mean)", err, LOSS_RTOL, err <= LOSS_RTOL))
+  rows.append(_row("select_loss (per image and mean)", err, TOL_LOSS, err <= TOL_LOSS))
   return rows
 
 
-def _match_rows(result, npz_name: str) -> List[StageRow]:
+def _match_rows(result, npz_name: str) -> List[StageResult]:
   ref, aux, _, num_aux = result
   names = ("final",) + MATCH_NAMES[1:1 + num_aux] + ("enc",)
   query_index = np.asarray(aux["matching"].query_index)  # [calls, B, M]
@@ -176,13 +172,13 @@ def _match_rows(result, npz_name: str) -> List[StageRow]:
       theirs = set(zip(ref[f"match_{name}_src_{i}"].tolist(),
                        ref[f"match_{name}_tgt_{i}"].tolist()))
       mismatches += len(ours ^ theirs)
-    rows.append(StageRow(stage, float(mismatches), 0.0, mismatches == 0))
+    rows.append(_row(stage, float(mismatches), 0.0, mismatches == 0))
   for name in MATCH_NAMES[1 + num_aux:-1]:
     rows.append(_skipped(f"{npz_name} match_{name}", "aux_pred_logits absent"))
   return rows
 
 
-def compare_matchings(parity_dir, max_boxes: int = 100) -> List[StageRow]:
+def compare_matchings(parity_dir, max_boxes: int = 100) -> List[StageResult]:
   """The Hungarian matchings of losses_train.npz (final, enc) and dn_train.npz (all 7), exact.
 
   The mismatch count is the size of the symmetric difference of the (query, target) pair sets.
@@ -197,7 +193,7 @@ def compare_matchings(parity_dir, max_boxes: int = 100) -> List[StageRow]:
   return rows
 
 
-def compare_loss_terms(parity_dir, max_boxes: int = 100) -> List[StageRow]:
+def compare_loss_terms(parity_dir, max_boxes: int = 100) -> List[StageResult]:
   """Every loss term that the stored outputs determine, and the weighted total (rtol 1e-4).
 
   One row per file for the terms (the worst term named) and one for the total; for
@@ -215,19 +211,19 @@ def compare_loss_terms(parity_dir, max_boxes: int = 100) -> List[StageRow]:
     missing = len(ref_raw) - len(errors)
     worst = max(errors, key=errors.get)
     stage = f"{npz_name} loss terms ({len(errors)}/{len(ref_raw)}, worst {worst})"
-    rows.append(StageRow(stage, errors[worst], LOSS_RTOL, errors[worst] <= LOSS_RTOL))
+    rows.append(_row(stage, errors[worst], TOL_LOSS, errors[worst] <= TOL_LOSS))
     if missing:
       rows.append(_skipped(f"{npz_name} total", f"{missing} terms need aux_pred_logits"))
     else:
       err = _rel_error(total, ref["loss_total"])
-      rows.append(StageRow(f"{npz_name} total", err, LOSS_RTOL, err <= LOSS_RTOL))
+      rows.append(_row(f"{npz_name} total", err, TOL_LOSS, err <= TOL_LOSS))
   return rows
 
 
-def compare_denoising(parity_dir, max_boxes: int = 100) -> List[StageRow]:
+def compare_denoising(parity_dir, max_boxes: int = 100) -> List[StageResult]:
   """CDN queries from the recorded draws vs dn_train.npz: labels, indices and mask exact, boxes
   atol 1e-5 (XLA may contract the corner update into an FMA, so not always bitwise)."""
-  ref = _load(parity_dir, "dn_train.npz")
+  ref = load_npz(Path(parity_dir) / "dn_train.npz")
   targets = load_targets(parity_dir, max_boxes)
   if ref is None or targets is None or "draw0_label_flip_p" not in ref:
     return [_skipped("dn queries", "dn_train.npz draws or inputs.npz absent")]
@@ -237,11 +233,11 @@ def compare_denoising(parity_dir, max_boxes: int = 100) -> List[StageRow]:
 
   def exact(stage, ours, theirs):
     bad = int(np.sum(np.asarray(ours) != np.asarray(theirs)))
-    rows.append(StageRow(stage, float(bad), 0.0, bad == 0))
+    rows.append(_row(stage, float(bad), 0.0, bad == 0))
 
   def close(stage, ours, theirs, atol):
     err = float(np.max(np.abs(np.asarray(ours, np.float64) - np.asarray(theirs, np.float64))))
-    rows.append(StageRow(stage, err, atol, err <= atol))
+    rows.append(_row(stage, err, atol, err <= atol))
 
   exact("dn num_groups / pad_size",
         np.concatenate([dn.num_groups, dn.pad_size, dn.group_width]),
@@ -250,8 +246,8 @@ def compare_denoising(parity_dir, max_boxes: int = 100) -> List[StageRow]:
                         np.full_like(dn.group_width, ref["dn_meta_single_padding"])]))
   exact("dn noised labels", dn.dn_labels[image, slot], ref["dn_known_labels_noised"])
   close("dn noised boxes cxcywh", dn.dn_boxes[image, slot], ref["dn_known_bbox_noised_cxcywh"],
-        DN_BOX_ATOL)
-  close("dn input_query_bbox", dn.dn_boxes_unact, ref["input_query_bbox"], DN_BOX_ATOL)
+        TOL_DN_BOX)
+  close("dn input_query_bbox", dn.dn_boxes_unact, ref["input_query_bbox"], TOL_DN_BOX)
   exact("dn filled slots", dn.dn_valid, np.any(ref["input_query_label"] != 0, axis=-1))
   size = ref["attn_mask"].shape[0]
   exact("dn attn_mask", dn.dn_attn_mask[:, :size, :size],
@@ -261,11 +257,11 @@ def compare_denoising(parity_dir, max_boxes: int = 100) -> List[StageRow]:
     ours = {(int(s), int(dn.dn_target_index[i, s])) for s in np.nonzero(dn.dn_positive[i])[0]}
     theirs = set(zip(ref[f"dn_match_src_{i}"].tolist(), ref[f"dn_match_tgt_{i}"].tolist()))
     bad += len(ours ^ theirs)
-  rows.append(StageRow("dn positive slots -> targets", float(bad), 0.0, bad == 0))
+  rows.append(_row("dn positive slots -> targets", float(bad), 0.0, bad == 0))
   return rows
 
 
-def loss_stage_rows(parity_dir=None, max_boxes: int = 100) -> List[StageRow]:
+def loss_stage_rows(parity_dir=None, max_boxes: int = 100) -> List[StageResult]:
   """All rows of this module, in pipeline order."""
   parity_dir = parity_dir or os.environ.get("FOCUS_DETR_PARITY_DIR")
   if parity_dir is None:
@@ -274,3 +270,169 @@ def loss_stage_rows(parity_dir=None, max_boxes: int = 100) -> List[StageRow]:
           + compare_denoising(parity_dir, max_boxes)
           + compare_matchings(parity_dir, max_boxes)
           + compare_loss_terms(parity_dir, max_boxes))
+
+
+# ------------------------------------------------------------------------------------------------
+# Training objective: our model forward (teacher-forced) + criterion, with DN off and on, and the
+# gradients of the total loss.
+
+def _train_batch(reference, max_boxes):
+  images, mask, _ = make_batch(reference["inputs"], prefix="train_")
+  targets = load_targets(reference["dir"], max_boxes)
+  return dict(image=jnp.asarray(images), padding_mask=jnp.asarray(mask),
+              **{k: jnp.asarray(v) for k, v in targets.items()})
+
+
+def _objective(reference, config, ref, with_dn):
+  """(model, variables, batch, loss_fn(params) -> (total, aux)) for one recorded train run."""
+  config = config.copy_and_resolve_references()
+  if not with_dn:
+    config.model.dn_number = 0
+  batch = _train_batch(reference, config.data.max_boxes)
+  model, variables = build_model(config, reference["dir"], train=True)
+  forced = forced_from(ref, config.model.num_encoder_layers)
+  draws = None
+  if with_dn:
+    draws = denoising_lib.cdn_draws_from_detrex_rows(ref, batch["image"].shape[0],
+                                                     2 * config.model.dn_number)
+  extra = {k: v for k, v in variables.items() if k != "params"}
+
+  def loss_fn(params):
+    return model_loss(model, params, extra, batch, Objective.from_config(config), dn_draws=draws,
+                      forced=forced)
+
+  return model, variables, batch, loss_fn
+
+
+def _loss_rows(tag, ref, aux):
+  rows = []
+  names = [str(n) for n in ref["loss_names"]]
+  ours = np.asarray([float(aux["losses"][n]) for n in names])
+  rows.append(compare_close(f"{tag}/loss_terms ({len(names)})", ours, ref["loss_raw"],
+                            rtol=TOL_LOSS, detail="worst: " + names[int(np.argmax(
+                                np.abs(ours - ref["loss_raw"]) / np.maximum(
+                                    np.abs(ref["loss_raw"]), 1e-30)))]))
+  total = sum(float(aux["weighted"][n]) for n in names)
+  rows.append(compare_close(f"{tag}/loss_total", total, ref["loss_total"], rtol=TOL_LOSS))
+  matching = aux["matching"]
+  bad = 0
+  for k, name in enumerate(MATCH_NAMES):
+    for b in range(matching.query_index.shape[1]):
+      if f"match_{name}_src_{b}" not in ref:
+        continue
+      src, tgt = ref[f"match_{name}_src_{b}"], ref[f"match_{name}_tgt_{b}"]
+      ours = {int(t): int(q) for t, q in enumerate(np.asarray(matching.query_index[k, b]))
+              if bool(matching.matched[k, b, t])}
+      bad += int(ours != {int(t): int(s) for s, t in zip(src, tgt)})
+  rows.append(StageResult(f"{tag}/hungarian_matchings (7 calls x images)", float(bad),
+                          "exact", bad == 0))
+  return rows
+
+
+_OBJECTIVE_CACHE = {}
+
+
+def run_objective(reference, config, with_dn):
+  """Loss parts and gradients of one recorded train run, one compiled program (cached)."""
+  key = (str(reference["dir"]), with_dn)
+  if key not in _OBJECTIVE_CACHE:
+    ref = reference["dn_train"] if with_dn else reference["losses_train"]
+    _, variables, _, loss_fn = _objective(reference, config, ref, with_dn=with_dn)
+    (_, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+    _OBJECTIVE_CACHE.clear()  # keep one full-size result alive at a time
+    _OBJECTIVE_CACHE[key] = (variables, jax.device_get(aux), jax.device_get(grads))
+  return _OBJECTIVE_CACHE[key]
+
+
+def train_loss_stages(reference, config):
+  """DN-off losses and matchings of losses_train.npz from our teacher-forced forward."""
+  _, aux, _ = run_objective(reference, config, with_dn=False)
+  return _loss_rows("train_dn_off", reference["losses_train"], aux)
+
+
+def dn_stages(reference, config):
+  """DN-on run of dn_train.npz: queries, mask, DN decoder outputs, losses, matchings."""
+  ref = reference["dn_train"]
+  variables, aux, _ = run_objective(reference, config, with_dn=True)
+  dn, out = aux["denoising"], aux["outputs"]
+  label_enc = np.asarray(variables["params"]["label_enc"])
+  query_label = np.where(np.asarray(dn.dn_valid)[..., None], label_enc[np.asarray(dn.dn_labels)],
+                         0.0)
+  s = ref["input_query_label"].shape[1]
+  rows = [
+      compare_close("train_dn_on/input_query_label", query_label[:, :s], ref["input_query_label"],
+                    atol=1e-6),
+      compare_close("train_dn_on/input_query_bbox", np.asarray(dn.dn_boxes_unact)[:, :s],
+                    ref["input_query_bbox"], atol=TOL_MODULE),
+      compare_exact("train_dn_on/num_groups", np.asarray(dn.num_groups),
+                    np.full_like(np.asarray(dn.num_groups), int(ref["dn_num_groups"]))),
+  ]
+  # Our mask has the static capacity S = 2 * dn_number; detrex's has pad_size DN slots.
+  mask = np.asarray(dn.dn_attn_mask)
+  total_q = ref["attn_mask"].shape[0]
+  q = out["pred_logits"].shape[1]
+  keep = np.r_[0:total_q - q, mask.shape[1] - q:mask.shape[1]]
+  for b in range(mask.shape[0]):
+    rows.append(compare_exact(f"train_dn_on/attn_mask_img{b}", mask[b][np.ix_(keep, keep)],
+                              ref["attn_mask"]))
+  rows.append(compare_close("train_dn_on/dn_pred_logits_all_layers",
+                            out["dn_pred_logits"][:, :, :s], ref["dn_pred_logits_all_layers"],
+                            atol=TOL_DEC_LOGITS))
+  rows.append(compare_close("train_dn_on/dn_pred_boxes_all_layers",
+                            out["dn_pred_boxes"][:, :, :s], ref["dn_pred_boxes_all_layers"],
+                            atol=TOL_DEC_BOXES))
+  for key, tol in (("pred_logits", TOL_DEC_LOGITS), ("pred_boxes", TOL_DEC_BOXES),
+                   ("aux_pred_logits", TOL_DEC_LOGITS), ("aux_pred_boxes", TOL_DEC_BOXES)):
+    rows.append(compare_close(f"train_dn_on/{key}", out[key], ref[key], atol=tol))
+  rows += _loss_rows("train_dn_on", ref, aux)
+  return rows
+
+
+def gradient_stages(reference, config, with_dn):
+  """Gradients of the total loss vs grads_train(_dn).npz: norms per parameter, full arrays."""
+  tag = "grads_dn_on" if with_dn else "grads_dn_off"
+  grads_ref = reference["grads_train_dn" if with_dn else "grads_train"]
+  _, _, grads = run_objective(reference, config, with_dn)
+  names = [str(n) for n in grads_ref["param_names"]]
+  ours = detrex_convert.variables_to_state_dict(
+      {"params": grads}, names, config.model.num_decoder_layers, config.model.num_encoder_layers,
+      backbone_mapper=backbone_mapper(config))
+  ref_norm = grads_ref["grad_stats"][:, 2]
+  our_norm = np.asarray([np.linalg.norm(ours[n].astype(np.float64)) for n in names])
+  small = ref_norm < 1e-6
+  err = np.abs(our_norm - ref_norm)
+  ok = np.where(small, err <= TOL_GRAD_NORM_ATOL, err <= TOL_GRAD_NORM * ref_norm)
+  rel = np.where(small, 0.0, err / np.maximum(ref_norm, 1e-30))
+  worst = int(np.argmax(rel))
+  rows = [StageResult(f"{tag}/grad_norms ({len(names)} params)", float(rel.max()),
+                      f"rtol {TOL_GRAD_NORM:g} (atol {TOL_GRAD_NORM_ATOL:g} if norm<1e-6)",
+                      bool(ok.all()), f"worst rel {names[worst]}; {int((~ok).sum())} failing: " +
+                      ", ".join(np.asarray(names)[~ok][:5]))]
+  # Our param tree must hold exactly the reference's trainable parameters.
+  ours_count = len(jax.tree_util.tree_leaves(grads))
+  rows.append(compare_exact(f"{tag}/trainable_param_count", ours_count, len(names) + len(
+      grads_ref["frozen_param_names"])))
+  for frozen in grads_ref["frozen_param_names"]:
+    rule = detrex_convert.detrex_key_to_path(str(frozen))
+    node = grads
+    for p in tuple(rule[1]) + (rule[3],):
+      node = node[p]
+    rows.append(compare_exact(f"{tag}/frozen {frozen} grad == 0", np.asarray(node),
+                              np.zeros_like(np.asarray(node))))
+  for key in sorted(k for k in grads_ref if k.startswith("grad__")):
+    name = key[len("grad__"):]
+    g_ref = grads_ref[key].astype(np.float64)
+    g = ours[name].astype(np.float64)
+    rel_l2 = np.linalg.norm(g - g_ref) / max(np.linalg.norm(g_ref), 1e-30)
+    max_rel = np.abs(g - g_ref).max() / max(np.abs(g_ref).max(), 1e-30)
+    rows.append(StageResult(f"{tag}/grad {name}", float(rel_l2),
+                            f"rel L2 {TOL_GRAD_REL_L2:g}, max {TOL_GRAD_MAX:g}",
+                            bool(rel_l2 <= TOL_GRAD_REL_L2 and max_rel <= TOL_GRAD_MAX),
+                            f"max diff / max abs {max_rel:.2e}"))
+  return rows
+
+
+def criterion_only_stages(reference_dir):
+  """The criterion on the stored outputs (`loss_stage_rows`), skipped rows left out."""
+  return [dataclasses.replace(r, stage=f"criterion/{r.stage}")
+          for r in loss_stage_rows(reference_dir) if r.passed is not None]

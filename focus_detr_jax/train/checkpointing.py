@@ -17,16 +17,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from focus_detr_jax.checkpoint import as_path
-from focus_detr_jax.cli import UserError, one_line
+from focus_detr_jax.checkpoint import CheckpointError, as_path, root_cause
 from focus_detr_jax.config_check import ConfigMismatchError, describe_shape_mismatch
 
 
 UNRESTORABLE_DIR = "checkpoints_unrestorable"
-
-
-class CheckpointError(UserError):
-  """No checkpoint of a workdir can be restored."""
 
 
 def shape_mismatches(stored, target) -> List[Tuple[str, tuple, tuple]]:
@@ -42,15 +37,6 @@ def shape_mismatches(stored, target) -> List[Tuple[str, tuple, tuple]]:
   out += [(f"{k} (only in the checkpoint)", a[k], ()) for k in sorted(a.keys() - b.keys())]
   out += [(f"{k} (not in the checkpoint)", (), b[k]) for k in sorted(b.keys() - a.keys())]
   return out
-
-
-def _root_cause(error: BaseException, limit: int = 300) -> str:
-  """The innermost exception's message on one line (orbax wraps tensorstore's in long specs)."""
-  seen = [error]
-  while (seen[-1].__cause__ or seen[-1].__context__) is not None and len(seen) < 20:
-    seen.append(seen[-1].__cause__ or seen[-1].__context__)
-  message = one_line(seen[-1])
-  return message if len(message) <= limit else message[:limit] + "..."
 
 
 class Checkpointer:
@@ -119,7 +105,7 @@ class Checkpointer:
       except ConfigMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except  # any unreadable step is skipped
-        reason = _root_cause(e)
+        reason = root_cause(e)
         logging.warning("checkpoint %s cannot be restored, skipped (left on disk): %s",
                         self.latest.directory / str(s), reason)
         self.skipped.append((s, reason))

@@ -9,20 +9,24 @@ step and the last good checkpoint in the message.
 import functools
 import json
 import logging
+import os
 import signal
 import time
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from focus_detr_jax import config_check
+from focus_detr_jax import config_check, visualize
 from focus_detr_jax.checkpoint import as_path, save_model_checkpoint
-from focus_detr_jax.models.focus_detr import FocusDETR
+from focus_detr_jax.convert import init as init_lib
+from focus_detr_jax.data import datasets, device, iterators
+from focus_detr_jax.evaluation.evaluator import Evaluator
+from focus_detr_jax.models.focus_detr import FocusDETR, init_variables
 from focus_detr_jax.train import checkpointing, optim, sharding, state as state_lib, steps
-from focus_detr_jax.train.criterion import LossConfig
+from focus_detr_jax.train.objective import Objective
 
 
 MODEL_DIR = "model"  # final model checkpoint inside the workdir
@@ -55,18 +59,8 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def init_variables(model, config, rng):
-  """Variables of `model` for the first training canvas (shapes do not depend on the canvas)."""
-  h, w = config.data.canvases[0]
-  images = jnp.zeros((config.model.batch_group_size, h, w, 3), jnp.float32)
-  mask = jnp.zeros(images.shape[:3], bool)
-  variables = jax.jit(model.init)(rng, images, mask)
-  return {k: v for k, v in variables.items() if k != "intermediates"}
-
-
 def _initialise_from_files(variables, config):
   """Apply `config.init.backbone` / `config.init.checkpoint` (convert/init.py), with a report."""
-  from focus_detr_jax.convert import init as init_lib
   if not (init_lib.backbone_file(config) or config.init.checkpoint):
     return variables
   variables, report = init_lib.init_from_config(variables, config)
@@ -79,7 +73,6 @@ def enable_compilation_cache() -> Optional[str]:
   step; a restart or a second run then loads them): `$FOCUS_DETR_COMPILATION_CACHE`, default
   `~/.cache/focus_detr_jax/xla`; an empty value, or a cache dir configured already, leaves JAX
   as it is. Returns the directory in use (None: off)."""
-  import os  # pylint: disable=import-outside-toplevel
   if jax.config.jax_compilation_cache_dir:
     return jax.config.jax_compilation_cache_dir
   path = os.environ.get("FOCUS_DETR_COMPILATION_CACHE",
@@ -93,8 +86,6 @@ def enable_compilation_cache() -> Optional[str]:
 def _normalising_on_device(step_fn, data):
   """`step_fn(state, batch)` fed uint8 images: the normalisation and the padding mask are made
   inside the jitted step (data/device.py, bit-identical to the host's)."""
-  from focus_detr_jax.data import device  # pylint: disable=import-outside-toplevel
-
   def step(state, batch):
     return step_fn(state, device.normalize_on_device(batch, data.pixel_mean, data.pixel_std))
 
@@ -147,7 +138,6 @@ def progress_line(step, total_steps, summary, elapsed, max_minutes=0.0) -> str:
 def _make_writer(workdir):
   """TensorBoard scalars and pictures from process 0 (the progress line is logged separately,
   so the writer does not log every term)."""
-  from clu import metric_writers
   if jax.process_index() > 0:
     return metric_writers.MultiWriter([])
   return metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(str(workdir))])
@@ -175,12 +165,10 @@ def _any_host(flags):
 
 
 def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps):
-  from focus_detr_jax.data import pipeline
-
   workdir = as_path(workdir)
   # Everything that can be checked without compiling, before the workdir is written.
   config_check.check_training_config(config, workdir, jax.device_count(), jax.process_count())
-  meta = pipeline.dataset_meta(config)
+  meta = datasets.dataset_meta(config)
   if meta.num_classes != config.model.num_classes:
     raise config_check.ConfigMismatchError(
         f"config.model.num_classes={config.model.num_classes} but dataset {meta.name} has "
@@ -192,14 +180,14 @@ def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps)
   model = FocusDETR.from_config(config.model)
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(rng)
-  variables = _initialise_from_files(init_variables(model, config, init_rng), config)
+  variables = _initialise_from_files(init_variables(model, init_rng), config)
   tx, schedule = optim.make_optimizer(variables["params"], config)
   state = state_lib.create_train_state(variables, tx, state_rng, ema=config.optim.ema_decay > 0)
   state = jax.device_put(state, sharding.replicated(mesh))
 
   # uint8 over the wire; normalised inside the step.
-  data_iter = pipeline.make_train_iterator(config, jax.process_index(), jax.process_count(),
-                                           normalize_on_host=False)
+  data_iter = iterators.make_train_iterator(config, jax.process_index(), jax.process_count(),
+                                            normalize_on_host=False)
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                             model_config=config.model)
   try:
@@ -218,12 +206,11 @@ def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps)
 
   train_step = sharding.jit_data_parallel(
       _normalising_on_device(functools.partial(
-          steps.train_step, model=model, config=config, tx=tx, schedule=schedule,
-          loss_config=LossConfig.from_config(config)), config.data),
+          steps.train_step, model=model, objective=Objective.from_config(config), tx=tx,
+          schedule=schedule, ema_decay=config.optim.ema_decay), config.data),
       mesh, donate_state=True)
   evaluator = None
   if evaluate:
-    from focus_detr_jax.evaluation.evaluator import Evaluator
     evaluator = Evaluator(model, config, workdir, max_batches=config.eval.max_batches or None)
 
   t = config.train
@@ -282,7 +269,7 @@ def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps)
                    "SIGTERM" if preempted else "time limit")
       break
   checkpointer.wait()
-  pipeline.log_stats(data_iter, prefix="training input")
+  iterators.log_stats(data_iter, prefix="training input")
   if not preempted:
     # The final parameters as a model checkpoint that predict/evaluate/fine-tuning read.
     save_model_checkpoint(workdir / MODEL_DIR, _eval_variables(state), config)
@@ -307,10 +294,8 @@ def _log_images(writer, step, model, state, config, meta, image_batch):
   Every process computes them (the variables are global arrays) on the same batch (the first
   eval batch of a one-host view of the split); only process 0's writer stores them.
   """
-  from focus_detr_jax import visualize
-  from focus_detr_jax.data import pipeline
   if image_batch is None:
-    image_batch = next(iter(pipeline.make_eval_iterator(config, 0, 1)))
+    image_batch = next(iter(iterators.make_eval_iterator(config, 0, 1)))
   images = visualize.training_images(model, _eval_variables(state), image_batch, config,
                                      max_images=2, class_names=meta.category_names)
   if images:
