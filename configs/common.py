@@ -148,6 +148,9 @@ def get_base_config():
   # (on XLA:CPU only with the memory-minimising scheduler flag: BENCHMARKS.md, "Train step:
   # profile, memory and rematerialisation").
   model.remat = "none"
+  # Deformable-attention formulation (models/deformable_attention.py): "auto" (per backend:
+  # gather_vjp on CPU, gather on GPU/TPU) or one of its IMPLEMENTATIONS (same function; speed).
+  model.msda_implementation = "auto"
   # Contrastive denoising (spec §7.3).
   model.dn_number = 100
   model.label_noise_ratio = 0.5

@@ -34,6 +34,7 @@ def run(fv, args):
   import jax
   if fv.distributed:
     jax.distributed.initialize()
+  # Imported after jax.distributed.initialize, which must precede any other use of jax.
   from focus_detr_jax.evaluation.coco_eval import format_table
   from focus_detr_jax.evaluation.evaluator import Evaluator
   from focus_detr_jax.inference import load_variables, resolve_config

@@ -86,6 +86,7 @@ def run(fv, args) -> int:
   """Predict with parsed flags; returns the exit status."""
   _check_usage(fv, args)
   cli.configure_logging()
+  # Imported once the flags are valid: usage errors and --help answer without loading jax/TF.
   from focus_detr_jax import inference, visualize
   from focus_detr_jax.models.focus_detr import FocusDETR, feature_level_shapes
   config = inference.resolve_config(fv.config, fv.workdir, fv.checkpoint)

@@ -65,7 +65,7 @@ def main(argv=None):
   p.add_argument("--name", default=None, help="set name for meta.json (default: the folder)")
   args = p.parse_args(argv)
 
-  from focus_detr_jax.reference import recorder
+  from focus_detr_jax.reference import recorder   # after parsing: torch loads with the recorder
   cap = None if args.cpu_capability.lower() == "none" else args.cpu_capability
   recorder.configure_cpu(args.threads, cap)
   parts = [x.strip() for x in args.parts.split(",") if x.strip()]

@@ -47,6 +47,7 @@ def run(fv, args):
     jax.distributed.initialize(coordinator_address=fv.coordinator_address,
                                num_processes=fv.num_processes, process_id=fv.process_id,
                                local_device_ids=local_ids)
+  # Imported after jax.distributed.initialize, which must precede any other use of jax.
   from focus_detr_jax.train.loop import train_and_evaluate
   cli.configure_logging()
   result = train_and_evaluate(fv.config, fv.workdir, evaluate=not fv.no_eval)

@@ -119,17 +119,25 @@ def test_dispatch_and_auto_choice(reference):
   assert da.resolve_implementation("auto", backend="unknown-backend") == "gather"
   for backend, impl in da.AUTO_IMPLEMENTATION.items():
     assert impl in IMPLS, backend
-  with pytest.raises(ValueError):
-    da.set_implementation("nope")
+  with pytest.raises(ValueError, match="expected 'auto' or one of"):
+    da.resolve_implementation("nope")
   shapes, d = reference
   args = (d["value"], d["sampling_locations"], d["attention_weights"])
-  previous = da.get_implementation()
-  with da.use_implementation("per_level"):
-    assert da.get_implementation() == "per_level"
-    assert da.resolve_implementation() == "per_level"
-    out = jax.jit(lambda v, l, a: da.ms_deform_attn(v, shapes, l, a))(*args)
-  assert da.get_implementation() == previous
+  assert da.resolve_implementation("per_level") == "per_level"
+  out = jax.jit(lambda v, l, a: da.ms_deform_attn(v, shapes, l, a, "per_level"))(*args)
   np.testing.assert_allclose(np.asarray(out), d["output"], rtol=0, atol=ATOL)
+
+
+def test_model_takes_the_formulation_from_its_config(tiny_config):
+  from focus_detr_jax.models.focus_detr import FocusDETR
+  config = tiny_config.model.copy_and_resolve_references()
+  config.msda_implementation = "per_level"
+  model = FocusDETR.from_config(config)
+  assert model.msda_implementation == "per_level"
+  assert model != FocusDETR.from_config(tiny_config.model)     # another static jit argument
+  config.msda_implementation = "nope"
+  with pytest.raises(ValueError, match="unknown deformable attention implementation 'nope'"):
+    FocusDETR.from_config(config)
 
 
 def test_module_uses_selected_formulation(reference):
@@ -146,9 +154,9 @@ def test_module_uses_selected_formulation(reference):
       lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
   outs = {}
   for impl in IMPLS:
-    with da.use_implementation(impl):
-      outs[impl] = np.asarray(jax.jit(lambda p: module.apply(p, query, query, value, ref,
-                                                             shapes))(params))
+    module = da.MultiScaleDeformableAttention(embed_dim=32, num_heads=4, implementation=impl)
+    outs[impl] = np.asarray(jax.jit(lambda p: module.apply(p, query, query, value, ref,
+                                                           shapes))(params))
   for impl in IMPLS:
     np.testing.assert_allclose(outs[impl], outs["gather"], rtol=0, atol=ATOL, err_msg=impl)
 
@@ -159,15 +167,13 @@ def test_auto_on_this_backend_matches_gather(reference):
   backend = jax.default_backend()
   picked = da.resolve_implementation("auto")
   assert picked == da.AUTO_IMPLEMENTATION.get(backend, "gather")
-  with da.use_implementation("auto"):
-    assert da.resolve_implementation() == picked
+  assert da.resolve_implementation() == picked
   shapes, d = reference
   cases = [(shapes, d["value"], d["sampling_locations"], d["attention_weights"])]
   edge_shapes, value, loc, weights = _edge_case_inputs(seed=5)
   cases.append((edge_shapes, value, loc + np.float32(1e-3), weights))
   for shapes, value, loc, weights in cases:
-    with da.use_implementation("auto"):
-      out = jax.jit(lambda v, l, a: da.ms_deform_attn(v, shapes, l, a))(value, loc, weights)
+    out = jax.jit(lambda v, l, a: da.ms_deform_attn(v, shapes, l, a))(value, loc, weights)
     base = _apply("gather", shapes, value, loc, weights)
     np.testing.assert_allclose(np.asarray(out), np.asarray(base), rtol=0, atol=ATOL)
     cot = np.random.default_rng(6).normal(size=out.shape).astype(np.float32)

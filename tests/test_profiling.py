@@ -1,9 +1,9 @@
-"""focus_detr_jax/profiling.py: op-name classification and HLO metadata of a small program."""
+"""focus_detr_jax/benchmarks/profiling.py: op-name classification, HLO metadata of a program."""
 
 import jax
 import jax.numpy as jnp
 
-from focus_detr_jax import profiling
+from focus_detr_jax.benchmarks import profiling
 
 
 def test_classify_parts_and_directions():

@@ -15,10 +15,13 @@ from typing import Dict, List
 
 import numpy as np
 
+from focus_detr_jax.checkpoint import load_model_checkpoint
 from focus_detr_jax.convert.detrex import (ConversionError, alias_groups,
                                            variables_to_state_dict)
 from focus_detr_jax.convert.swin import swin_key_table, swin_key_to_path
+from focus_detr_jax.convert.torch_io import save_state_dict, torch_available
 from focus_detr_jax.models.resnet import RESNET_BLOCKS
+from focus_detr_jax.models.swin import SwinTransformer
 
 _NORM_LEAVES = ("weight", "bias")
 _FROZEN_BN = ("weight", "bias", "running_mean", "running_var")
@@ -48,7 +51,6 @@ def _resnet_keys(bb) -> List[str]:
 
 
 def _swin_keys(bb) -> List[str]:
-  from focus_detr_jax.models.swin import SwinTransformer
   model = SwinTransformer(embed_dim=bb["embed_dim"], depths=tuple(bb["depths"]),
                           num_heads=tuple(bb["num_heads"]), window_size=bb["window_size"])
   return list(swin_key_table(model))
@@ -138,7 +140,6 @@ def export_detrex_state_dict(variables, config) -> Dict[str, np.ndarray]:
 
 def default_output_name(directory) -> Path:
   """`<checkpoint dir>.pth` when torch is installed, else `.npz`."""
-  from focus_detr_jax.convert.torch_io import torch_available
   return Path(str(Path(directory).absolute()) + (".pth" if torch_available() else ".npz"))
 
 
@@ -147,8 +148,6 @@ def export_checkpoint(checkpoint_dir, output_path=None):
 
   Returns (output path, state dict).
   """
-  from focus_detr_jax.checkpoint import load_model_checkpoint
-  from focus_detr_jax.convert.torch_io import save_state_dict
   variables, config = load_model_checkpoint(checkpoint_dir)
   state_dict = export_detrex_state_dict(variables, config)
   path = Path(output_path) if output_path else default_output_name(checkpoint_dir)

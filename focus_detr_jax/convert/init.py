@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from focus_detr_jax.checkpoint import CONFIG_FILE, load_model_checkpoint
 from focus_detr_jax.cli import UserError
 from focus_detr_jax.convert import backbones, torch_io
 from focus_detr_jax.convert.backbones import ConversionError, row
@@ -98,8 +99,7 @@ def init_variables(config, seed: Optional[int] = None, image_size=INIT_IMAGE_SIZ
 
 
 def _is_model_checkpoint_dir(path: Path) -> bool:
-  from focus_detr_jax import checkpoint as ckpt
-  return path.is_dir() and (path / ckpt.CONFIG_FILE).exists()
+  return path.is_dir() and (path / CONFIG_FILE).exists()
 
 
 def read_source(source, fmt: str = "auto"):
@@ -110,7 +110,6 @@ def read_source(source, fmt: str = "auto"):
       raise ConversionError(f"{path} is a directory but not a model checkpoint (no config.json)")
     if fmt not in ("auto", "ours"):
       raise ConversionError(f"{path} is one of our model checkpoints, not format {fmt!r}")
-    from focus_detr_jax.checkpoint import load_model_checkpoint
     variables, cfg = load_model_checkpoint(path)
     flat = {p: np.asarray(v) for p, v in flatten(variables).items()}
     return None, flat, {"config": cfg}, [], "ours"

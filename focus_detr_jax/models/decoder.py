@@ -15,6 +15,7 @@ class DecoderLayer(nn.Module):
   num_levels: int = 4
   num_points: int = 4
   dtype: jnp.dtype = jnp.float32
+  msda_implementation: str = "auto"
 
   @nn.compact
   def __call__(self, x, query_pos, memory, memory_padding_mask, reference_points, spatial_shapes,
@@ -35,7 +36,8 @@ class DecoderLayer(nn.Module):
             qk, qk, x, attn_mask=attn_mask))
     x = layer_norm("norms_1", self.dtype)(
         MultiScaleDeformableAttention(self.embed_dim, self.num_heads, self.num_levels,
-                                      self.num_points, self.dtype, name="attentions_1")(
+                                      self.num_points, self.dtype, self.msda_implementation,
+                                      name="attentions_1")(
             x, query_pos, memory, reference_points, spatial_shapes, memory_padding_mask))
     return layer_norm("norms_2", self.dtype)(
         x + FFN(self.embed_dim, self.ffn_dim, self.dtype, name="ffns_0")(x))

@@ -29,18 +29,15 @@ rows are fetched and in the order of the final float32 sums (differences ~1e-7):
   chunk's matrices). Gather-free, for matmul-rich, gather-poor accelerators; quadratic in
   tokens (slow on CPU).
 
-`ms_deform_attn` dispatches to the module-level choice (`set_implementation`, the
-`use_implementation` context manager, or the `FOCUS_DETR_MSDA` environment variable) or to its
-`implementation` argument; `"auto"` resolves per `jax.default_backend()` via
-`AUTO_IMPLEMENTATION` (measurements: BENCHMARKS.md, "Deformable attention formulations"). The
-choice is read when a function is traced: changing it does not affect functions that `jax.jit`
-has already compiled.
+`ms_deform_attn` dispatches to its `implementation` argument, which the modules take from the
+model config (`config.model.msda_implementation`, an attribute of `FocusDETR`, so a model of
+another formulation is another static jit argument); `"auto"` resolves per
+`jax.default_backend()` via `AUTO_IMPLEMENTATION` (measurements: BENCHMARKS.md, "Deformable
+attention formulations").
 """
 
-import contextlib
 import functools
 import math
-import os
 from typing import Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -71,40 +68,13 @@ AUTO_IMPLEMENTATION = {"cpu": "gather_vjp", "gpu": "gather", "tpu": "gather"}
 # Elements of one dense sampling-matrix chunk in `onehot_matmul` (float32: 4 bytes each).
 ONEHOT_CHUNK_ELEMENTS = 1 << 26
 
-_implementation = os.environ.get("FOCUS_DETR_MSDA", "auto")
-
-
-def set_implementation(name: str):
-  """Sets the process-wide formulation used by `ms_deform_attn` ("auto" or IMPLEMENTATIONS)."""
-  global _implementation
-  if name != "auto" and name not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown deformable attention implementation {name!r}; "
-                     f"expected 'auto' or one of {IMPLEMENTATIONS}")
-  _implementation = name
-
-
-def get_implementation() -> str:
-  return _implementation
-
-
-@contextlib.contextmanager
-def use_implementation(name: str):
-  """Temporarily selects a formulation (affects functions traced inside the block)."""
-  previous = _implementation
-  set_implementation(name)
-  try:
-    yield
-  finally:
-    set_implementation(previous)
-
-
-def resolve_implementation(name: Optional[str] = None, backend: Optional[str] = None) -> str:
-  """The concrete formulation `name` (default: the module-level choice) means on `backend`."""
-  name = name or _implementation
+def resolve_implementation(name: str = "auto", backend: Optional[str] = None) -> str:
+  """The concrete formulation `name` ("auto" or one of IMPLEMENTATIONS) means on `backend`."""
   if name == "auto":
     return AUTO_IMPLEMENTATION.get(backend or jax.default_backend(), "gather")
   if name not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown deformable attention implementation {name!r}")
+    raise ValueError(f"unknown deformable attention implementation {name!r}; "
+                     f"expected 'auto' or one of {IMPLEMENTATIONS}")
   return name
 
 
@@ -115,7 +85,7 @@ def level_start_index(spatial_shapes: Sequence[Tuple[int, int]]):
 
 
 def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights,
-                   implementation: Optional[str] = None):
+                   implementation: str = "auto"):
   """Core multi-scale deformable attention.
 
   Args:
@@ -123,7 +93,7 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights,
     spatial_shapes: static tuple of L (H_l, W_l).
     sampling_locations: [B, Q, M, L, P, 2] normalised (x, y) in the padded map of each level.
     attention_weights: [B, Q, M, L, P], already softmaxed over (L, P).
-    implementation: formulation to use; default the module-level choice ("auto").
+    implementation: formulation to use ("auto": per backend, `AUTO_IMPLEMENTATION`).
   Returns:
     [B, Q, M * Dh] in value's dtype (sums in float32; float64 for float64 locations).
   """
@@ -488,6 +458,7 @@ class MultiScaleDeformableAttention(nn.Module):
   num_levels: int = 4
   num_points: int = 4
   dtype: jnp.dtype = jnp.float32
+  implementation: str = "auto"             # `ms_deform_attn`'s formulation
 
   @nn.compact
   def __call__(self, query, query_pos, value, reference_points, spatial_shapes,
@@ -530,7 +501,7 @@ class MultiScaleDeformableAttention(nn.Module):
              + offsets / p * ref[:, :, None, :, None, 2:] * 0.5)
     else:
       raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {ref.shape}")
-    out = ms_deform_attn(v, spatial_shapes, loc, weights)
+    out = ms_deform_attn(v, spatial_shapes, loc, weights, self.implementation)
     out = nn.Dense(self.embed_dim, kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype,
                    name="output_proj")(out)
     return query + out

@@ -58,6 +58,7 @@ class FocusEncoderLayer(nn.Module):
   num_points: int = 4
   topk_sa: int = 300
   dtype: jnp.dtype = jnp.float32
+  msda_implementation: str = "auto"
 
   @nn.compact
   def __call__(self, query, query_pos, reference_points, fg_score, candidate_valid, token_valid,
@@ -91,7 +92,8 @@ class FocusEncoderLayer(nn.Module):
     query = scatter_rows(query, sel, updated)
 
     query = MultiScaleDeformableAttention(self.embed_dim, self.num_heads, self.num_levels,
-                                          self.num_points, self.dtype, name="attentions_1")(
+                                          self.num_points, self.dtype, self.msda_implementation,
+                                          name="attentions_1")(
         query, query_pos, value, reference_points, spatial_shapes, value_padding_mask)
     query = layer_norm("norms_0", self.dtype)(query)
     query = layer_norm("norms_1", self.dtype)(

@@ -21,6 +21,7 @@ import numpy as np
 
 from focus_detr_jax.models import remat, token_selection
 from focus_detr_jax.models.decoder import DecoderLayer
+from focus_detr_jax.models.deformable_attention import resolve_implementation
 from focus_detr_jax.models.encoder import FocusEncoderLayer
 from focus_detr_jax.models.layers import (MLP, TORCH_LINEAR_KERNEL, gather_rows, island_dtype,
                                           layer_norm, scatter_rows)
@@ -244,6 +245,7 @@ class FocusDETR(nn.Module):
   batch_group_size: int = 2
   dtype: Any = jnp.float32
   remat: str = "none"                      # models/remat.py: what the backward recomputes
+  msda_implementation: str = "auto"        # deformable_attention.py: the formulation
 
   @classmethod
   def from_config(cls, model_config):
@@ -254,6 +256,7 @@ class FocusDETR(nn.Module):
                        f"{c.num_encoder_layers} encoder layers")
     if c.num_levels != 4:
       raise ValueError("Focus-DETR's top-down score modulation is defined for exactly 4 levels")
+    resolve_implementation(c.msda_implementation)   # an unknown formulation fails here
     return cls(
         num_classes=c.num_classes, backbone=BackboneConfig.from_config(c.backbone),
         hidden_dim=c.hidden_dim,
@@ -263,7 +266,7 @@ class FocusDETR(nn.Module):
         focus_rho=c.focus_rho, cascade=tuple(c.cascade), pos_temperature=c.pos_temperature,
         pos_offset=c.pos_offset, eval_padding_mask=c.eval_padding_mask,
         batch_group_size=c.batch_group_size,
-        dtype=compute_dtype(c.dtype), remat=c.remat)
+        dtype=compute_dtype(c.dtype), remat=c.remat, msda_implementation=c.msda_implementation)
 
   def setup(self):
     d, dt = self.hidden_dim, self.dtype
@@ -293,7 +296,8 @@ class FocusDETR(nn.Module):
                                 (self.num_queries, d))
     self.label_enc = self.param("label_enc", nn.initializers.normal(1.0), (self.num_classes, d))
     layer_args = dict(embed_dim=d, num_heads=self.num_heads, ffn_dim=self.ffn_dim,
-                      num_levels=self.num_levels, num_points=self.num_points, dtype=dt)
+                      num_levels=self.num_levels, num_points=self.num_points, dtype=dt,
+                      msda_implementation=self.msda_implementation)
     # Rematerialised layers keep their names and parameters (static: spatial_shapes).
     encoder_layer = remat.wrap(FocusEncoderLayer, self.remat, "encoder", static_argnums=(9,))
     decoder_layer = remat.wrap(DecoderLayer, self.remat, "decoder", static_argnums=(6,))

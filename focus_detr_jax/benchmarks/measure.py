@@ -1,4 +1,4 @@
-"""Small helpers shared by `scripts/benchmark.py` and `scripts/benchmark_msda.py`.
+"""Measurement helpers shared by the benchmarks and the profile.
 
 Timings on a shared machine are noisy: every benchmark reports a baseline measured in the same
 run and ratios against it, plus the median and minimum of several calls.
@@ -11,8 +11,9 @@ import resource
 import statistics
 import subprocess
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
+import flax
 import jax
 import numpy as np
 
@@ -86,25 +87,34 @@ def peak_memory() -> Dict[str, Any]:
   return dict(kind="process_peak_rss", mib=rss_kib / 1024)
 
 
-def machine_info() -> Dict[str, Any]:
-  """Date, CPU model, core count, backend and versions for a BENCHMARKS.md section header."""
-  cpu = "unknown"
+def cpu_model(default: str = "unknown") -> str:
+  """The CPU's model name (/proc/cpuinfo), else `default`."""
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
         if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
+          return line.split(":", 1)[1].strip()
   except OSError:  # pragma: no cover
     pass
+  return default
+
+
+def machine_info() -> Dict[str, Any]:
+  """Date, CPU model, core count, backend and versions for a BENCHMARKS.md section header."""
+  cpu = cpu_model()
   try:
     nproc = int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip())
   except Exception:  # pragma: no cover
     nproc = os.cpu_count()
-  import flax
   return dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), cpu=cpu, nproc=nproc,
               backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
               jax=jax.__version__, flax=flax.__version__, python=platform.python_version())
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+  """"800x1333" -> (800, 1333)."""
+  h, w = text.lower().split("x")
+  return int(h), int(w)
 
 
 def markdown_table(rows, columns) -> str:

@@ -1,5 +1,8 @@
 """Per-part, per-HLO-category profile of a compiled XLA:CPU program (scripts/profile_train.py).
 
+`measure` compiles one program of `tasks.program` (XLA memory and cost analysis), times it and
+reduces a `jax.profiler` trace of one call; `markdown` renders the rows.
+
 A `jax.profiler` trace of one call records one event per executed thunk (an HLO instruction of
 the optimised program, nested inside `while` bodies and `ThunkExecutor` spans) on each XLA
 worker thread. `self_times` turns the nested events into self time per instruction name
@@ -19,8 +22,17 @@ fused computation), and `classify` reads from it:
 
 import collections
 import glob
+import json
+import os
 import re
+import tempfile
+import time
 from typing import Dict, Iterable, Tuple
+
+import jax
+
+from focus_detr_jax.benchmarks import measure as bm
+from focus_detr_jax.benchmarks import tasks
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?\s([a-z][\w\-]*)\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -69,29 +81,42 @@ def hlo_metadata(hlo_text: str) -> Dict[str, str]:
   return meta
 
 
-def self_times(trace_dir: str) -> Dict[str, float]:
-  """Self time (seconds, summed over XLA worker threads) per event name of the newest trace."""
-  from tensorflow.tsl.profiler.protobuf import xplane_pb2  # the xplane proto TF ships
+def _newest_xspace(trace_dir: str):
+  """The newest `*.xplane.pb` of a `jax.profiler` trace directory, parsed."""
+  # The xplane proto TensorFlow ships; imported here, as only a traced profile needs TensorFlow.
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2
   files = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
   space = xplane_pb2.XSpace()
   with open(files[-1], "rb") as f:
     space.ParseFromString(f.read())
-  out = collections.Counter()
-  for plane in space.planes:
+  return space
+
+
+def _worker_events(trace_dir: str):
+  """Per XLA worker thread of the newest trace: its events (start ps, end ps, name), sorted by
+  start, enclosing events first."""
+  for plane in _newest_xspace(trace_dir).planes:
     md = plane.event_metadata
     for line in plane.lines:
-      if not line.name.startswith("tf_XLAEigen"):
-        continue
-      events = sorted(((e.offset_ps, e.offset_ps + e.duration_ps, md[e.metadata_id].name)
-                       for e in line.events), key=lambda e: (e[0], -e[1]))
-      stack = []
-      for start, end, name in events:
-        while stack and stack[-1][1] <= start:
-          stack.pop()
-        if stack:
-          out[stack[-1][2]] -= end - start
-        out[name] += end - start
-        stack.append((start, end, name))
+      if line.name.startswith("tf_XLAEigen"):
+        t0 = line.timestamp_ns * 1000
+        yield sorted(((t0 + e.offset_ps, t0 + e.offset_ps + e.duration_ps,
+                       md[e.metadata_id].name) for e in line.events),
+                     key=lambda e: (e[0], -e[1]))
+
+
+def self_times(trace_dir: str) -> Dict[str, float]:
+  """Self time (seconds, summed over XLA worker threads) per event name of the newest trace."""
+  out = collections.Counter()
+  for events in _worker_events(trace_dir):
+    stack = []
+    for start, end, name in events:
+      while stack and stack[-1][1] <= start:
+        stack.pop()
+      if stack:
+        out[stack[-1][2]] -= end - start
+      out[name] += end - start
+      stack.append((start, end, name))
   return {k: v / 1e12 for k, v in out.items()}
 
 
@@ -100,44 +125,28 @@ def wall_shares(trace_dir: str) -> Dict[str, float]:
   innermost events running on the XLA worker threads at that instant, so the shares sum to
   the time any worker was busy, and an instruction that runs while the other cores idle (a
   serial loop, a single-threaded kernel) gets its full duration. Idle time is `"idle"`."""
-  from tensorflow.tsl.profiler.protobuf import xplane_pb2
-  files = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
-  space = xplane_pb2.XSpace()
-  with open(files[-1], "rb") as f:
-    space.ParseFromString(f.read())
-  # Innermost-event segments per thread: (start, end, name).
   boundaries = []
-  for plane in space.planes:
-    md = plane.event_metadata
-    for line in plane.lines:
-      if not line.name.startswith("tf_XLAEigen"):
-        continue
-      events = sorted(((e.offset_ps + line.timestamp_ns * 1000, e.duration_ps,
-                        md[e.metadata_id].name) for e in line.events),
-                      key=lambda e: (e[0], -e[1]))
-      # Flatten nesting: the innermost open event owns each instant.
-      points = []
-      for start, dur, name in events:
-        points.append((start, 1, start + dur, name))
-      segments, stack, last = [], [], None
-      for start, _, end, name in points:
-        while stack and stack[-1][0] <= start:
-          top_end, top_name = stack.pop()
-          if last < top_end:
-            segments.append((last, top_end, top_name))
-            last = top_end
-        if stack and last < start:
-          segments.append((last, start, stack[-1][1]))
-        last = start
-        stack.append((end, name))
-      while stack:
+  for events in _worker_events(trace_dir):
+    # Flatten nesting: the innermost open event owns each instant. Segments: (start, end, name).
+    segments, stack, last = [], [], None
+    for start, end, name in events:
+      while stack and stack[-1][0] <= start:
         top_end, top_name = stack.pop()
         if last < top_end:
           segments.append((last, top_end, top_name))
           last = top_end
-      for start, end, name in segments:
-        boundaries.append((start, 1, name))
-        boundaries.append((end, -1, name))
+      if stack and last < start:
+        segments.append((last, start, stack[-1][1]))
+      last = start
+      stack.append((end, name))
+    while stack:
+      top_end, top_name = stack.pop()
+      if last < top_end:
+        segments.append((last, top_end, top_name))
+        last = top_end
+    for start, end, name in segments:
+      boundaries.append((start, 1, name))
+      boundaries.append((end, -1, name))
   boundaries.sort(key=lambda b: (b[0], b[1]))
   out = collections.Counter()
   active = collections.Counter()
@@ -215,3 +224,95 @@ def ordered_parts(by_part) -> Iterable[str]:
                                                            "runtime"]
     return order.index(p) if p in order else len(order)
   return sorted({p for _, p in by_part}, key=key)
+
+
+def measure(args, remat):
+  """One row: compile, memory and FLOPs, then (unless `args.compile_only`) the timing and the
+  profile of one traced call. `args`: the script's flags as attributes; `remat`: a
+  `model.remat` policy or None (the config's)."""
+  h, w = bm.parse_size(args.size)
+  spec = dict(config=args.config, height=h, width=w, batch=args.batch,
+              model=dict(remat=remat) if remat is not None else {})
+  fn, inputs = tasks.program(spec, args.program)
+  compiled, lower_s, compile_s = bm.compile_jitted(fn, *inputs)
+  ma = compiled.memory_analysis()
+  gib = 2.0 ** 30
+  row = dict(program=args.program, config=args.config, size=args.size, batch=args.batch,
+             remat=remat, compile_s=lower_s + compile_s,
+             gflops=(bm.cost_flops(compiled) or 0) / 1e9,
+             temp_gib=ma.temp_size_in_bytes / gib, argument_gib=ma.argument_size_in_bytes / gib,
+             output_gib=ma.output_size_in_bytes / gib)
+  print(json.dumps(row), flush=True)
+  if args.compile_only:
+    return row
+  row.update(bm.time_calls(compiled, *inputs, repeats=args.repeats))
+  print(f"median {row['median_s']:.2f} s, min {row['min_s']:.2f} s", flush=True)
+  if args.no_trace:
+    return row
+  trace_dir = tempfile.mkdtemp(prefix="profile_train_")
+  jax.profiler.start_trace(trace_dir)
+  t0 = time.perf_counter()
+  bm.block(compiled(*inputs))
+  row["traced_call_s"] = time.perf_counter() - t0
+  jax.profiler.stop_trace()
+  hlo_text = compiled.as_text()
+  if args.save_dir:
+    os.makedirs(args.save_dir, exist_ok=True)
+    with open(os.path.join(args.save_dir, f"{args.program}_{args.size}_{remat}.hlo.txt"), "w") as f:
+      f.write(hlo_text)
+  row["trace_dir"] = trace_dir
+  meta = hlo_metadata(hlo_text)
+  by_part, by_cat, by_op = profile_table(self_times(trace_dir), meta)
+  wall = wall_shares(trace_dir)
+  row["idle_s"] = wall.pop("idle", 0.0)
+  wall_part, _, _ = profile_table(wall, meta)
+  row["wall_by_part"] = {f"{d} {p}": t for (d, p), t in wall_part.items()}
+  row["profile_total_s"] = sum(by_part.values())
+  row["by_part"] = {f"{d} {p}": t for (d, p), t in by_part.items()}
+  row["by_category"] = {f"{d} {c}": t for (d, c), t in by_cat.most_common(args.top)}
+  row["top_ops"] = [[n, op[:160], t] for (n, op), t in by_op.most_common(args.top)]
+  row["parts_order"] = list(ordered_parts(by_part))
+  return row
+
+
+def markdown(rows):
+  """The memory/compile/timing table, then each profiled row's tables."""
+  out = []
+  out.append("| program | config size batch | remat | XLA temp GiB | args GiB | GFLOPs | compile s "
+             "| median s |")
+  out.append("|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    out.append(f"| {r['program']} | {r['config']} {r['size']} b{r['batch']} | {r['remat']} | "
+               f"{r['temp_gib']:.2f} | {r['argument_gib']:.2f} | {r['gflops']:.1f} | "
+               f"{r['compile_s']:.1f} | {r.get('median_s', float('nan')):.2f} |")
+  for r in rows:
+    if "by_part" not in r:
+      continue
+    out.append("")
+    out.append(f"Profile of one call ({r['program']}, {r['config']} {r['size']} b{r['batch']}, "
+               f"remat {r['remat']}): traced call {r['traced_call_s']:.2f} s wall, "
+               f"{r['profile_total_s']:.2f} thread-s")
+    out.append("")
+    out.append("| part | fwd wall s | bwd wall s | fwd thread-s | bwd thread-s |")
+    out.append("|---|---|---|---|---|")
+    tot = [0.0] * 4
+    for p in r["parts_order"]:
+      vals = [r["wall_by_part"].get(f"fwd {p}", 0.0) + r["wall_by_part"].get(f"- {p}", 0.0),
+              r["wall_by_part"].get(f"bwd {p}", 0.0),
+              r["by_part"].get(f"fwd {p}", 0.0) + r["by_part"].get(f"- {p}", 0.0),
+              r["by_part"].get(f"bwd {p}", 0.0)]
+      tot = [a + v for a, v in zip(tot, vals)]
+      out.append(f"| {p} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    out.append(f"| all workers idle | {r['idle_s']:.3f} | | | |")
+    out.append("| **total** | " + " | ".join(f"**{v:.3f}**" for v in tot) + " |")
+    out.append("")
+    out.append("| HLO category (direction) | thread-s |")
+    out.append("|---|---|")
+    for k, t in list(r["by_category"].items())[:15]:
+      out.append(f"| {k} | {t:.3f} |")
+    out.append("")
+    out.append("| top instruction | op_name | thread-s |")
+    out.append("|---|---|---|")
+    for n, op, t in r["top_ops"][:15]:
+      out.append(f"| {n} | `{op[:110]}` | {t:.3f} |")
+  return "\n".join(out) + "\n"

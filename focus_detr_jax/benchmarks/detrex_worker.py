@@ -1,0 +1,74 @@
+"""The detrex side of `scripts/compare_detrex.py`: runs under detrex's own Python (torch,
+detectron2, detrex; no jax), started by `detrex.run_detrex` as
+
+    DETREX_PYTHON -m focus_detr_jax.benchmarks.detrex_worker SPEC_JSON
+
+with this repository on PYTHONPATH. Imports only numpy and the recorder (which imports torch
+after configuring the CPU threads, `recorder.configure_cpu`).
+"""
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from focus_detr_jax.reference import recorder
+
+
+def detrex_worker(spec):
+  """Times detrex's eval forward per size and (spec["train"]) one train step; prints
+  `RESULT <json>` (medians, plus the process's peak RSS)."""
+  torch = recorder.configure_cpu(threads=spec["threads"], capability=None)
+  model, _, dn_number = recorder.build_model(spec["config"], spec["detrex_root"])
+  recorder.apply_weight_rule(model, recorder.manifest_rows(model), seed=0)
+  rng = np.random.default_rng(0)
+  results = {}
+
+  def timed(fn, repeats):
+    for _ in range(2):  # warm-up: a single call left torch's first timed calls 2-4x slower
+      fn()
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - t0)
+    return dict(median_s=statistics.median(times), min_s=min(times), calls=len(times))
+
+  with recorder.cpu_device_shim():
+    for h, w in spec["eval_sizes"]:
+      batch = [{"image": torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)).float(),
+                "height": h, "width": w}]
+      model.eval()
+
+      def run_eval():
+        with torch.no_grad():
+          model(batch)
+      results[f"eval {h}x{w} b1"] = timed(run_eval, spec["repeats"])
+    if spec["train"]:
+      # Imported here: torch (under detectron2) must load after `recorder.configure_cpu`.
+      from detectron2.structures import Boxes, Instances
+      h, w = spec["train_size"]
+      batch = []
+      for _ in range(spec["train_batch"]):
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(torch.from_numpy(recorder._gt_boxes(rng, h, w, spec["boxes"])))
+        inst.gt_classes = torch.from_numpy(rng.integers(0, 80, spec["boxes"])).long()
+        batch.append({"image": torch.from_numpy(
+            rng.integers(0, 256, (3, h, w), dtype=np.uint8)).float(), "instances": inst})
+      model.train()
+      model.dn_number = dn_number
+
+      def run_train():
+        model.zero_grad(set_to_none=True)
+        loss = sum(model(batch).values())
+        loss.backward()
+      results[f"train {h}x{w} b{spec['train_batch']}"] = timed(run_train, spec["repeats"])
+  results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+  print("RESULT " + json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+  detrex_worker(json.loads(sys.argv[1]))

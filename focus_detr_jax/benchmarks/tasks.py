@@ -1,0 +1,216 @@
+"""The model benchmark's measurements (`scripts/benchmark.py`): one task spec (a JSON dict) in,
+one result dict out. `runner.run_task` runs each in a fresh worker process,
+
+    python -m focus_detr_jax.benchmarks.tasks '{"task": "eval", "config": "r50", ...}'
+
+which prints `RESULT <json>`; `runner.run_task_in_process` calls `TASKS` directly.
+
+Spec keys: task (baseline, eval, train), config (a key of CONFIGS), batch, height, width, model
+(config.model overrides), msda (deformable attention formulation), repeats, max_seconds; eval
+also split (FLOPs split), time, time_parts. Weights are random (`random_variables`).
+"""
+
+import importlib
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from focus_detr_jax import export
+from focus_detr_jax.benchmarks import measure as bm
+from focus_detr_jax.convert.init import model_shapes
+from focus_detr_jax.models import deformable_attention as da
+from focus_detr_jax.models import token_selection
+from focus_detr_jax.models.focus_detr import FocusDETR, feature_level_shapes
+from focus_detr_jax.models.postprocess import postprocess
+from focus_detr_jax.train.objective import Objective, model_loss
+
+CONFIGS = {"r50": "focus_detr_r50_4scale_12ep", "swin_t": "focus_detr_swin_tiny_224_4scale_12ep",
+           "tiny": "tiny"}
+
+
+def dense_rho(num_tokens):
+  """focus_rho giving T = K_l = N (every token updated, as DINO's encoder).
+
+  focus_rho = 1.0 would give T = int(N * 1.0) + 1 = N + 1 > N and top_k fails; (N - 0.5) / N
+  gives int(N - 0.5) + 1 = N.
+  """
+  return (num_tokens - 0.5) / num_tokens
+
+
+def build(spec):
+  """(config, model) for a task spec, with its model overrides applied.
+
+  Override keys may be dotted ("backbone.depth"). Values "ones" (cascade: 1.0 for every encoder
+  layer) and "dense" (focus_rho: `dense_rho` of the spec's input size) resolve against the
+  config.
+  """
+  config = importlib.import_module(f"configs.{CONFIGS[spec['config']]}").get_config()
+  for key, value in spec.get("model", {}).items():
+    if key == "cascade" and value == "ones":
+      value = (1.0,) * config.model.num_encoder_layers
+    elif key == "focus_rho" and value == "dense":
+      value = dense_rho(sum(h * w for h, w in feature_level_shapes(spec["height"],
+                                                                  spec["width"])))
+    node = config.model
+    *parents, leaf = key.split(".")
+    for name in parents:
+      node = getattr(node, name)
+    setattr(node, leaf, tuple(value) if isinstance(value, list) else value)
+  if spec.get("msda"):
+    config.model.msda_implementation = spec["msda"]
+  return config, FocusDETR.from_config(config.model)
+
+
+def random_variables(config, seed=0):
+  """Variables with the init's structure, filled cheaply (no init compile at full size).
+
+  Matrices ~ N(0, 0.02); norm scales and FrozenBN weight/variance 1; other vectors 0.
+  """
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = "/".join(str(getattr(p, "key", p)) for p in path)
+    last = name.rsplit("/", 1)[-1]
+    if last in ("scale", "running_var") or (name.startswith("frozen") and last == "weight"):
+      return jnp.ones(leaf.shape, leaf.dtype)
+    if len(leaf.shape) >= 2 or last in ("alpha",):
+      return jnp.asarray(rng.normal(scale=0.02, size=leaf.shape), leaf.dtype)
+    return jnp.zeros(leaf.shape, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, model_shapes(config))
+
+
+def inputs(batch, height, width, seed=0):
+  """(images, padding mask, image sizes): random images, no padding."""
+  rng = np.random.default_rng(seed)
+  images = jnp.asarray(rng.normal(size=(batch, height, width, 3)).astype(np.float32))
+  mask = jnp.zeros((batch, height, width), bool)
+  size = jnp.asarray([[height, width]] * batch, jnp.int32)
+  return images, mask, size
+
+
+def train_batch(config, batch, height, width, boxes_per_image=8, seed=0):
+  """A training batch: random images, `boxes_per_image` random boxes and labels per image."""
+  rng = np.random.default_rng(seed)
+  m = config.data.max_boxes
+  images, mask, size = inputs(batch, height, width, seed)
+  boxes = np.zeros((batch, m, 4), np.float32)
+  boxes[:, :, :2] = rng.uniform(0.2, 0.8, size=(batch, m, 2))
+  boxes[:, :, 2:] = rng.uniform(0.05, 0.3, size=(batch, m, 2))
+  labels = rng.integers(0, config.model.num_classes, size=(batch, m)).astype(np.int32)
+  valid = np.zeros((batch, m), bool)
+  valid[:, :boxes_per_image] = True
+  return dict(image=images, padding_mask=mask, boxes=jnp.asarray(boxes),
+              labels=jnp.asarray(labels), box_valid=jnp.asarray(valid), image_size=size)
+
+
+def _backbone_neck(module, images):
+  return module.neck(module.backbone_net(images.astype(module.dtype), train=False))
+
+
+def task_baseline(spec):
+  """Same-run machine baseline: jitted backbone (no neck; R50 by default) forward, batch 1."""
+  config, model = build(dict(spec, config=spec.get("config", "r50")))
+  variables = random_variables(config)
+  images, _, _ = inputs(1, spec["height"], spec["width"])
+  fn = jax.jit(lambda v, x: model.apply(v, x, method=lambda m, x: m.backbone_net(
+      x, train=False)))
+  compiled, lower_s, compile_s = bm.compile_jitted(fn, variables, images)
+  timing = bm.time_calls(compiled, variables, images, repeats=spec.get("repeats", 3))
+  return dict(compile_s=lower_s + compile_s, flops=bm.cost_flops(compiled), **timing,
+              memory=bm.peak_memory())
+
+
+def task_eval(spec):
+  """Eval forward + postprocess: latency, throughput, compile, FLOPs, memory (+ FLOPs split)."""
+  config, model = build(spec)
+  b, h, w = spec["batch"], spec["height"], spec["width"]
+  n = sum(hh * ww for hh, ww in feature_level_shapes(h, w))
+  result = dict(num_tokens=n, msda=da.resolve_implementation(model.msda_implementation),
+                capacities=list(token_selection.cascade_capacities(
+                    n, model.focus_rho, model.cascade)))
+  variables = random_variables(config)
+  images, mask, size = inputs(b, h, w)
+  infer = jax.jit(export.inference_function(model, config.model.num_select))
+  compiled, lower_s, compile_s = bm.compile_jitted(infer, variables, images, mask, size)
+  result.update(lower_s=lower_s, compile_s=compile_s, flops=bm.cost_flops(compiled))
+  if spec.get("time", True):
+    timing = bm.time_calls(compiled, variables, images, mask, size,
+                           repeats=spec.get("repeats", 3), max_seconds=spec.get("max_seconds"))
+    result.update(timing, images_per_s=b / timing["median_s"])
+  if spec.get("split"):
+    bb = jax.jit(lambda v, x: model.apply(v, x, method=_backbone_neck))
+    bb_compiled, _, _ = bm.compile_jitted(bb, variables, images)
+    memory = jnp.zeros((b, n, model.hidden_dim), jnp.float32)
+
+    def no_encoder(v, x, m, s, mem):
+      out = model.apply(v, x, m, train=False, forced={"memory": mem})
+      return postprocess(out["pred_logits"], out["pred_boxes"], s,
+                         num_select=config.model.num_select)
+    ne_compiled, _, _ = bm.compile_jitted(jax.jit(no_encoder), variables, images, mask, size,
+                                          memory)
+    result["flops_backbone_neck"] = bm.cost_flops(bb_compiled)
+    result["flops_decoder_part"] = bm.cost_flops(ne_compiled)
+    if spec.get("time_parts", True):
+      result["backbone_neck_median_s"] = bm.time_calls(
+          bb_compiled, variables, images, repeats=spec.get("repeats", 3))["median_s"]
+      result["decoder_part_median_s"] = bm.time_calls(
+          ne_compiled, variables, images, mask, size, memory,
+          repeats=spec.get("repeats", 3))["median_s"]
+  result["memory"] = bm.peak_memory()
+  return result
+
+
+def program(spec, kind="train"):
+  """(jitted function, its (params, batch, key)) on a `train_batch`: kind "train" =
+  value_and_grad of `model_loss` (train mode, denoising on), "fwd" = the loss alone, "eval" =
+  the eval forward (`model.apply`) of the batch's images."""
+  config, model = build(spec)
+  variables = random_variables(config)
+  params = variables["params"]
+  extra = {k: v for k, v in variables.items() if k != "params"}
+  batch = train_batch(config, spec["batch"], spec["height"], spec["width"])
+  objective = Objective.from_config(config)
+
+  def loss(p, batch, key):
+    return model_loss(model, p, extra, batch, objective, key=key)[0]
+
+  def forward(p, batch, key):
+    del key
+    return model.apply({"params": p, **extra}, batch["image"], batch["padding_mask"])
+
+  fn = dict(train=jax.value_and_grad(loss), fwd=loss, eval=forward)[kind]
+  return jax.jit(fn), (params, batch, jax.random.PRNGKey(0))
+
+
+def task_train(spec):
+  """loss + grad of `model_loss` (train mode, denoising on): step time, compile, FLOPs, memory."""
+  fn, args = program(spec)
+  compiled, lower_s, compile_s = bm.compile_jitted(fn, *args)
+  timing = bm.time_calls(compiled, *args, repeats=spec.get("repeats", 3),
+                         max_seconds=spec.get("max_seconds"))
+  loss, _ = compiled(*args)
+  return dict(msda=da.resolve_implementation(spec.get("msda") or "auto"), lower_s=lower_s, compile_s=compile_s,
+              flops=bm.cost_flops(compiled), loss=float(loss), **timing,
+              memory=bm.peak_memory())
+
+
+TASKS = dict(baseline=task_baseline, eval=task_eval, train=task_train)
+
+
+def worker(spec_json):
+  """One task in this (fresh) process; prints `RESULT <json>`."""
+  spec = json.loads(spec_json)
+  jax.config.update("jax_enable_compilation_cache", False)
+  t0 = time.perf_counter()
+  result = TASKS[spec["task"]](spec)
+  result["worker_s"] = time.perf_counter() - t0
+  print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  worker(sys.argv[1])
