@@ -205,6 +205,8 @@ def get_base_config():
   # refuses to start without it unless "none" (a random backbone) is given explicitly.
   config.init.backbone = "pretrained/r50_v1.pkl"
   config.init.checkpoint = ""          # full model checkpoint (ours or converted detrex)
+  config.init.backbone_format = "auto"     # auto | torchvision | detectron2 | swin | detrex
+  config.init.checkpoint_format = "auto"   # auto | ours | detrex
 
   config.seed = 0
   return config

@@ -73,8 +73,6 @@ def get_config(arg=None):
 
   config.init.backbone = ""                # ImageNet backbone file (torchvision/detectron2/swin)
   config.init.checkpoint = ""              # full model: our checkpoint dir or a detrex .pth
-  config.init.backbone_format = "auto"     # auto | torchvision | detectron2 | swin | detrex
-  config.init.checkpoint_format = "auto"   # auto | ours | detrex
 
   data = config.data
   data.dataset = "coco_folder"

@@ -136,7 +136,7 @@ def test_backbone_init_from_config(tmp_path):
   sd = torchvision_resnet(width=16)
   np.savez(tmp_path / "resnet.npz", **sd)
   config = small_config()
-  config.init = {"backbone": str(tmp_path / "resnet.npz"), "checkpoint": ""}
+  config.init.backbone, config.init.checkpoint = str(tmp_path / "resnet.npz"), ""
   fresh = fake_variables(config, seed=3)
   restored, report = init_lib.init_from_config(fresh, config)
   assert report["kind"] == "backbone" and report["format"] == "torchvision"
@@ -159,7 +159,7 @@ def test_init_from_config_choices_and_fail_fast(tmp_path):
   config = small_config()
   fresh = {"params": {}}
   assert init_lib.init_from_config(fresh, config) == (fresh, None)
-  config.init = {"backbone": "a.pth", "checkpoint": "b"}
+  config.init.backbone, config.init.checkpoint = "a.pth", "b"
   with pytest.raises(ValueError, match="only one"):
     init_lib.init_from_config(fresh, config)
   # A refused file fails before any fresh init is built.

@@ -424,8 +424,8 @@ def check_backbone_file(config) -> None:
 def init_from_config(variables, config):
   """Apply `config.init` (`backbone` or `checkpoint` path; empty = nothing) to fresh variables.
 
-  Returns (variables, report or None). The trainer calls this once after its own init.
-  Optional fields: `config.init.backbone_format` / `checkpoint_format` (default "auto").
+  Returns (variables, report or None). The trainer calls this once after its own init; the
+  file formats are `config.init.backbone_format` / `checkpoint_format` ("auto": detected).
   """
   init = config.get("init") or {}
   backbone = backbone_file(config)
@@ -435,10 +435,10 @@ def init_from_config(variables, config):
                      "checkpoint already holds a backbone")
   if checkpoint:
     return init_from_checkpoint(variables, checkpoint, config, kind="model",
-                                format=init.get("checkpoint_format", "auto"))
+                                format=init.checkpoint_format)
   if backbone:
     return init_from_checkpoint(variables, backbone, config, kind="backbone",
-                                format=init.get("backbone_format", "auto"))
+                                format=init.backbone_format)
   return variables, None
 
 
