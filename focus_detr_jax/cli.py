@@ -142,8 +142,9 @@ def is_user_error(error: BaseException) -> bool:
 
 def configure_logging() -> None:
   """INFO logs on stderr, without absl's `--logtostderr` machinery."""
+  # force: an import that logged before this call must not leave its default format behind.
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      datefmt="%H:%M:%S")
+                      datefmt="%H:%M:%S", force=True)
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)   # "no TPU backend" noise
   absl_logger = logging.getLogger("absl")

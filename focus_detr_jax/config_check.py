@@ -8,6 +8,7 @@
 """
 
 import json
+import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from focus_detr_jax.checkpoint import CONFIG_FILE, as_path
@@ -75,7 +76,9 @@ def stored_model_config(directory) -> Optional[Dict[str, Any]]:
     return None
   try:
     return json.loads(path.read_text()).get("model")
-  except (ValueError, OSError):
+  except (ValueError, OSError) as e:
+    logging.warning("%s cannot be read (%s): the config is not compared with it (parameter "
+                    "shapes are still checked when a checkpoint is restored)", path, e)
     return None
 
 
