@@ -142,9 +142,13 @@ def is_user_error(error: BaseException) -> bool:
 
 def configure_logging() -> None:
   """INFO logs on stderr, without absl's `--logtostderr` machinery."""
-  # force: an import that logged before this call must not leave its default format behind.
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      datefmt="%H:%M:%S", force=True)
+  formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+  logging.basicConfig(level=logging.INFO)
+  for handler in logging.getLogger().handlers:
+    # Also the plain stderr handler an import may have added first (orbax does); handlers of
+    # other types (a test runner's) keep theirs.
+    if type(handler) is logging.StreamHandler:   # pylint: disable=unidiomatic-typecheck
+      handler.setFormatter(formatter)
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)   # "no TPU backend" noise
   absl_logger = logging.getLogger("absl")
