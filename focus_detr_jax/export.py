@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import export as jax_export
 
-from focus_detr_jax.predict import predict
+from focus_detr_jax.predict import default_num_select, predict
 
 _MAGIC = b"FDJXEXP1"
 FORMAT_VERSION = 1
@@ -65,8 +65,7 @@ def export_inference(model, variables, batch_size: int, height: int, width: int,
     the `jax.export.Exported`.
   """
   variables = flax.core.unfreeze(variables)
-  if num_select is None:
-    num_select = min(300, model.num_queries * model.num_classes)
+  num_select = default_num_select(model, num_select)
   infer = inference_function(model, num_select)
   var_specs = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
                                      variables)

@@ -35,7 +35,7 @@ from focus_detr_jax.cli import UserError
 from focus_detr_jax.data import (canvas as canvas_lib, coco_folder, coco_tfds, iterators, synthetic,
                                  transforms)
 from focus_detr_jax.evaluation.coco_eval import detections_to_coco
-from focus_detr_jax.predict import per_image, predict_on_host
+from focus_detr_jax.predict import default_num_select, per_image, predict_on_host
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -257,9 +257,8 @@ class _Batcher:
 def _defaults(model, config, batch_size, num_select):
   if batch_size is None:
     batch_size = 1 if config.data.eval_exact else int(config.data.eval_batch_size)
-  if num_select is None:
-    num_select = int(config.model.num_select)
-  return batch_size, min(num_select, model.num_queries * model.num_classes)
+  return batch_size, default_num_select(
+      model, config.model.num_select if num_select is None else num_select)
 
 
 def predict_files(model, variables, config, inputs: Sequence[str], *,

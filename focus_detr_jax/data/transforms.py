@@ -224,15 +224,8 @@ def random_crop(image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, crop_rang
   Boxes are shifted, clipped to the crop and the empty ones removed. Returns (image, boxes,
   labels, number of boxes removed).
   """
-  lo, hi = crop_range
-  h = tf.shape(image)[0]
-  w = tf.shape(image)[1]
-  ch = tf.random.stateless_uniform([], keys[0], minval=tf.minimum(h, lo),
-                                   maxval=tf.minimum(h, hi) + 1, dtype=tf.int32)
-  cw = tf.random.stateless_uniform([], keys[1], minval=tf.minimum(w, lo),
-                                   maxval=tf.minimum(w, hi) + 1, dtype=tf.int32)
-  y0 = tf.random.stateless_uniform([], keys[2], minval=0, maxval=h - ch + 1, dtype=tf.int32)
-  x0 = tf.random.stateless_uniform([], keys[3], minval=0, maxval=w - cw + 1, dtype=tf.int32)
+  y0, x0, ch, cw = tf.unstack(_crop_box(tf.shape(image)[0], tf.shape(image)[1], crop_range,
+                                        keys))
   image = image[y0:y0 + ch, x0:x0 + cw]
   offset = tf.cast(tf.stack([x0, y0, x0, y0]), tf.float32)
   boxes = clip_boxes(boxes - offset, tf.stack([ch, cw]))
