@@ -123,20 +123,34 @@ def load_workdir_variables(workdir) -> Tuple[Dict[str, Any], int]:
                  reverse=True) if root.exists() else []
   if not steps:
     raise FileNotFoundError(f"no training checkpoint in {workdir}/checkpoints")
+  (variables, step), _ = restore_newest(
+      root, steps, lambda s: (_restore_variables(root / str(s) / "state"), s))
+  return variables, step
+
+
+def restore_newest(root, steps, restore_step, keep_raising=()):
+  """(restore_step(s), skipped) for the first step of `steps` (newest first) that restores.
+
+  A step whose restore raises is skipped with a warning and left on disk; `skipped` lists the
+  (step, reason) pairs. Exceptions of the types `keep_raising` propagate (a config problem is
+  the same for every step); none restorable raises `CheckpointError`.
+  """
   skipped: List[Tuple[int, str]] = []
   for step in steps:
     try:
-      variables = _restore_variables(root / str(step) / "state")
+      restored = restore_step(step)
+    except keep_raising:
+      raise
     except Exception as e:  # pylint: disable=broad-except  # any unreadable step is skipped
       reason = root_cause(e)
       logging.warning("checkpoint %s cannot be restored, skipped (left on disk): %s",
-                      root / str(step), reason)
+                      as_path(root) / str(step), reason)
       skipped.append((step, reason))
       continue
     if skipped:
       logging.warning("restored step %d instead of the newest checkpoint (skipped: %s)", step,
                       ", ".join(str(k) for k, _ in skipped))
-    return variables, step
+    return restored, skipped
   raise CheckpointError(f"no checkpoint in {root} can be restored: " +
                         "; ".join(f"step {k}: {why}" for k, why in skipped))
 

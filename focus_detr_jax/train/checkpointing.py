@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from focus_detr_jax.checkpoint import CheckpointError, as_path, root_cause
+from focus_detr_jax.checkpoint import CheckpointError, as_path, restore_newest
 from focus_detr_jax.config_check import ConfigMismatchError, describe_shape_mismatch
 
 
@@ -99,23 +99,10 @@ class Checkpointer:
       return None
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target_state)
     self.skipped = []
-    for s in steps:
-      try:
-        state = self._restore_step(s, abstract, data_iterator)
-      except ConfigMismatchError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except  # any unreadable step is skipped
-        reason = root_cause(e)
-        logging.warning("checkpoint %s cannot be restored, skipped (left on disk): %s",
-                        self.latest.directory / str(s), reason)
-        self.skipped.append((s, reason))
-        continue
-      if self.skipped:
-        logging.warning("restored step %d instead of the newest checkpoint (skipped: %s)", s,
-                        ", ".join(str(k) for k, _ in self.skipped))
-      return state
-    raise CheckpointError(f"no checkpoint in {self.latest.directory} can be restored: " +
-                          "; ".join(f"step {k}: {why}" for k, why in self.skipped))
+    state, self.skipped = restore_newest(
+        self.latest.directory, steps, lambda s: self._restore_step(s, abstract, data_iterator),
+        keep_raising=(ConfigMismatchError,))
+    return state
 
   def _restore_step(self, step: int, abstract, data_iterator):
     """The state of one step, after checking its stored shapes against `abstract`'s."""
