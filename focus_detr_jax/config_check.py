@@ -130,9 +130,11 @@ def check_init_files(config) -> None:
 def check_training_config(config, workdir, num_devices: int, num_processes: int) -> None:
   """Everything a training run can check before it creates its workdir or compiles."""
   check_batch_sizes(config, num_devices, num_processes)
-  check_init_files(config)
   if has_training_checkpoint(workdir):
+    # A resumed run takes every parameter from its checkpoint: the init files are not read.
     check_against_checkpoint(config, workdir, "workdir", training=True)
+  else:
+    check_init_files(config)
 
 
 def describe_shape_mismatch(mismatches: Sequence[Tuple[str, Tuple[int, ...], Tuple[int, ...]]],

@@ -73,6 +73,18 @@ def test_training_refuses_before_compiling(tmp_path, monkeypatch):
   assert not compiled and not (tmp_path / "run").exists()
 
 
+def test_resuming_needs_no_backbone_file(tmp_path, monkeypatch):
+  """The checkpoint holds every parameter: a resumed COCO run starts without the ImageNet file
+  (a fresh workdir still refuses)."""
+  monkeypatch.chdir(tmp_path)
+  config = _config("focus_detr_r50_4scale_12ep")
+  workdir = tmp_path / "run"
+  with pytest.raises(init_lib.BackboneFileError):
+    config_check.check_training_config(config, workdir, num_devices=1, num_processes=1)
+  (workdir / "checkpoints" / "2000").mkdir(parents=True)
+  config_check.check_training_config(config, workdir, num_devices=1, num_processes=1)
+
+
 def test_layers_start_where_detrex_starts():
   """xavier kernels inside detrex's transformer (FFN, attention output, MaskPredictor,
   ref_point_head) with torch-default biases; torch-default Linear elsewhere (box MLP)."""

@@ -145,9 +145,11 @@ def test_corrupt_newest_checkpoint_resume_and_predict_fall_back(env, tmp_path,
   _, step = inference.load_variables(config, workdir)
   assert step == 4 and (workdir / "checkpoints" / "6").exists()
 
-  # Resume: from step 4, steps 5 and 6 replay the uninterrupted run's losses exactly.
+  # Resume: from step 4, steps 5 and 6 replay the uninterrupted run's losses exactly. The
+  # backbone file named here does not exist: a resumed run does not read it.
   proc = subprocess.run(TRAIN + ["--workdir", str(workdir), "--no_eval",
-                                 "--config.train.num_steps=7"],
+                                 "--config.train.num_steps=7",
+                                 f"--config.init.backbone={tmp_path / 'absent' / 'r50_v1.pkl'}"],
                         env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "checkpoints/6 cannot be restored, skipped" in proc.stderr
