@@ -1,0 +1,49 @@
+"""Compile time of the training step per training canvas, cold and from the persistent cache.
+
+  python scripts/benchmark_compile.py                              # R50 COCO recipe, 8 canvases
+  python scripts/benchmark_compile.py --config=tiny --canvases=128x128,128x192
+
+Each canvas is one XLA program of the loop's step (`train/loop.make_train_step`), compiled ahead
+of time from shapes (no weights or data) at `--batch` images per device. A first process compiles
+into an empty persistent cache; a second loads the same programs, as a restarted run does.
+Results: BENCHMARKS.md, "Compile time per training canvas".
+"""
+
+import tempfile
+
+from absl import flags
+
+from focus_detr_jax import cli
+
+
+def define_flags(fv, argv):
+  del argv
+  flags.DEFINE_string("config", "focus_detr_r50_4scale_12ep", "config module under configs/",
+                      flag_values=fv)
+  flags.DEFINE_integer("batch", 2, "images per device (the COCO recipe: 16 on 8 devices)",
+                       flag_values=fv)
+  flags.DEFINE_string("canvases", "", "HxW,HxW,... (default: the config's training canvases)",
+                      flag_values=fv)
+
+
+def main_with_flags(fv, positional):
+  if positional:
+    raise cli.UsageError(f"unexpected arguments {positional}")
+  args = cli.namespace(fv, [n for n in fv if n != "debug"])
+  try:
+    canvases = [tuple(int(x) for x in c.split("x")) for c in args.canvases.split(",")
+                if c] or None
+  except ValueError:
+    raise cli.UsageError(f"--canvases={args.canvases}: expected HxW,HxW,...") from None
+  from focus_detr_jax.benchmarks import compile as bench  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory(prefix="compile_cache_") as cache:
+    result = bench.run(args.config, args.batch, cache, canvases)
+  print(bench.markdown(result))
+
+
+def main(argv=None):
+  return cli.main(__doc__, define_flags, main_with_flags, argv)
+
+
+if __name__ == "__main__":
+  cli.exit_with(main())
