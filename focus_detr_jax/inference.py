@@ -1,7 +1,7 @@
 """Inference on image files, folders or a dataset split, with the evaluation's preprocessing.
 
     config = resolve_config(None, checkpoint="checkpoints/r50")      # config.json beside weights
-    variables, _ = load_variables(config, checkpoint="checkpoints/r50")
+    variables, _ = load_variables(checkpoint="checkpoints/r50")
     model = FocusDETR.from_config(config.model)
     for result in predict_files(model, variables, config, ["img.jpg", "folder/"]):
       result.detections     # scores/labels/boxes (xyxy, original pixels)/valid, numpy
@@ -63,10 +63,10 @@ def resolve_config(config=None, workdir=None, checkpoint=None):
                   f"starts); pass --config")
 
 
-def load_variables(config, workdir=None, checkpoint=None):
+def load_variables(workdir=None, checkpoint=None):
   """(variables, step) from a model checkpoint, or the newest restorable training checkpoint of a
-  workdir (its EMA parameters when the run keeps them); `step` is None for a model checkpoint."""
-  del config   # the variables are read at their stored shapes (`resolve_config` checked them)
+  workdir (its EMA parameters when the run keeps them), at their stored shapes (`resolve_config`
+  checks a given config against them); `step` is None for a model checkpoint."""
   if checkpoint:
     variables, _ = load_model_checkpoint(checkpoint)
     return variables, None

@@ -41,7 +41,7 @@ def run(fv, args):
   from focus_detr_jax.models.focus_detr import FocusDETR
   cli.configure_logging()
   config = resolve_config(fv.config, fv.workdir, fv.checkpoint)
-  variables, step = load_variables(config, fv.workdir, fv.checkpoint)
+  variables, step = load_variables(fv.workdir, fv.checkpoint)
   model = FocusDETR.from_config(config.model)
   evaluator = Evaluator(model, config, fv.workdir or fv.checkpoint,
                         max_batches=config.eval.max_batches or None)

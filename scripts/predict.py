@@ -90,7 +90,7 @@ def run(fv, args) -> int:
   from focus_detr_jax import inference, visualize
   from focus_detr_jax.models.focus_detr import FocusDETR, feature_level_shapes
   config = inference.resolve_config(fv.config, fv.workdir, fv.checkpoint)
-  variables, step = inference.load_variables(config, fv.workdir, fv.checkpoint)
+  variables, step = inference.load_variables(fv.workdir, fv.checkpoint)
   model = FocusDETR.from_config(config.model)
   category_ids, class_names, found = inference.category_info(config)
   out = Path(fv.output_dir)

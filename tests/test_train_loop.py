@@ -141,8 +141,8 @@ def test_corrupt_newest_checkpoint_resume_and_predict_fall_back(env, tmp_path,
   _truncate_largest_file(workdir / "checkpoints" / "6")
 
   # What predict/evaluate load with --workdir (the same call; nothing to compile here).
-  config = inference.resolve_config(None, workdir)
-  _, step = inference.load_variables(config, workdir)
+  inference.resolve_config(None, workdir)
+  _, step = inference.load_variables(workdir)
   assert step == 4 and (workdir / "checkpoints" / "6").exists()
 
   # Resume: from step 4, steps 5 and 6 replay the uninterrupted run's losses exactly. The
