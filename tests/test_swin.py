@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from focus_detr_jax.convert.swin import (SwinConversionError, is_swin_index_buffer,
-                                         swin_key_table, swin_key_to_path,
-                                         swin_params_from_state_dict, swin_params_to_state_dict)
+from focus_detr_jax.convert.detrex import (ConversionError, state_dict_to_variables,
+                                           variables_to_state_dict)
+from focus_detr_jax.convert.swin import swin_key_table, swin_key_to_path
 from focus_detr_jax.models import swin
 from focus_detr_jax.models.swin import SwinTransformer
 from focus_detr_jax.parity.weights import build_state_dict, load_manifest
@@ -50,6 +50,25 @@ def _load_set(name):
   return model, state_dict, manifest, inputs, dict(np.load(d / "forward_eval.npz"))
 
 
+def _model_shapes(model):
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+
+
+def _import(state_dict, model):
+  """The `backbone.*` keys of a detrex state_dict -> params of `model`, by the production path
+  (`convert/detrex.py` with the Swin mapper, as a detrex checkpoint is loaded)."""
+  backbone = {k: v for k, v in state_dict.items() if k.startswith("backbone.")}
+  variables, _ = state_dict_to_variables(backbone, {"params": {"backbone": _model_shapes(model)}},
+                                         backbone_mapper=swin_key_to_path)
+  return variables["params"]["backbone"]
+
+
+def _export(params, model):
+  """params of `model` -> its detrex `backbone.*` keys, by the production export direction."""
+  return variables_to_state_dict({"params": {"backbone": params}}, swin_key_table(model),
+                                 backbone_mapper=swin_key_to_path)
+
+
 def _eval_batch(inputs):
   """Normalise each image, then zero-pad bottom/right to the batch max: [B, H, W, 3] float32."""
   sizes = inputs["image_sizes"]
@@ -66,7 +85,7 @@ def _eval_batch(inputs):
 def parity_run(request):
   """One jitted eval forward per set: (reference arrays, our NHWC maps by reference name)."""
   model, state_dict, _, inputs, ref = _load_set(request.param)
-  params = swin_params_from_state_dict(state_dict, model)
+  params = _import(state_dict, model)
 
   @jax.jit
   def forward(p, images):
@@ -156,7 +175,7 @@ def test_relative_position_index(window):
 def test_relative_position_index_matches_recorded_buffers():
   for name in SETS:
     model, state_dict, _, _, _ = _load_set(name)
-    keys = [k for k in state_dict if is_swin_index_buffer(k)]
+    keys = [k for k in state_dict if k.endswith(".attn.relative_position_index")]
     assert len(keys) == sum(model.depths)
     for k in keys:
       np.testing.assert_array_equal(state_dict[k], swin.relative_position_index(model.window_size))
@@ -340,13 +359,13 @@ def test_converter_round_trip_bitwise(name):
   backbone = [(k, tuple(s)) for k, s, *_ in manifest if k.startswith("backbone.")]
   table = swin_key_table(model)
   assert [(k, v[2]) for k, v in table.items()] == backbone          # keys, order and shapes
-  params = swin_params_from_state_dict(state_dict, model)           # non-backbone keys ignored
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  params = _import(state_dict, model)
+  shapes = _model_shapes(model)
   assert (jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(shapes))
   for (path, a), (_, s) in zip(jax.tree_util.tree_leaves_with_path(params),
                                jax.tree_util.tree_leaves_with_path(shapes)):
     assert a.shape == s.shape and a.dtype == s.dtype, path
-  back = swin_params_to_state_dict(params, model)
+  back = _export(params, model)
   assert list(back) == [k for k, _ in backbone]
   for k, v in back.items():
     assert v.dtype == state_dict[k].dtype and v.shape == state_dict[k].shape, k
@@ -356,7 +375,7 @@ def test_converter_round_trip_bitwise(name):
   for k, (path, kind, _) in table.items():
     rule = swin_key_to_path(k)
     if path is None:
-      assert rule is None and is_swin_index_buffer(k)
+      assert rule is None and kind == "index"
     else:
       assert rule == ("params", ("backbone",) + path[:-1], kind, path[-1]), k
   assert swin_key_to_path("neck.convs.0.conv.weight") is None
@@ -374,33 +393,30 @@ def test_converter_errors_name_each_bad_key():
   idx = sd["backbone.layers.2.blocks.3.attn.relative_position_index"].copy()
   idx[0, 1] += 1
   bad["backbone.layers.2.blocks.3.attn.relative_position_index"] = idx
-  with pytest.raises(SwinConversionError) as e:
-    swin_params_from_state_dict(bad, model)
+  with pytest.raises(ConversionError) as e:
+    _import(bad, model)
   msg = str(e.value)
-  for key in ("backbone.layers.1.blocks.0.mlp.fc2.bias", "backbone.norm2.weight",
-              "backbone.layers.4.blocks.0.norm1.weight",
-              "backbone.layers.0.blocks.1.attn.qkv.weight",
-              "backbone.layers.2.blocks.3.attn.relative_position_index"):
-    assert key in msg, (key, msg)
-  assert "2 missing" in msg and "1 unexpected" in msg and "1 mis-shaped" in msg
+  # A missing key is named by the variable it leaves empty; the others by their key.
+  for name in ("params/backbone/layers_1/blocks_0/mlp/fc2/bias", "params/backbone/norm2/scale",
+               "backbone.layers.4.blocks.0.norm1.weight",
+               "backbone.layers.0.blocks.1.attn.qkv.weight",
+               "backbone.layers.2.blocks.3.attn.relative_position_index: relative_position_index "
+               "differs from the formula"):
+    assert name in msg, (name, msg)
+  assert "1 unexpected" in msg and "2 mis-shaped" in msg             # qkv and the index
+  assert "3 model variables have no key" in msg                    # 2 deleted + the qkv kernel
 
-  # Weights of window 7 loaded into a window-12 model: table and index name the window.
-  model12 = model.clone(window_size=12)
-  with pytest.raises(SwinConversionError) as e:
-    swin_params_from_state_dict(sd, model12)
+  # Weights of window 7 loaded into a window-12 model: tables and indices named, with windows.
+  with pytest.raises(ConversionError) as e:
+    _import(sd, model.clone(window_size=12))
   msg = str(e.value)
-  assert "backbone.layers.0.blocks.0.attn.relative_position_bias_table: shape (169, 3)" in msg
-  assert "window_size=12" in msg and "is window 7" in msg
-  assert "backbone.layers.3.blocks.1.attn.relative_position_index" in msg
+  assert "backbone.layers.0.blocks.0.attn.relative_position_bias_table: (169, 3)" in msg
+  assert ("backbone.layers.3.blocks.1.attn.relative_position_index: shape (49, 49), expected "
+          "(144, 144) for window_size=12; [49, 49] is window 7") in msg
 
-  # Reverse direction: missing / unexpected / mis-shaped param paths.
-  params = swin_params_from_state_dict(sd, model)
+  # Export direction: a parameter the key list needs and the variables lack is a KeyError
+  # (`convert/export.py` turns it into a ConversionError).
+  params = _import(sd, model)
   del params["layers_1"]["downsample"]["reduction"]
-  params["layers_0"]["blocks_0"]["attn"]["extra"] = np.zeros(2, np.float32)
-  params["norm3"]["scale"] = np.zeros(5, np.float32)
-  with pytest.raises(SwinConversionError) as e:
-    swin_params_to_state_dict(params, model)
-  msg = str(e.value)
-  for path in ("layers_1/downsample/reduction/kernel", "layers_0/blocks_0/attn/extra",
-               "norm3/scale"):
-    assert path in msg, (path, msg)
+  with pytest.raises(KeyError, match="reduction"):
+    _export(params, model)

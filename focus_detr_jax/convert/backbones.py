@@ -40,8 +40,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from focus_detr_jax.convert.detrex import ConversionError, _transform, detrex_key_to_path
-from focus_detr_jax.convert.swin import _shape_problem, _window_of_table, swin_key_to_path
-from focus_detr_jax.models.swin import relative_position_index
+from focus_detr_jax.convert.swin import (_shape_problem, _window_of_table, index_problem,
+                                         swin_key_to_path)
 
 BACKBONE_FORMATS = ("torchvision", "detectron2", "swin", "detrex")
 # Keys whose value wraps the weights in a checkpoint dict: detectron2/detrex/Swin `model`,
@@ -318,12 +318,9 @@ def map_backbone(renamed, reference_flat, backbone_config, source: str = ""):
   window = int(bb.get("window_size", 7))
   for key, (value, src) in renamed.items():
     if swin and key.endswith(".attn.relative_position_index"):
-      want = relative_position_index(window)
-      if tuple(np.shape(value)) != want.shape:
-        misshaped.append(f"{src}: " + _shape_problem(key, np.shape(value), want.shape, window))
-      elif not np.array_equal(np.asarray(value), want):
-        misshaped.append(f"{src}: relative_position_index differs from the formula "
-                         f"(dy+w-1)*(2w-1)+(dx+w-1) for window_size={window}")
+      problem = index_problem(key, value, window)
+      if problem:
+        misshaped.append(f"{src}: {problem}")
       else:
         rows.append(row("checked", source=src, shape=np.shape(value),
                         reason=f"constant: equals the formula for window {window}"))

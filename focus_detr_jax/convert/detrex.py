@@ -11,6 +11,9 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from focus_detr_jax.convert.swin import _window_of_table, index_problem
+from focus_detr_jax.models.swin import relative_position_index
+
 # Parameters that exist under several names in a detrex state_dict: {canonical: aliases}.
 _NUM_DEC = 6
 
@@ -100,11 +103,6 @@ def detrex_key_to_path(key: str, num_decoder_layers=_NUM_DEC) -> Optional[Tuple[
   return None
 
 
-def _relative_position_index(window):
-  from focus_detr_jax.models.swin import relative_position_index
-  return relative_position_index(window)
-
-
 def _transform(array, kind):
   if kind == "linear":
     return np.ascontiguousarray(np.asarray(array).T)
@@ -151,6 +149,14 @@ def _set(tree, path, value):
   tree[path[-1]] = value
 
 
+def _swin_window(index_key, shapes, backbone_mapper) -> Optional[int]:
+  """Window of the Swin block of a `relative_position_index` key, from the rows of its bias table
+  in `shapes` ({(collection, *path, leaf): shape}); None if there is no such table."""
+  rule = backbone_mapper(index_key.replace("_index", "_bias_table")) if backbone_mapper else None
+  shape = rule and shapes.get((rule[0],) + tuple(rule[1]) + (rule[3],))
+  return _window_of_table(shape[0]) if shape else None
+
+
 def state_dict_to_variables(state_dict, reference_variables, num_decoder_layers=_NUM_DEC,
                             num_encoder_layers=6, backbone_mapper=None):
   """detrex state_dict -> Flax variables with the structure of `reference_variables`.
@@ -176,12 +182,13 @@ def state_dict_to_variables(state_dict, reference_variables, num_decoder_layers=
     if key.endswith("num_batches_tracked"):
       continue
     if key.endswith(".attn.relative_position_index"):
-      # Swin constant, not a variable: it must equal the formula for the table's window.
-      index = np.asarray(state_dict[key])
-      window = int(round(np.sqrt(index.shape[0])))
-      if index.shape != (window ** 2, window ** 2) or not np.array_equal(
-          index, _relative_position_index(window)):
-        misshaped.append(f"{key}: relative position index does not match the Swin formula")
+      # Swin constant, not a variable: it must equal the formula for the model's window.
+      window = _swin_window(key, expected, backbone_mapper)
+      problem = index_problem(key, state_dict[key], window) if window else None
+      if window is None:
+        unexpected.append(key)
+      elif problem:
+        misshaped.append(problem)
       continue
     canon = canonical_key(key, alias_map)
     if canon != key:
@@ -239,16 +246,14 @@ def variables_to_state_dict(variables, key_order: Iterable[str], num_decoder_lay
   reference's exact key set and order.
   """
   alias_map = _alias_map(num_decoder_layers, num_encoder_layers)
+  shapes = {(c,) + p: np.shape(v) for c in variables for p, v in _flatten(variables[c])}
   out = {}
   for key in key_order:
     if key.endswith(".attn.relative_position_index"):
-      table_key = key.replace("relative_position_index", "relative_position_bias_table")
-      collection, path, _, leaf = backbone_mapper(table_key)
-      node = variables[collection]
-      for p in tuple(path) + (leaf,):
-        node = node[p]
-      window = (int(round(np.sqrt(np.shape(node)[0]))) + 1) // 2
-      out[key] = _relative_position_index(window).astype(np.int64)
+      window = _swin_window(key, shapes, backbone_mapper)
+      if window is None:
+        raise ConversionError(f"no Swin block of the variables holds detrex key {key}")
+      out[key] = relative_position_index(window)
       continue
     canon = canonical_key(key, alias_map)
     rule = backbone_mapper(canon) if (backbone_mapper and canon.startswith("backbone.")) else None

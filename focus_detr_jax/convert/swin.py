@@ -1,4 +1,4 @@
-"""detectron2 / detrex Swin state_dict <-> `models.swin.SwinTransformer` params, both directions.
+"""detectron2 / detrex Swin state_dict keys <-> `models.swin.SwinTransformer` param paths.
 
 Key mapping (prefix `backbone.` by default; our path is relative to the SwinTransformer module):
 
@@ -15,9 +15,10 @@ Key mapping (prefix `backbone.` by default; our path is relative to the SwinTran
   layers.{i}.downsample.norm.*              layers_{i}/downsample/norm/{scale,bias}
   norm{k}.* (k in out_indices)              norm{k}/{scale,bias}
 
-Both converters check the whole key set against the model's configuration and raise
-`SwinConversionError` naming each missing, unexpected and mis-shaped key (and, for the relative
-position table/index, the window size they imply).
+`swin_key_to_path` is the Swin rule of the one name mapping: the `backbone_mapper` of
+`convert/detrex.py` (both directions) and of `convert/backbones.py`. `swin_key_table` lists a
+configuration's keys in state_dict order (`convert/export.py`); `index_problem` is the one check
+of the `relative_position_index` buffers.
 """
 
 import math
@@ -33,10 +34,6 @@ _LINEAR = {"weight": ("kernel", "linear"), "bias": ("bias", "copy")}
 _NORM = {"weight": ("scale", "copy"), "bias": ("bias", "copy")}
 _CONV = {"weight": ("kernel", "conv"), "bias": ("bias", "copy")}
 _INDEX_LEAF = "relative_position_index"
-
-
-class SwinConversionError(ValueError):
-  """A Swin state_dict / param tree does not fit the model configuration."""
 
 
 def _arch(model):
@@ -128,35 +125,6 @@ def swin_key_to_path(key: str, prefix: str = "backbone.", scope: Tuple[str, ...]
   return None
 
 
-def is_swin_index_buffer(key: str) -> bool:
-  """True for the `relative_position_index` buffers (no variable on our side)."""
-  return key.endswith(f".attn.{_INDEX_LEAF}")
-
-
-def _to_ours(array, kind):
-  if kind == "linear":
-    return np.ascontiguousarray(np.asarray(array).T)
-  if kind == "conv":
-    return np.ascontiguousarray(np.transpose(np.asarray(array), (2, 3, 1, 0)))
-  return np.asarray(array)
-
-
-def _to_torch(array, kind):
-  if kind == "linear":
-    return np.ascontiguousarray(np.asarray(array).T)
-  if kind == "conv":
-    return np.ascontiguousarray(np.transpose(np.asarray(array), (3, 2, 0, 1)))
-  return np.asarray(array)
-
-
-def _ours_shape(shape, kind):
-  if kind == "linear":
-    return tuple(reversed(shape))
-  if kind == "conv":
-    return (shape[2], shape[3], shape[1], shape[0])
-  return tuple(shape)
-
-
 def _window_of_table(rows):
   """Window size whose bias table has `rows` rows ((2w-1)^2), or None."""
   r = math.isqrt(int(rows))
@@ -177,92 +145,15 @@ def _shape_problem(key, got, want, window):
   return msg
 
 
-def _raise(what, missing, unexpected, misshaped, bad_index):
-  lines = []
-  if missing:
-    lines.append(f"{len(missing)} missing {what}: " + ", ".join(missing))
-  if unexpected:
-    lines.append(f"{len(unexpected)} unexpected {what}: " + ", ".join(unexpected))
-  if misshaped:
-    lines.append(f"{len(misshaped)} mis-shaped {what}: " + "; ".join(misshaped))
-  if bad_index:
-    lines.append(f"{len(bad_index)} relative_position_index buffers differ from the formula "
-                 "(dy+w-1)*(2w-1)+(dx+w-1): " + ", ".join(bad_index))
-  if lines:
-    raise SwinConversionError("Swin conversion failed:\n" + "\n".join(lines))
+def index_problem(key: str, value, window: int) -> Optional[str]:
+  """What is wrong with the `relative_position_index` buffer `key` for `window`, or None.
 
-
-def swin_params_from_state_dict(state_dict, model, prefix: str = "backbone.",
-                                check_index: bool = True):
-  """detectron2 Swin state_dict -> params of `model` (a SwinTransformer), as a nested numpy dict.
-
-  Keys that do not start with `prefix` are ignored (so a full detrex state_dict can be passed).
-  The `relative_position_index` buffers must be present and equal the formula for the model's
-  window (set `check_index=False` to allow them to be absent; present ones are still checked).
-
-  Raises:
-    SwinConversionError naming every missing, unexpected and mis-shaped key.
+  The buffer is a constant of the model, not a variable: it must equal the formula for the window.
   """
-  table = swin_key_table(model, prefix)
-  window = int(model.window_size)
-  expected_index = relative_position_index(window)
-  ours = [k for k in state_dict if k.startswith(prefix)]
-  missing = [k for k, (path, _, _) in table.items()
-             if k not in state_dict and (path is not None or check_index)]
-  unexpected = [k for k in ours if k not in table]
-  misshaped, bad_index = [], []
-  params: Dict = {}
-  for key in ours:
-    if key not in table:
-      continue
-    path, kind, shape = table[key]
-    value = np.asarray(state_dict[key])
-    if tuple(value.shape) != shape:
-      misshaped.append(_shape_problem(key, value.shape, shape, window))
-      continue
-    if path is None:
-      if not np.array_equal(value, expected_index):
-        bad_index.append(key)
-      continue
-    node = params
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = _to_ours(value, kind)
-  _raise("keys", missing, unexpected, misshaped, bad_index)
-  return params
-
-
-def _flatten(tree, prefix=()):
-  for k, v in tree.items():
-    if hasattr(v, "items"):
-      yield from _flatten(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
-
-
-def swin_params_to_state_dict(params, model, prefix: str = "backbone."):
-  """params of `model` (nested dict, e.g. `variables['params']`) -> detectron2 Swin state_dict.
-
-  Keys come in detectron2's state_dict order, `relative_position_index` buffers included (int64),
-  weights as numpy arrays in torch layout.
-
-  Raises:
-    SwinConversionError naming every missing, unexpected and mis-shaped parameter path.
-  """
-  table = swin_key_table(model, prefix)
-  window = int(model.window_size)
-  flat = {"/".join(path): value for path, value in _flatten(params)}
-  wanted = {"/".join(path): (key, kind, shape) for key, (path, kind, shape) in table.items()
-            if path is not None}
-  missing = [p for p in wanted if p not in flat]
-  unexpected = [p for p in flat if p not in wanted]
-  misshaped = []
-  for p, (key, kind, shape) in wanted.items():
-    if p in flat and tuple(np.shape(flat[p])) != _ours_shape(shape, kind):
-      misshaped.append(_shape_problem(p, np.shape(flat[p]), _ours_shape(shape, kind), window))
-  _raise("parameters", missing, unexpected, misshaped, [])
-  out = {}
-  index = relative_position_index(window)
-  for key, (path, kind, _) in table.items():
-    out[key] = index.copy() if path is None else _to_torch(flat["/".join(path)], kind)
-  return out
+  want = relative_position_index(window)
+  if tuple(np.shape(value)) != want.shape:
+    return _shape_problem(key, np.shape(value), want.shape, window)
+  if not np.array_equal(np.asarray(value), want):
+    return (f"{key}: relative_position_index differs from the formula (dy+w-1)*(2w-1)+(dx+w-1) "
+            f"for window_size={window}")
+  return None
