@@ -7,7 +7,7 @@ several names (aliases); we read the canonical name and check every alias holds 
 """
 
 import re
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
@@ -69,16 +69,13 @@ def detrex_key_to_path(key: str, num_decoder_layers=_NUM_DEC) -> Optional[Tuple[
             "transformer.tgt_embed.weight": ("tgt_embed",), "label_enc.weight": ("label_enc",)}
   if key in simple:
     return "params", simple[key][:-1], "copy", simple[key][-1]
-  key2 = key
-  key2 = key2.replace("transformer.encoder.enhance_MCSP.0.", f"class_embed_{num_decoder_layers}.")
+  key2 = key.replace("transformer.encoder.enhance_MCSP.0.", f"class_embed_{num_decoder_layers}.")
   key2 = re.sub(r"^transformer\.decoder\.(class_embed|bbox_embed)\.(\d+)\.", r"\1_\2.", key2)
   key2 = re.sub(r"^transformer\.encoder\.layers\.(\d+)\.", r"encoder_layers_\1.", key2)
   key2 = re.sub(r"^transformer\.decoder\.layers\.(\d+)\.", r"decoder_layers_\1.", key2)
   key2 = key2.replace("transformer.decoder.ref_point_head.", "ref_point_head.")
   key2 = key2.replace("transformer.decoder.norm.", "decoder_norm.")
   key2 = key2.replace("transformer.", "")
-  if key2 == key and not key.startswith(("enc_", "encoder_", "decoder_")):
-    pass
   parts = key2.split(".")
   leaf = parts[-1]
   module = ".".join(parts[:-1])
@@ -103,19 +100,13 @@ def detrex_key_to_path(key: str, num_decoder_layers=_NUM_DEC) -> Optional[Tuple[
   return None
 
 
-def _transform(array, kind):
+def _transform(array, kind, inverse=False):
+  """torch layout -> ours ("linear": transpose, "conv": OIHW -> HWIO); `inverse`: ours -> torch."""
   if kind == "linear":
     return np.ascontiguousarray(np.asarray(array).T)
   if kind == "conv":
-    return np.ascontiguousarray(np.transpose(np.asarray(array), (2, 3, 1, 0)))
-  return np.asarray(array)
-
-
-def _inverse_transform(array, kind):
-  if kind == "linear":
-    return np.ascontiguousarray(np.asarray(array).T)
-  if kind == "conv":
-    return np.ascontiguousarray(np.transpose(np.asarray(array), (3, 2, 0, 1)))
+    return np.ascontiguousarray(np.transpose(np.asarray(array),
+                                             (3, 2, 0, 1) if inverse else (2, 3, 1, 0)))
   return np.asarray(array)
 
 
@@ -135,18 +126,32 @@ def canonical_key(key, alias_map):
   return key
 
 
-def _flatten(tree, prefix=()):
+def flatten(tree, prefix=()) -> Dict[Tuple[str, ...], Any]:
+  """Nested dict -> {path tuple: leaf}."""
+  out = {}
   for k, v in tree.items():
-    if isinstance(v, dict) or hasattr(v, "items"):
-      yield from _flatten(v, prefix + (k,))
+    if hasattr(v, "items"):
+      out.update(flatten(v, prefix + (k,)))
     else:
-      yield prefix + (k,), v
+      out[prefix + (k,)] = v
+  return out
 
 
-def _set(tree, path, value):
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
+def unflatten(flat) -> Dict[str, Any]:
+  """{path tuple: leaf} -> nested dict."""
+  out: Dict[str, Any] = {}
+  for path, v in flat.items():
+    node = out
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = v
+  return out
+
+
+def _rule(key, backbone_mapper, num_decoder_layers):
+  """(collection, path, transform, leaf) of a canonical key: the backbone mapper's, else ours."""
+  rule = backbone_mapper(key) if backbone_mapper and key.startswith("backbone.") else None
+  return rule or detrex_key_to_path(key, num_decoder_layers)
 
 
 def _swin_window(index_key, shapes, backbone_mapper) -> Optional[int]:
@@ -174,7 +179,7 @@ def state_dict_to_variables(state_dict, reference_variables, num_decoder_layers=
   """
   alias_map = _alias_map(num_decoder_layers, num_encoder_layers)
   expected = {tuple([c]) + path: np.shape(v) for c in reference_variables
-              for path, v in _flatten(reference_variables[c])}
+              for path, v in flatten(reference_variables[c]).items()}
   out: Dict = {}
   mapped, unexpected, misshaped, alias_mismatch = [], [], [], []
   canonical_seen = {}
@@ -199,11 +204,7 @@ def state_dict_to_variables(state_dict, reference_variables, num_decoder_layers=
         continue
     if canon in canonical_seen:
       continue
-    rule = None
-    if backbone_mapper is not None and canon.startswith("backbone."):
-      rule = backbone_mapper(canon)
-    if rule is None:
-      rule = detrex_key_to_path(canon, num_decoder_layers)
+    rule = _rule(canon, backbone_mapper, num_decoder_layers)
     if rule is None:
       unexpected.append(key)
       continue
@@ -218,7 +219,7 @@ def state_dict_to_variables(state_dict, reference_variables, num_decoder_layers=
                        f"model expects {tuple(expected[full])}")
       continue
     canonical_seen[canon] = full
-    _set(out, full, value)
+    out[full] = value
     mapped.append((key, "/".join(full)))
   got = {v for v in canonical_seen.values()}
   missing = sorted("/".join(p) for p in expected if p not in got)
@@ -235,7 +236,7 @@ def state_dict_to_variables(state_dict, reference_variables, num_decoder_layers=
     if alias_mismatch:
       lines.append("aliases that differ from their canonical key: " + "; ".join(alias_mismatch))
     raise ConversionError("\n".join(lines))
-  return out, {"mapped": mapped}
+  return unflatten(out), {"mapped": mapped}
 
 
 def variables_to_state_dict(variables, key_order: Iterable[str], num_decoder_layers=_NUM_DEC,
@@ -246,7 +247,8 @@ def variables_to_state_dict(variables, key_order: Iterable[str], num_decoder_lay
   reference's exact key set and order.
   """
   alias_map = _alias_map(num_decoder_layers, num_encoder_layers)
-  shapes = {(c,) + p: np.shape(v) for c in variables for p, v in _flatten(variables[c])}
+  flat = {(c,) + p: v for c in variables for p, v in flatten(variables[c]).items()}
+  shapes = {p: np.shape(v) for p, v in flat.items()}
   out = {}
   for key in key_order:
     if key.endswith(".attn.relative_position_index"):
@@ -256,14 +258,9 @@ def variables_to_state_dict(variables, key_order: Iterable[str], num_decoder_lay
       out[key] = relative_position_index(window)
       continue
     canon = canonical_key(key, alias_map)
-    rule = backbone_mapper(canon) if (backbone_mapper and canon.startswith("backbone.")) else None
-    if rule is None:
-      rule = detrex_key_to_path(canon, num_decoder_layers)
+    rule = _rule(canon, backbone_mapper, num_decoder_layers)
     if rule is None:
       raise ConversionError(f"no variable maps to detrex key {key}")
     collection, path, kind, leaf = rule
-    node = variables[collection]
-    for p in tuple(path) + (leaf,):
-      node = node[p]
-    out[key] = _inverse_transform(np.asarray(node), kind)
+    out[key] = _transform(flat[(collection,) + tuple(path) + (leaf,)], kind, inverse=True)
   return out

@@ -31,43 +31,18 @@ from focus_detr_jax.checkpoint import CONFIG_FILE, load_model_checkpoint
 from focus_detr_jax.cli import UserError
 from focus_detr_jax.convert import backbones, torch_io
 from focus_detr_jax.convert.backbones import ConversionError, row
-from focus_detr_jax.convert.detrex import _alias_map, canonical_key, state_dict_to_variables
+from focus_detr_jax.convert.detrex import (_alias_map, canonical_key, flatten,
+                                           state_dict_to_variables, unflatten)
 from focus_detr_jax.convert.swin import swin_key_to_path
 from focus_detr_jax.models.focus_detr import (INIT_IMAGE_SIZE, SKIP_COLLECTIONS, FocusDETR,
                                               init_variables as model_init_variables)
 
-MODEL_FORMATS = ("ours", "detrex")
 _HEAD = re.compile(r"^params/(class_embed_\d+/(kernel|bias)|label_enc)$")
 
 
 def is_class_head(path) -> bool:
   """True for the variables whose shape follows num_classes (re-initialised on a change)."""
   return bool(_HEAD.match(path if isinstance(path, str) else "/".join(path)))
-
-
-# ------------------------------------------------------------------------------------------------
-# Trees
-# ------------------------------------------------------------------------------------------------
-
-
-def flatten(tree, prefix=()) -> Dict[Tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if hasattr(v, "items"):
-      out.update(flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def unflatten(flat) -> Dict[str, Any]:
-  out: Dict[str, Any] = {}
-  for path, v in flat.items():
-    node = out
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = v
-  return out
 
 
 def _model(config):
