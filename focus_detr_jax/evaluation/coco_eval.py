@@ -5,7 +5,7 @@ import copy
 import io
 import json
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence, Union
+from typing import Dict, Mapping, Sequence
 
 import numpy as np
 

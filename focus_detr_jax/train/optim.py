@@ -8,10 +8,9 @@ linear warmup; optional gradient accumulation.
 """
 
 import re
-from typing import Any, Callable, Dict
+from typing import Any, Callable
 
 import flax
-import jax
 import jax.numpy as jnp
 import optax
 
