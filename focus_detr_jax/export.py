@@ -2,11 +2,12 @@
 
     export_inference(model, variables, batch_size=1, height=800, width=1344, path="r50.jfx")
     infer = load_exported("r50.jfx")          # no model code needed to run it
-    dets = infer(images, padding_mask, image_size)   # dict scores/labels/boxes/valid/query
+    dets = infer(images, pixel_valid, image_size)    # dict scores/labels/boxes/valid/query
 
 The exported program is StableHLO for one fixed input shape: images [B, H, W, 3] float32
-(normalised, zero-padded after normalisation), padding_mask [B, H, W] bool (True = padded),
-image_size [B, 2] int32 (h, w of the unpadded network input); boxes come back in those pixels.
+(normalised, zero-padded after normalisation), pixel_valid [B, H, W] bool (True = image pixel,
+False = padding), image_size [B, 2] int32 (h, w of the unpadded network input); boxes come back
+in those pixels.
 
 Decision: the variables are **arguments** of the exported function, not baked-in constants. The
 file stores both the serialised `jax.export.Exported` and the variables (flax msgpack), so it is
@@ -15,7 +16,8 @@ checkpoint of the same architecture (`call_with_variables` / re-save with other 
 ~50 M float32 weights as MLIR dense constants would make serialisation slow and the module huge.
 
 File layout (a small container, versioned): magic `FDJXEXP1`, then three length-prefixed blobs:
-JSON metadata, the serialised Exported, the msgpack variables.
+JSON metadata, the serialised Exported, the msgpack variables. Format 2 takes `pixel_valid`;
+format 1 (older files, refused) took detrex's `padding_mask` (True = padded).
 """
 
 import json
@@ -31,22 +33,22 @@ from jax import export as jax_export
 from focus_detr_jax.predict import default_num_select, predict
 
 _MAGIC = b"FDJXEXP1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def inference_function(model, num_select: int = 300):
-  """The pure inference function `(variables, images, padding_mask, image_size) -> detections`.
+  """The pure inference function `(variables, images, pixel_valid, image_size) -> detections`.
 
   The same function is exported and used in-process (tests, benchmarks), so both run the same
   computation: model apply in eval mode, then `postprocess` (top-`num_select`, no NMS).
   """
-  def infer(variables, images, padding_mask, image_size):
-    return predict(model, variables, images, padding_mask, image_size, num_select=num_select)
+  def infer(variables, images, pixel_valid, image_size):
+    return predict(model, variables, images, pixel_valid, image_size, num_select=num_select)
   return infer
 
 
 def input_specs(batch_size: int, height: int, width: int):
-  """ShapeDtypeStructs of (images, padding_mask, image_size)."""
+  """ShapeDtypeStructs of (images, pixel_valid, image_size)."""
   return (jax.ShapeDtypeStruct((batch_size, height, width, 3), jnp.float32),
           jax.ShapeDtypeStruct((batch_size, height, width), jnp.bool_),
           jax.ShapeDtypeStruct((batch_size, 2), jnp.int32))
@@ -75,7 +77,7 @@ def export_inference(model, variables, batch_size: int, height: int, width: int,
               num_select=num_select, num_queries=model.num_queries,
               num_classes=model.num_classes, platforms=list(exported.platforms),
               jax_version=jax.__version__,
-              inputs=dict(images=[batch_size, height, width, 3], padding_mask=[
+              inputs=dict(images=[batch_size, height, width, 3], pixel_valid=[
                   batch_size, height, width], image_size=[batch_size, 2]))
   blobs = [json.dumps(meta).encode(), bytes(exported.serialize()),
            flax.serialization.msgpack_serialize(jax.device_get(variables))]
@@ -88,7 +90,7 @@ def export_inference(model, variables, batch_size: int, height: int, width: int,
 
 
 class ExportedInference:
-  """A loaded export: call with (images, padding_mask, image_size) -> detections dict."""
+  """A loaded export: call with (images, pixel_valid, image_size) -> detections dict."""
 
   def __init__(self, exported: jax_export.Exported, variables: Dict[str, Any],
                meta: Dict[str, Any]):
@@ -96,14 +98,14 @@ class ExportedInference:
     self.variables = variables
     self.meta = meta
 
-  def call_with_variables(self, variables, images, padding_mask, image_size):
+  def call_with_variables(self, variables, images, pixel_valid, image_size):
     """Runs the exported program with other variables of the same structure and shapes."""
     return self.exported.call(variables, jnp.asarray(images, jnp.float32),
-                              jnp.asarray(padding_mask, jnp.bool_),
+                              jnp.asarray(pixel_valid, jnp.bool_),
                               jnp.asarray(image_size, jnp.int32))
 
-  def __call__(self, images, padding_mask, image_size):
-    return self.call_with_variables(self.variables, images, padding_mask, image_size)
+  def __call__(self, images, pixel_valid, image_size):
+    return self.call_with_variables(self.variables, images, pixel_valid, image_size)
 
 
 def load_exported(path: str) -> ExportedInference:

@@ -242,9 +242,9 @@ class _Batcher:
       net[i] = it["network"]
       sizes[i] = it["image_size"]
       orig[i] = it["image"].shape[:2]
-    images, mask = iterators.normalize_batch(net, sizes, self.config.data.pixel_mean,
-                                             self.config.data.pixel_std)
-    dets, maps = predict_on_host(self.model, self.variables, images, mask, sizes, orig,
+    images, pixel_valid = iterators.normalize_batch(net, sizes, self.config.data.pixel_mean,
+                                                    self.config.data.pixel_std)
+    dets, maps = predict_on_host(self.model, self.variables, images, pixel_valid, sizes, orig,
                                  num_select=self.num_select)
     for i in range(n):
       it = items[i]
@@ -313,7 +313,7 @@ def predict_split(model, variables, config, split: str, *, num_select: Optional[
   for batch in iterator:
     if max_images is not None and used >= max_images:
       break
-    dets, maps = predict_on_host(model, variables, batch["image"], batch["padding_mask"],
+    dets, maps = predict_on_host(model, variables, batch["image"], batch["pixel_valid"],
                                  batch["image_size"], batch["orig_size"], num_select=num_select)
     for i in np.nonzero(batch["example_valid"])[0]:
       if max_images is not None and used >= max_images:

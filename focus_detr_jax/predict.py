@@ -10,7 +10,7 @@ static argument of `jax.jit` (it is hashable: `FocusDETR.from_config`), so one p
 compiled per (model, num_select, with_maps, input shapes) and shared by all callers.
 
 `maps` (per image, `selection_maps`): `fg_score` [N] (FTS logits of every token, levels finest
-first), `padding_mask_flat` [N], `updated` [E, N] (the tokens encoder layer e updates: the first
+first), `token_valid` [N], `updated` [E, N] (the tokens encoder layer e updates: the first
 min(focus_token_nums, K_e) of its foreground ranking), `objects` [E, N] (the OESM object tokens
 of layer e: the multi-category-score top-k that run self-attention), `focus_token_nums`,
 `layer_counts`.
@@ -25,13 +25,14 @@ import numpy as np
 from focus_detr_jax.models.postprocess import postprocess
 
 
-def predict(model, variables, images, padding_mask, image_size, output_size=None, *,
+def predict(model, variables, images, pixel_valid, image_size, output_size=None, *,
             num_select: int, with_maps: bool = False):
   """Detections of a batch (traceable).
 
   Args:
-    images: [B, H, W, 3] float32, normalised and zero-padded; padding_mask: [B, H, W] bool,
-      True = padded; image_size: [B, 2] int32 (h, w) of the unpadded network input.
+    images: [B, H, W, 3] float32, normalised and zero-padded; pixel_valid: [B, H, W] bool,
+      True = image pixel, False = padding; image_size: [B, 2] int32 (h, w) of the unpadded
+      network input.
     output_size: [B, 2] (h, w) the boxes are scaled to (e.g. the original image); default
       `image_size`.
     num_select: detections per image; with_maps: also return the token maps.
@@ -40,10 +41,10 @@ def predict(model, variables, images, padding_mask, image_size, output_size=None
     (that dict, `selection_maps`).
   """
   if not with_maps:
-    outputs = model.apply(variables, images, padding_mask, train=False)
+    outputs = model.apply(variables, images, pixel_valid, train=False)
     return postprocess(outputs["pred_logits"], outputs["pred_boxes"], image_size, output_size,
                        num_select=num_select)
-  outputs, state = model.apply(variables, images, padding_mask, train=False,
+  outputs, state = model.apply(variables, images, pixel_valid, train=False,
                                mutable=["intermediates"])
   dets = postprocess(outputs["pred_logits"], outputs["pred_boxes"], image_size, output_size,
                      num_select=num_select)
@@ -58,7 +59,7 @@ def default_num_select(model, num_select: Optional[int] = None) -> int:
   return min(300 if num_select is None else int(num_select), model.num_queries * model.num_classes)
 
 
-def predict_on_host(model, variables, images, padding_mask, image_size, output_size=None,
+def predict_on_host(model, variables, images, pixel_valid, image_size, output_size=None,
                     num_select: Optional[int] = None):
   """(detections, token maps) of one batch as numpy (jitted once per model, num_select, shape).
 
@@ -67,7 +68,7 @@ def predict_on_host(model, variables, images, padding_mask, image_size, output_s
   image_size = jnp.asarray(image_size, jnp.int32)
   output_size = image_size if output_size is None else jnp.asarray(output_size, jnp.int32)
   dets, maps = jit_predict(model, variables, jnp.asarray(images, jnp.float32),
-                           jnp.asarray(padding_mask, bool), image_size, output_size,
+                           jnp.asarray(pixel_valid, bool), image_size, output_size,
                            num_select=default_num_select(model, num_select), with_maps=True)
   return jax.device_get(dets), jax.device_get(maps)
 
@@ -80,7 +81,7 @@ def per_image(tree: Mapping[str, np.ndarray], b: int) -> Dict[str, np.ndarray]:
 def selection_maps(intermediates, num_tokens: int):
   """Traceable: the `intermediates` collection of one forward pass -> token maps.
 
-  Returns dict fg_score [B, N], padding_mask_flat [B, N], updated [B, E, N] bool,
+  Returns dict fg_score [B, N], token_valid [B, N], updated [B, E, N] bool,
   objects [B, E, N] bool, focus_token_nums [B], layer_counts [B, E].
   """
   first = lambda name: intermediates[name][0]   # sow stores a tuple of values
@@ -102,6 +103,6 @@ def selection_maps(intermediates, num_tokens: int):
     objects.append(jnp.zeros((b, num_tokens), jnp.int8).at[rows_b, obj].max(
         info["sel_valid"].astype(jnp.int8)) > 0)
     e += 1
-  return dict(fg_score=fg_score, padding_mask_flat=first("padding_mask_flat"),
+  return dict(fg_score=fg_score, token_valid=first("token_valid"),
               updated=jnp.stack(updated, axis=1), objects=jnp.stack(objects, axis=1),
               focus_token_nums=focus, layer_counts=counts)

@@ -9,7 +9,7 @@ Drawing is pure numpy/PIL and returns uint8 RGB arrays [H, W, 3]:
 
 The arrays come from one forward pass with the token maps (`predict.py`):
 
-    dets, maps = predict_on_host(model, variables, images, padding_mask, image_size)
+    dets, maps = predict_on_host(model, variables, images, pixel_valid, image_size)
     panel = token_selection_panels(image_b, per_image(maps, b), feature_level_shapes(H, W),
                                    image_size[b])
 
@@ -305,7 +305,7 @@ def token_selection_panels(image, intermediates: Mapping[str, Any], level_shapes
   Args:
     image: uint8 [H, W, 3] showing the unpadded network input (the original image works).
     intermediates: one image's arrays (see module doc): `fg_score` [N] logits, optional
-      `padding_mask_flat` [N], `updated` [E, N] bool, `objects` [E, N] bool.
+      `token_valid` [N], `updated` [E, N] bool, `objects` [E, N] bool.
     level_shapes: (H_l, W_l) of the canvas levels (`feature_level_shapes(H, W)`).
     image_size: (h, w) of the unpadded network input.
     panel_size: longest side of each panel in pixels.
@@ -321,9 +321,9 @@ def token_selection_panels(image, intermediates: Mapping[str, Any], level_shapes
   strides = level_strides(num_levels)
   fg = 1.0 / (1.0 + np.exp(-np.asarray(intermediates["fg_score"], np.float64)))
   n = fg.shape[-1]
-  pad = np.asarray(intermediates.get("padding_mask_flat", np.zeros(n, bool)), bool)
+  token_valid = np.asarray(intermediates.get("token_valid", np.ones(n, bool)), bool)
   fg_levels = split_levels(fg, level_shapes)
-  valid_levels = split_levels(~pad, level_shapes)
+  valid_levels = split_levels(token_valid, level_shapes)
   first = resize(detections_image, disp_hw) if detections_image is not None else disp
   panels = [first]
   titles = ["detections" if detections_image is not None else "image"]
@@ -334,8 +334,8 @@ def token_selection_panels(image, intermediates: Mapping[str, Any], level_shapes
     rng = f" {v.min():.2f}-{v.max():.2f}" if v.size else ""
     titles.append(f"fg score L{l} (s{strides[l]}){rng}")
   columns = len(panels)
-  updated = np.asarray(intermediates["updated"], bool) & ~pad
-  objects = np.asarray(intermediates["objects"], bool) & ~pad
+  updated = np.asarray(intermediates["updated"], bool) & token_valid
+  objects = np.asarray(intermediates["objects"], bool) & token_valid
   num_layers = updated.shape[0]
   columns = max(columns, num_layers)
   rows = [(panels, titles)]
@@ -363,7 +363,7 @@ def training_images(model, variables, batch, config, max_images: int = 2,
   """TensorBoard images of an eval-style batch: detections and token-selection grids.
 
   Args:
-    batch: a batch of `iterators.make_eval_iterator` (image, padding_mask, image_size, and
+    batch: a batch of `iterators.make_eval_iterator` (image, pixel_valid, image_size, and
       optionally boxes/labels/box_valid ground truth and example_valid).
     config: the full config (`data.pixel_mean/std`, `model.num_select`).
     max_images: images drawn (the first valid ones; always this many forward slots, so the
@@ -381,7 +381,7 @@ def training_images(model, variables, batch, config, max_images: int = 2,
   idx = np.concatenate([chosen, np.repeat(chosen[-1:], slots - chosen.size)])
   sizes = np.asarray(batch["image_size"], np.int32)[idx]
   dets, maps = predict_on_host(model, variables, images[idx],
-                               np.asarray(batch["padding_mask"])[idx], sizes,
+                               np.asarray(batch["pixel_valid"])[idx], sizes,
                                num_select=config.model.num_select)
   canvas_hw = images.shape[1:3]
   level_shapes = feature_level_shapes(*canvas_hw, num_levels=model.num_levels)

@@ -69,15 +69,16 @@ def import_script(name):
 
 
 def make_fake_batch(batch_size=2, canvas=(128, 160), sizes=((128, 160), (96, 120)), seed=0):
-  """Normalised random images zero-padded into one canvas; mask True = padded."""
+  """Normalised random images zero-padded into one canvas: (images, pixel_valid), pixel_valid
+  True on image pixels."""
   rng = np.random.default_rng(seed)
   images = np.zeros((batch_size, *canvas, 3), np.float32)
-  mask = np.ones((batch_size, *canvas), bool)
+  pixel_valid = np.zeros((batch_size, *canvas), bool)
   for i in range(batch_size):
     h, w = sizes[i % len(sizes)]
     images[i, :h, :w] = rng.normal(size=(h, w, 3))
-    mask[i, :h, :w] = False
-  return jnp.asarray(images), jnp.asarray(mask)
+    pixel_valid[i, :h, :w] = True
+  return jnp.asarray(images), jnp.asarray(pixel_valid)
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +90,6 @@ def fake_batch():
 def tiny_model_and_variables(tiny_config, fake_batch):
   from focus_detr_jax.models.focus_detr import FocusDETR
   model = FocusDETR.from_config(tiny_config.model)
-  images, mask = fake_batch
-  variables = jax.jit(lambda k: model.init(k, images, mask))(jax.random.PRNGKey(0))
+  images, pixel_valid = fake_batch
+  variables = jax.jit(lambda k: model.init(k, images, pixel_valid))(jax.random.PRNGKey(0))
   return model, variables

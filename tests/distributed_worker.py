@@ -72,7 +72,7 @@ def make_global_batch(step, batch_size, canvas, config):
   rng = np.random.default_rng(1000 + step)
   m, c = config.data.max_boxes, config.model.num_classes
   images = np.zeros((batch_size, canvas, canvas, 3), np.float32)
-  mask = np.ones((batch_size, canvas, canvas), bool)
+  pixel_valid = np.zeros((batch_size, canvas, canvas), bool)
   boxes = np.zeros((batch_size, m, 4), np.float32)
   labels = np.zeros((batch_size, m), np.int32)
   valid = np.zeros((batch_size, m), bool)
@@ -81,7 +81,7 @@ def make_global_batch(step, batch_size, canvas, config):
     h = int(rng.integers(canvas // 2, canvas + 1))
     w = int(rng.integers(canvas // 2, canvas + 1))
     images[i, :h, :w] = rng.normal(size=(h, w, 3))
-    mask[i, :h, :w] = False
+    pixel_valid[i, :h, :w] = True
     n = int(rng.integers(1, 4))
     cxcy = rng.uniform(0.25, 0.75, size=(n, 2))
     wh = rng.uniform(0.1, 0.4, size=(n, 2))
@@ -89,7 +89,7 @@ def make_global_batch(step, batch_size, canvas, config):
     labels[i, :n] = rng.integers(0, c, size=n)
     valid[i, :n] = True
     sizes[i] = (h, w)
-  return dict(image=images, padding_mask=mask, boxes=boxes, labels=labels, box_valid=valid,
+  return dict(image=images, pixel_valid=pixel_valid, boxes=boxes, labels=labels, box_valid=valid,
               image_size=sizes)
 
 

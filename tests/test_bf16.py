@@ -24,16 +24,16 @@ def topk_overlap(a, b):
 @pytest.fixture(scope="module")
 def runs(tiny_config):
   """(outputs, intermediates) per dtype on one batch, with shared float32 variables."""
-  images, mask = make_fake_batch(seed=7)
+  images, pixel_valid = make_fake_batch(seed=7)
   results, variables = {}, None
   for dtype in ("float32", "bfloat16"):
     config = tiny_config.copy_and_resolve_references()
     config.model.dtype = dtype
     model = FocusDETR.from_config(config.model)
     if variables is None:
-      variables = jax.jit(lambda k: model.init(k, images, mask))(jax.random.PRNGKey(0))
+      variables = jax.jit(lambda k: model.init(k, images, pixel_valid))(jax.random.PRNGKey(0))
     fn = jax.jit(lambda v, x, m: model.apply(v, x, m, mutable=["intermediates"]))
-    out, state = fn(variables, images, mask)
+    out, state = fn(variables, images, pixel_valid)
     results[dtype] = (out, state["intermediates"])
   return results
 

@@ -62,7 +62,7 @@ def test_batch_interface(config):
   b = next(it)
   h, w = b["image"].shape[1:3]
   assert (h, w) in CANVASES
-  want = {"image": ((2, h, w, 3), np.float32), "padding_mask": ((2, h, w), np.bool_),
+  want = {"image": ((2, h, w, 3), np.float32), "pixel_valid": ((2, h, w), np.bool_),
           "image_size": ((2, 2), np.int32), "orig_size": ((2, 2), np.int32),
           "image_id": ((2,), np.int64), "boxes": ((2, 8, 4), np.float32),
           "labels": ((2, 8), np.int32), "box_valid": ((2, 8), np.bool_),
@@ -70,9 +70,9 @@ def test_batch_interface(config):
   assert {k: (v.shape, v.dtype.type) for k, v in b.items()} == want
   for i in range(2):
     ih, iw = b["image_size"][i]
-    assert not b["padding_mask"][i, :ih, :iw].any() and b["padding_mask"][i, ih:].all()
-    assert b["padding_mask"][i, :, iw:].all()
-    assert not b["image"][i][b["padding_mask"][i]].any()  # zero padding after normalisation
+    assert b["pixel_valid"][i, :ih, :iw].all() and not b["pixel_valid"][i, ih:].any()
+    assert not b["pixel_valid"][i, :, iw:].any()
+    assert not b["image"][i][~b["pixel_valid"][i]].any()  # zero padding after normalisation
     # Black background pixels normalise to -mean/std exactly.
     corner = testing.denormalize(b["image"][i, :ih, :iw], config)
     assert corner.max() == 255
@@ -98,9 +98,9 @@ def test_normalisation_is_exact():
   assert not out["image"][0, 3:].any() and not out["image"][0, :, 4:].any()
   # Every uint8 value of every channel, against the detectron2 formula in float32.
   every = np.broadcast_to(np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1), (1, 16, 16, 3))
-  image, mask = iterators.normalize_batch(every, np.array([[16, 16]]), mean, std)
+  image, pixel_valid = iterators.normalize_batch(every, np.array([[16, 16]]), mean, std)
   np.testing.assert_array_equal(image, (every.astype(np.float32) - mean) / std)
-  assert not mask.any()
+  assert pixel_valid.all()
 
 
 def test_canvas_follows_the_step_schedule_and_aspect(config):
@@ -206,7 +206,7 @@ def test_exact_eval_mode(config):
   batches = list(iterators.make_eval_iterator(c))
   assert len(batches) == 7
   for b in batches:
-    assert b["image"].shape[1:3] == tuple(b["image_size"][0]) and not b["padding_mask"].any()
+    assert b["image"].shape[1:3] == tuple(b["image_size"][0]) and b["pixel_valid"].all()
 
 
 def test_config_presets():

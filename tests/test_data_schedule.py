@@ -151,7 +151,7 @@ def test_a_dataset_without_portrait_images_trains(tmp_path):
 def test_uint8_batches_normalised_on_device_equal_the_host_ones(config):
   host = next(iterators.make_train_iterator(config))
   raw = next(iterators.make_train_iterator(config, normalize_on_host=False))
-  assert raw["image"].dtype == np.uint8 and "padding_mask" not in raw
+  assert raw["image"].dtype == np.uint8 and "pixel_valid" not in raw
   out = device.normalize_on_device(raw, config.pixel_mean, config.pixel_std)
   np.testing.assert_array_equal(np.asarray(out["image"]), host["image"])
-  np.testing.assert_array_equal(np.asarray(out["padding_mask"]), host["padding_mask"])
+  np.testing.assert_array_equal(np.asarray(out["pixel_valid"]), host["pixel_valid"])

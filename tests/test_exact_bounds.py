@@ -91,9 +91,9 @@ def test_encoder_proposals_end_to_end_on_canvases(canvas):
   for b, (ih, iw) in enumerate(zip(heights, widths)):
     image_mask[b, :ih, :iw] = False
   shapes = feature_level_shapes(h, w)
-  level_masks = [nearest_resize_mask(image_mask, hw) for hw in shapes]
+  level_masks = [nearest_resize_mask(image_mask, hw) for hw in shapes]   # detrex: True = padded
   unact, valid = jax.device_get(jax.jit(
-      lambda ms: encoder_proposals(ms, shapes))([jnp.asarray(m) for m in level_masks]))
+      lambda vs: encoder_proposals(vs, shapes))([jnp.asarray(~m) for m in level_masks]))
   ref_valid, ref_unact = [], []
   for lvl, (m, (lh, lw)) in enumerate(zip(level_masks, shapes)):
     valid_h = (~m[:, :, 0]).sum(1)
@@ -115,24 +115,25 @@ def test_encoder_proposals_end_to_end_on_canvases(canvas):
 
 
 def _row_masks(side, batch):
-  """[batch, side, 1] masks: example b has min(b, side) valid rows (0..side all occur)."""
+  """[batch, side, 1] detrex masks (True = padded): example b has min(b, side) valid rows
+  (0..side all occur)."""
   return np.arange(side)[None, :, None] >= np.minimum(np.arange(batch), side)[:, None, None]
 
 
 def test_valid_ratios_and_reference_points_sweep_are_bit_exact():
   """Every level side in one program; valid counts 0..side each."""
   batch = LEVEL_SIDES[-1] + 1
-  masks = [jnp.asarray(_row_masks(side, batch)) for side in LEVEL_SIDES]
+  valids = [jnp.asarray(~_row_masks(side, batch)) for side in LEVEL_SIDES]  # ours: True = valid
 
-  def program(masks):
+  def program(valids):
     out = []
-    for side, mask in zip(LEVEL_SIDES, masks):
-      ratios = level_valid_ratios([mask])
+    for side, valid in zip(LEVEL_SIDES, valids):
+      ratios = level_valid_ratios([valid])
       out.append((ratios, encoder_reference_points([(side, 1)], ratios)))
     return out
 
   bad_ratio, bad_ref = [], []
-  for side, (ratios, refs) in zip(LEVEL_SIDES, jax.device_get(jax.jit(program)(masks))):
+  for side, (ratios, refs) in zip(LEVEL_SIDES, jax.device_get(jax.jit(program)(valids))):
     mask = _row_masks(side, batch)
     ref_ratio_h = (~mask[:, :, 0]).sum(1).astype(F32) / F32(side)     # valid_H.float() / H
     ref_ratio_w = (~mask[:, 0, :]).sum(1).astype(F32) / F32(1)
@@ -166,7 +167,7 @@ def test_position_normalisation_sweep_is_bit_exact():
   rows = np.arange(side)[None, :, None] >= np.arange(1, side + 1)[:, None, None]   # [167, 167, 1]
   fn = jax.jit(lambda ms: [normalized_positions(m) for m in ms])
   masks = [rows, rows.transpose(0, 2, 1)]
-  outputs = jax.device_get(fn([jnp.asarray(m) for m in masks]))
+  outputs = jax.device_get(fn([jnp.asarray(~m) for m in masks]))   # detrex masks -> valid
   for mask, ours in zip(masks, outputs):
     ref = _detrex_normalized(mask)
     for axis, o, r in zip("yx", ours, ref):

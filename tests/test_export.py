@@ -18,8 +18,8 @@ def exported_file(tmp_path_factory, tiny_config, tiny_model_and_variables):
   return path, exp
 
 
-def _image_size(mask):
-  valid = ~np.asarray(mask)
+def _image_size(pixel_valid):
+  valid = np.asarray(pixel_valid)
   return jnp.asarray(np.stack([valid.any(2).sum(1), valid.any(1).sum(1)], -1), jnp.int32)
 
 
@@ -32,10 +32,10 @@ def test_reloaded_export_gives_the_same_detections(exported_file, tiny_config,
   assert infer.meta["batch_size"] == 2 and infer.meta["height"] == 128
   jitted = jax.jit(export.inference_function(model, tiny_config.model.num_select))
   for seed, sizes in ((0, ((128, 160), (96, 120))), (3, ((70, 90), (128, 64)))):
-    images, mask = make_fake_batch(sizes=sizes, seed=seed)
-    image_size = _image_size(mask)
-    want = jitted(variables, images, mask, image_size)
-    got = infer(images, mask, image_size)
+    images, pixel_valid = make_fake_batch(sizes=sizes, seed=seed)
+    image_size = _image_size(pixel_valid)
+    want = jitted(variables, images, pixel_valid, image_size)
+    got = infer(images, pixel_valid, image_size)
     assert set(got) == set(want)
     assert got["scores"].shape == (2, tiny_config.model.num_select)
     np.testing.assert_array_equal(np.asarray(got["labels"]), np.asarray(want["labels"]))
@@ -52,16 +52,16 @@ def test_export_takes_other_weights_and_rejects_other_shapes(exported_file,
   model, variables = tiny_model_and_variables
   path, _ = exported_file
   infer = export.load_exported(str(path))
-  images, mask = make_fake_batch(seed=5)
-  image_size = _image_size(mask)
+  images, pixel_valid = make_fake_batch(seed=5)
+  image_size = _image_size(pixel_valid)
   # Variables are arguments: other weights of the same structure give that model's detections.
   other = jax.tree_util.tree_map(lambda x: x * 1.01, variables)
   want = jax.jit(export.inference_function(model, infer.meta["num_select"]))(
-      other, images, mask, image_size)
-  got = infer.call_with_variables(other, images, mask, image_size)
+      other, images, pixel_valid, image_size)
+  got = infer.call_with_variables(other, images, pixel_valid, image_size)
   np.testing.assert_allclose(np.asarray(got["scores"]), np.asarray(want["scores"]), atol=1e-6)
   with pytest.raises(Exception):
-    infer(images[:1], mask[:1], image_size[:1])
+    infer(images[:1], pixel_valid[:1], image_size[:1])
 
 
 def test_bad_file_is_rejected(tmp_path):

@@ -24,12 +24,12 @@ def _float_leaves(tree, prefix=""):
 @pytest.fixture(scope="module")
 def runs(tiny_config):
   """float32 run (free top-k) and float64 run with the float32 run's indices forced."""
-  images, mask = make_fake_batch(seed=3)
+  images, pixel_valid = make_fake_batch(seed=3)
   config = tiny_config.copy_and_resolve_references()
   model32 = FocusDETR.from_config(config.model)
-  variables = jax.jit(lambda k: model32.init(k, images, mask))(jax.random.PRNGKey(0))
+  variables = jax.jit(lambda k: model32.init(k, images, pixel_valid))(jax.random.PRNGKey(0))
   out32, state = jax.jit(lambda v, x, m: model32.apply(v, x, m, mutable=["intermediates"]))(
-      variables, images, mask)
+      variables, images, pixel_valid)
   inter32 = state["intermediates"]
   layers = range(config.model.num_encoder_layers)
   forced = dict(
@@ -42,11 +42,11 @@ def runs(tiny_config):
   with jax.enable_x64(True):
     out64, state64 = jax.jit(lambda v, x, m, f: model64.apply(
         v, x, m, forced=f, mutable=["intermediates"]))(
-            variables, images.astype(jnp.float64), mask, forced)
+            variables, images.astype(jnp.float64), pixel_valid, forced)
     out64 = jax.tree_util.tree_map(np.asarray, out64)
     inter64 = jax.tree_util.tree_map(np.asarray, state64["intermediates"])
   return dict(out32=out32, inter32=inter32, out64=out64, inter64=inter64, model64=model64,
-              variables=variables, images=images, mask=mask)
+              variables=variables, images=images, pixel_valid=pixel_valid)
 
 
 def test_float64_mode_has_no_float32_island(runs):
@@ -72,7 +72,7 @@ def test_float64_agrees_with_float32_to_rounding(runs):
 def test_float64_without_x64_is_refused(runs):
   with jax.enable_x64(False):
     with pytest.raises(ValueError, match="JAX_ENABLE_X64"):
-      runs["model64"].apply(runs["variables"], runs["images"], runs["mask"])
+      runs["model64"].apply(runs["variables"], runs["images"], runs["pixel_valid"])
 
 
 def test_unknown_compute_dtype_is_refused():

@@ -13,8 +13,8 @@ from focus_detr_jax.models.focus_detr import FocusDETR, feature_level_shapes, ne
 
 def test_output_shapes(tiny_config, tiny_model_and_variables, fake_batch):
   model, variables = tiny_model_and_variables
-  images, mask = fake_batch
-  out = jax.jit(lambda v, x, m: model.apply(v, x, m))(variables, images, mask)
+  images, pixel_valid = fake_batch
+  out = jax.jit(lambda v, x, m: model.apply(v, x, m))(variables, images, pixel_valid)
   m = tiny_config.model
   q, c, b = m.num_queries, m.num_classes, images.shape[0]
   n = sum(h * w for h, w in feature_level_shapes(*images.shape[1:3]))
@@ -32,14 +32,15 @@ def test_frozen_bn_outside_params_and_level_shapes(tiny_config):
   config = tiny_config.copy_and_resolve_references()
   config.model.backbone.norm = "frozen_bn"
   model = FocusDETR.from_config(config.model)
-  images, mask = make_fake_batch(canvas=(100, 130), sizes=((100, 130), (70, 90)))
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, mask))
+  images, pixel_valid = make_fake_batch(canvas=(100, 130), sizes=((100, 130), (70, 90)))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, pixel_valid))
   frozen = jax.tree_util.tree_leaves_with_path(shapes["frozen"])
   assert frozen and all("running_var" in str(p) or "running_mean" in str(p) or "weight" in str(p)
                         or "bias" in str(p) for p, _ in frozen)
   assert not any("norm" in str(p) for p, _ in jax.tree_util.tree_leaves_with_path(
       shapes["params"]["backbone"]))
-  out = jax.eval_shape(lambda v: model.apply(v, images, mask, mutable=["intermediates"]), shapes)
+  out = jax.eval_shape(lambda v: model.apply(v, images, pixel_valid, mutable=["intermediates"]),
+                       shapes)
   neck = out[1]["intermediates"]["neck_features"][0]
   assert tuple(f.shape[1:3] for f in neck) == feature_level_shapes(100, 130)
 
@@ -58,20 +59,20 @@ def test_one_compilation_per_padded_shape(tiny_model_and_variables):
 def test_eval_detections_do_not_depend_on_batch_mates(tiny_model_and_variables):
   model, variables = tiny_model_and_variables
   f = jax.jit(lambda v, x, m: model.apply(v, x, m))
-  a_img, a_mask = make_fake_batch(sizes=((96, 120), (128, 160)), seed=3)
-  b_img, b_mask = make_fake_batch(sizes=((96, 120), (50, 60)), seed=3)
+  a_img, a_valid = make_fake_batch(sizes=((96, 120), (128, 160)), seed=3)
+  b_img, b_valid = make_fake_batch(sizes=((96, 120), (50, 60)), seed=3)
   # Same first image, different second image (its content and size).
   b_img = b_img.at[0].set(a_img[0])
   b_img = b_img.at[1].set(jnp.asarray(np.random.default_rng(9).normal(size=b_img.shape[1:])))
-  out_a, out_b = f(variables, a_img, a_mask), f(variables, b_img, b_mask)
+  out_a, out_b = f(variables, a_img, a_valid), f(variables, b_img, b_valid)
   np.testing.assert_allclose(out_a["pred_logits"][0], out_b["pred_logits"][0], atol=1e-5)
   np.testing.assert_allclose(out_a["pred_boxes"][0], out_b["pred_boxes"][0], atol=1e-6)
 
 
 def test_unselected_tokens_keep_neck_values(tiny_model_and_variables, fake_batch):
   model, variables = tiny_model_and_variables
-  images, mask = fake_batch
-  _, state = jax.jit(lambda v: model.apply(v, images, mask, train=True,
+  images, pixel_valid = fake_batch
+  _, state = jax.jit(lambda v: model.apply(v, images, pixel_valid, train=True,
                                            mutable=["intermediates"]))(variables)
   inter = state["intermediates"]
   neck = inter["neck_features"][0]
@@ -108,9 +109,9 @@ def test_focus_counts_reproduce_detrex_arithmetic():
 
 def test_fill_padded_scores_uses_group_minimum():
   scores = jnp.asarray([[3.0, 1.0, 2.0], [5.0, -4.0, 0.0], [7.0, 8.0, 9.0], [6.0, 6.5, 6.2]])
-  pad = jnp.asarray([[False, False, True], [False, True, False], [False, False, True],
-                     [True, False, False]])
-  filled = token_selection.fill_padded_scores(scores, pad, 2)
+  token_valid = jnp.asarray([[True, True, False], [True, False, True], [True, True, False],
+                             [False, True, True]])
+  filled = token_selection.fill_padded_scores(scores, token_valid, 2)
   np.testing.assert_array_equal(filled, np.float32([[3, 1, -4], [5, -4, 0], [7, 8, 6], [6, 6.5, 6.2]]))
 
 
@@ -139,8 +140,8 @@ def test_oesm_selection_detrex_mode_and_safe_shrink():
 def test_small_input_does_not_crash(tiny_config, tiny_model_and_variables):
   """detrex issue #354: fewer tokens than topk_sa. Ours shrinks instead of crashing."""
   model, variables = tiny_model_and_variables
-  images, mask = make_fake_batch(canvas=(64, 64), sizes=((64, 64), (40, 40)))
-  out = jax.jit(lambda v, x, m: model.apply(v, x, m, train=True))(variables, images, mask)
+  images, pixel_valid = make_fake_batch(canvas=(64, 64), sizes=((64, 64), (40, 40)))
+  out = jax.jit(lambda v, x, m: model.apply(v, x, m, train=True))(variables, images, pixel_valid)
   assert np.all(np.isfinite(np.asarray(out["pred_logits"])))
 
 
@@ -171,10 +172,10 @@ def test_upsample_align_corners_matches_formula():
 
 def test_frozen_stem_gets_exact_zero_gradient(tiny_model_and_variables, fake_batch):
   model, variables = tiny_model_and_variables
-  images, mask = fake_batch
+  images, pixel_valid = fake_batch
 
   def loss(params):
-    out = model.apply({**variables, "params": params}, images, mask, train=True)
+    out = model.apply({**variables, "params": params}, images, pixel_valid, train=True)
     return (out["pred_logits"].mean() + out["pred_boxes"].mean() + out["fg_score"].mean()
             + out["enc_pred_boxes"].mean())
 

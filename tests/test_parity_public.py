@@ -108,14 +108,14 @@ def test_training_losses_and_gradients(reference, config, with_dn):
 def _float64_end_to_end_rows(reference, config):
   """Our float64 model, every index forced, against a set without the full `memory` (compact)."""
   ref = reference["forward_eval"]
-  images, mask, _ = make_batch(reference["inputs"])
+  images, pixel_valid, _ = make_batch(reference["inputs"])
   forced = forced_from(ref, config.model.num_encoder_layers)
   config64 = config.copy_and_resolve_references()
   config64.model.dtype = "float64"
   with jax.enable_x64(True):
     model64, variables64 = build_model(config64, reference["dir"], train=False)
-    out64, inter64 = run_forward(model64, variables64, images.astype(np.float64), mask, False,
-                                 forced)
+    out64, inter64 = run_forward(model64, variables64, images.astype(np.float64), pixel_valid,
+                                 False, forced)
   rownorm = np.linalg.norm(inter64["memory"], axis=-1)
   return {"end to end: |reference f32 - ours f64| memory_rownorm / rownorm":
               float(np.max(np.abs(rownorm - ref["memory_rownorm"]) / ref["memory_rownorm"])),

@@ -84,11 +84,11 @@ def test_boxes_equal_the_models_own_outputs(predicted, tiny_config, tiny_model_a
   data = tiny_config.data
   x = (canvas.astype(np.float32) - np.asarray(data.pixel_mean, np.float32)) / np.asarray(
       data.pixel_std, np.float32)
-  mask = np.ones((2, 128, 128), bool)
-  mask[0, :96, :128] = False
-  mask[1, :1, :1] = False
-  x[mask] = 0.0
-  want, maps = predict_on_host(model, variables, x, mask, sizes, sizes,
+  pixel_valid = np.zeros((2, 128, 128), bool)
+  pixel_valid[0, :96, :128] = True
+  pixel_valid[1, :1, :1] = True
+  x[~pixel_valid] = 0.0
+  want, maps = predict_on_host(model, variables, x, pixel_valid, sizes, sizes,
                                num_select=tiny_config.model.num_select)
   keep = want["valid"][0]
   assert len(got) == keep.sum()
@@ -149,12 +149,12 @@ def test_training_images_for_tensorboard(predicted, tiny_config, tiny_model_and_
   assert size == (96, 128) and canvas == (128, 128)
   u8 = np.stack([network, network])
   sizes = np.asarray([size, [1, 1]], np.int32)
-  x, mask = iterators.normalize_batch(u8, sizes, tiny_config.data.pixel_mean,
-                                     tiny_config.data.pixel_std)
+  x, pixel_valid = iterators.normalize_batch(u8, sizes, tiny_config.data.pixel_mean,
+                                            tiny_config.data.pixel_std)
   m = tiny_config.data.max_boxes
   boxes = np.zeros((2, m, 4), np.float32)
   boxes[0, 0] = (0.5, 0.5, 0.4, 0.4)
-  batch = dict(image=x, padding_mask=mask, image_size=sizes, orig_size=sizes,
+  batch = dict(image=x, pixel_valid=pixel_valid, image_size=sizes, orig_size=sizes,
                image_id=np.asarray([1, 0]), boxes=boxes, labels=np.zeros((2, m), np.int32),
                box_valid=np.arange(m)[None] < np.asarray([[1], [0]]),
                example_valid=np.asarray([True, False]))

@@ -13,7 +13,7 @@ from focus_detr_jax.train.objective import Objective
 
 
 def _batch(config):
-  images, mask = make_fake_batch()
+  images, pixel_valid = make_fake_batch()
   m = config.data.max_boxes
   boxes = np.zeros((2, m, 4), np.float32)
   labels = np.zeros((2, m), np.int32)
@@ -24,7 +24,7 @@ def _batch(config):
   boxes[1, :1] = [[0.5, 0.5, 0.5, 0.5]]
   labels[1, :1] = [2]
   valid[1, :1] = True
-  return dict(image=images, padding_mask=mask, boxes=jnp.asarray(boxes),
+  return dict(image=images, pixel_valid=pixel_valid, boxes=jnp.asarray(boxes),
               labels=jnp.asarray(labels), box_valid=jnp.asarray(valid),
               image_size=jnp.asarray([[128, 160], [96, 120]], jnp.int32))
 

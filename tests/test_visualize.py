@@ -64,7 +64,7 @@ def test_token_dots_and_grid():
   assert abs(ys.mean() - 20) < 1 and abs(xs.mean() - 28) < 1 and np.ptp(ys) <= 6
 
   rng = np.random.default_rng(0)
-  intermediates = dict(fg_score=rng.normal(size=n), padding_mask_flat=np.zeros(n, bool),
+  intermediates = dict(fg_score=rng.normal(size=n), token_valid=np.ones(n, bool),
                        updated=rng.random((3, n)) < 0.5, objects=rng.random((3, n)) < 0.1)
   grid = visualize.token_selection_panels(image, intermediates, level_shapes, canvas,
                                           panel_size=120)

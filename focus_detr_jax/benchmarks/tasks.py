@@ -85,26 +85,26 @@ def random_variables(config, seed=0):
 
 
 def inputs(batch, height, width, seed=0):
-  """(images, padding mask, image sizes): random images, no padding."""
+  """(images, pixel_valid, image sizes): random images, no padding (pixel_valid all True)."""
   rng = np.random.default_rng(seed)
   images = jnp.asarray(rng.normal(size=(batch, height, width, 3)).astype(np.float32))
-  mask = jnp.zeros((batch, height, width), bool)
+  pixel_valid = jnp.ones((batch, height, width), bool)
   size = jnp.asarray([[height, width]] * batch, jnp.int32)
-  return images, mask, size
+  return images, pixel_valid, size
 
 
 def train_batch(config, batch, height, width, boxes_per_image=8, seed=0):
   """A training batch: random images, `boxes_per_image` random boxes and labels per image."""
   rng = np.random.default_rng(seed)
   m = config.data.max_boxes
-  images, mask, size = inputs(batch, height, width, seed)
+  images, pixel_valid, size = inputs(batch, height, width, seed)
   boxes = np.zeros((batch, m, 4), np.float32)
   boxes[:, :, :2] = rng.uniform(0.2, 0.8, size=(batch, m, 2))
   boxes[:, :, 2:] = rng.uniform(0.05, 0.3, size=(batch, m, 2))
   labels = rng.integers(0, config.model.num_classes, size=(batch, m)).astype(np.int32)
   valid = np.zeros((batch, m), bool)
   valid[:, :boxes_per_image] = True
-  return dict(image=images, padding_mask=mask, boxes=jnp.asarray(boxes),
+  return dict(image=images, pixel_valid=pixel_valid, boxes=jnp.asarray(boxes),
               labels=jnp.asarray(labels), box_valid=jnp.asarray(valid), image_size=size)
 
 
@@ -134,12 +134,12 @@ def task_eval(spec):
                 capacities=list(token_selection.cascade_capacities(
                     n, model.focus_rho, model.cascade)))
   variables = random_variables(config)
-  images, mask, size = inputs(b, h, w)
+  images, pixel_valid, size = inputs(b, h, w)
   infer = jax.jit(export.inference_function(model, config.model.num_select))
-  compiled, lower_s, compile_s = bm.compile_jitted(infer, variables, images, mask, size)
+  compiled, lower_s, compile_s = bm.compile_jitted(infer, variables, images, pixel_valid, size)
   result.update(lower_s=lower_s, compile_s=compile_s, flops=bm.cost_flops(compiled))
   if spec.get("time", True):
-    timing = bm.time_calls(compiled, variables, images, mask, size,
+    timing = bm.time_calls(compiled, variables, images, pixel_valid, size,
                            repeats=spec.get("repeats", 3), max_seconds=spec.get("max_seconds"))
     result.update(timing, images_per_s=b / timing["median_s"])
   if spec.get("split"):
@@ -151,15 +151,15 @@ def task_eval(spec):
       out = model.apply(v, x, m, train=False, forced={"memory": mem})
       return postprocess(out["pred_logits"], out["pred_boxes"], s,
                          num_select=config.model.num_select)
-    ne_compiled, _, _ = bm.compile_jitted(jax.jit(no_encoder), variables, images, mask, size,
-                                          memory)
+    ne_compiled, _, _ = bm.compile_jitted(jax.jit(no_encoder), variables, images,
+                                          pixel_valid, size, memory)
     result["flops_backbone_neck"] = bm.cost_flops(bb_compiled)
     result["flops_decoder_part"] = bm.cost_flops(ne_compiled)
     if spec.get("time_parts", True):
       result["backbone_neck_median_s"] = bm.time_calls(
           bb_compiled, variables, images, repeats=spec.get("repeats", 3))["median_s"]
       result["decoder_part_median_s"] = bm.time_calls(
-          ne_compiled, variables, images, mask, size, memory,
+          ne_compiled, variables, images, pixel_valid, size, memory,
           repeats=spec.get("repeats", 3))["median_s"]
   result["memory"] = bm.peak_memory()
   return result
@@ -181,7 +181,7 @@ def program(spec, kind="train"):
 
   def forward(p, batch, key):
     del key
-    return model.apply({"params": p, **extra}, batch["image"], batch["padding_mask"])
+    return model.apply({"params": p, **extra}, batch["image"], batch["pixel_valid"])
 
   fn = dict(train=jax.value_and_grad(loss), fwd=loss, eval=forward)[kind]
   return jax.jit(fn), (params, batch, jax.random.PRNGKey(0))

@@ -16,16 +16,17 @@ def normalize_on_device(batch: dict, mean, std) -> dict:
   """uint8 batch (`make_train_iterator(normalize_on_host=False)`) -> the float32 batch, on device.
 
   `image` uint8 [B, H, W, 3] -> float32 `(x - mean) / std`, zero outside each image's
-  `image_size`; adds `padding_mask` bool [B, H, W] (True = padded). The values are looked up in
-  `normalization_table` (a 256 x 3 gather) rather than divided on the device: XLA's float32
-  division on CPU (and TPU) is not IEEE-exact, the table is, so the result is bit-identical to
-  `iterators.normalize_batch`. Call it inside the jitted step (it fuses there) or on its own.
+  `image_size`; adds `pixel_valid` bool [B, H, W] (True = image pixel, False = padding). The
+  values are looked up in `normalization_table` (a 256 x 3 gather) rather than divided on the
+  device: XLA's float32 division on CPU (and TPU) is not IEEE-exact, the table is, so the result
+  is bit-identical to `iterators.normalize_batch`. Call it inside the jitted step (it fuses
+  there) or on its own.
   """
   image = jnp.asarray(batch["image"])
   size = jnp.asarray(batch["image_size"])
   h, w = image.shape[1:3]
-  mask = ((jnp.arange(h)[None, :, None] >= size[:, 0, None, None]) |
-          (jnp.arange(w)[None, None, :] >= size[:, 1, None, None]))
+  pixel_valid = ((jnp.arange(h)[None, :, None] < size[:, 0, None, None]) &
+                 (jnp.arange(w)[None, None, :] < size[:, 1, None, None]))
   table = jnp.asarray(normalization_table(mean, std))
   x = table[image.astype(jnp.int32), jnp.arange(3)]                    # [B, H, W, 3] float32
-  return {**batch, "image": jnp.where(mask[..., None], 0.0, x), "padding_mask": mask}
+  return {**batch, "image": jnp.where(pixel_valid[..., None], x, 0.0), "pixel_valid": pixel_valid}

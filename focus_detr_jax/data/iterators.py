@@ -9,7 +9,7 @@
 A batch (B = per-host batch, canvas (H, W) chosen per step (`streams.canvas_for_step`),
 M = `max_boxes`):
   image          float32 [B, H, W, 3]  (x - mean) / std in RGB, then zero padding bottom/right
-  padding_mask   bool    [B, H, W]     True = padded pixel
+  pixel_valid    bool    [B, H, W]     True = image pixel, False = padding
   image_size     int32   [B, 2]        (h, w) of the resized, unpadded image
   orig_size      int32   [B, 2]        (h, w) of the original image
   image_id       int64   [B]
@@ -37,10 +37,11 @@ from focus_detr_jax.data import transforms
 
 
 def normalize_batch(u8: np.ndarray, image_size: np.ndarray, mean, std):
-  """uint8 [B, H, W, 3] canvases -> (float32 (x - mean) / std, zero outside the image; mask).
+  """uint8 [B, H, W, 3] canvases -> (float32 (x - mean) / std, zero outside the image;
+  pixel_valid).
 
   Only the image region of each canvas is computed (float32 subtract then divide: exactly the
-  detectron2 formula); `mask` bool [B, H, W] is True on padded pixels.
+  detectron2 formula); `pixel_valid` bool [B, H, W] is True on image pixels, False on padding.
   """
   b, h, w, _ = u8.shape
   mean = np.asarray(mean, np.float32)
@@ -53,9 +54,9 @@ def normalize_batch(u8: np.ndarray, image_size: np.ndarray, mean, std):
     np.subtract(u8[i, :ih, :iw].reshape(ih, iw * 3), np.tile(mean, iw), out=region,
                 dtype=np.float32)
     np.divide(region, np.tile(std, iw), out=region)
-  mask = ((np.arange(h)[None, :, None] >= image_size[:, 0, None, None]) |
-          (np.arange(w)[None, None, :] >= image_size[:, 1, None, None]))
-  return image, mask
+  pixel_valid = ((np.arange(h)[None, :, None] < image_size[:, 0, None, None]) &
+                 (np.arange(w)[None, None, :] < image_size[:, 1, None, None]))
+  return image, pixel_valid
 
 
 class DataIterator:
@@ -64,7 +65,7 @@ class DataIterator:
   `stats`: cumulative counters (streams.STAT_KEYS) over all canvases of this host.
   `save(prefix)` / `restore(path)`: the exact stream position (tf.train.Checkpoint files
   `prefix.index`, `prefix.data-*`); restore into an iterator built from the same config.
-  `normalize_on_host=False`: batches keep the uint8 `image` and carry no `padding_mask`
+  `normalize_on_host=False`: batches keep the uint8 `image` and carry no `pixel_valid`
   (`device.normalize_on_device` makes both on the accelerator: 4x fewer bytes over the wire).
   """
 
@@ -113,8 +114,9 @@ class DataIterator:
 
   def _finalize(self, el, keep) -> dict:
     if self.normalize_on_host:
-      image, mask = normalize_batch(el.pop("image"), el["image_size"], self._mean, self._std)
-      images = {"image": image, "padding_mask": mask}
+      image, pixel_valid = normalize_batch(el.pop("image"), el["image_size"], self._mean,
+                                           self._std)
+      images = {"image": image, "pixel_valid": pixel_valid}
     else:
       images = {"image": el.pop("image")}
     return {

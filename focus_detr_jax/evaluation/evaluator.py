@@ -58,7 +58,7 @@ class Evaluator:
     for i, batch in enumerate(iterator):
       if self.max_batches is not None and i >= self.max_batches:
         break
-      out = self._predict(variables, batch["image"], batch["padding_mask"], batch["image_size"],
+      out = self._predict(variables, batch["image"], batch["pixel_valid"], batch["image_size"],
                           batch["orig_size"])
       host = dict(image_id=batch["image_id"], example_valid=batch["example_valid"],
                   **jax.device_get(out))

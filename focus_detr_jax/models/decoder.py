@@ -18,13 +18,13 @@ class DecoderLayer(nn.Module):
   msda_implementation: str = "auto"
 
   @nn.compact
-  def __call__(self, x, query_pos, memory, memory_padding_mask, reference_points, spatial_shapes,
+  def __call__(self, x, query_pos, memory, memory_valid, reference_points, spatial_shapes,
                attn_mask=None):
     """Decode one layer.
 
     Args:
       x, query_pos: [B, Q, D] (Q includes the denoising slots when present).
-      memory: [B, N, D]; memory_padding_mask: [B, N] bool or None.
+      memory: [B, N, D]; memory_valid: [B, N] bool (True = valid) or None.
       reference_points: [B, Q, L, 4] cxcywh scaled by the valid ratios.
       attn_mask: optional [B, Q, Q] bool, True = blocked (denoising groups).
     Returns:
@@ -38,6 +38,6 @@ class DecoderLayer(nn.Module):
         MultiScaleDeformableAttention(self.embed_dim, self.num_heads, self.num_levels,
                                       self.num_points, self.dtype, self.msda_implementation,
                                       name="attentions_1")(
-            x, query_pos, memory, reference_points, spatial_shapes, memory_padding_mask))
+            x, query_pos, memory, reference_points, spatial_shapes, memory_valid))
     return layer_norm("norms_2", self.dtype)(
         x + FFN(self.embed_dim, self.ffn_dim, self.dtype, name="ffns_0")(x))

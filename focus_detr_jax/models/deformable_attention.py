@@ -462,7 +462,7 @@ class MultiScaleDeformableAttention(nn.Module):
 
   @nn.compact
   def __call__(self, query, query_pos, value, reference_points, spatial_shapes,
-               value_padding_mask: Optional[jnp.ndarray] = None):
+               value_valid: Optional[jnp.ndarray] = None):
     """Deformable cross-attention.
 
     Args:
@@ -470,7 +470,8 @@ class MultiScaleDeformableAttention(nn.Module):
       value: [B, N, D] un-projected values (all levels).
       reference_points: [B, Q, L, 2] (x, y) or [B, Q, L, 4] (cx, cy, w, h), normalised.
       spatial_shapes: static tuple of L (H_l, W_l).
-      value_padding_mask: optional [B, N] bool, True = padded value (zeroed).
+      value_valid: optional [B, N] bool, True = valid value (False: zeroed; detrex's
+        `key_padding_mask` is its negation).
     Returns:
       [B, Q, D].
     """
@@ -479,8 +480,8 @@ class MultiScaleDeformableAttention(nn.Module):
     n = value.shape[1]
     v = nn.Dense(self.embed_dim, kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype,
                  name="value_proj")(value)
-    if value_padding_mask is not None:
-      v = jnp.where(value_padding_mask[..., None], 0.0, v)
+    if value_valid is not None:
+      v = jnp.where(value_valid[..., None], v, 0.0)
     v = v.reshape(b, n, h, self.embed_dim // h)
     q_in = query + query_pos
     offsets = nn.Dense(h * l * p * 2, kernel_init=nn.initializers.zeros,

@@ -62,7 +62,7 @@ class FocusEncoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, query, query_pos, reference_points, fg_score, candidate_valid, token_valid,
-               value, value_padding_mask, spatial_shapes, class_head, forced_sel_local=None):
+               value, value_valid, spatial_shapes, class_head, forced_sel_local=None):
     """Update K gathered tokens.
 
     Args:
@@ -70,7 +70,7 @@ class FocusEncoderLayer(nn.Module):
       reference_points: [B, K, L, 2].
       fg_score: [B, K] float32 gathered (padding-filled) foreground logits.
       candidate_valid: [B, K] bool rows < K_l; token_valid: [B, K] bool non-padded tokens.
-      value: [B, N, D] original neck tokens; value_padding_mask: [B, N] bool or None.
+      value: [B, N, D] original neck tokens; value_valid: [B, N] bool (True = valid) or None.
       class_head: the shared class_embed[6] (MCSP), a callable [.., D] -> [.., C].
       forced_sel_local: optional [B, S] teacher-forced OESM indices.
     Returns:
@@ -94,7 +94,7 @@ class FocusEncoderLayer(nn.Module):
     query = MultiScaleDeformableAttention(self.embed_dim, self.num_heads, self.num_levels,
                                           self.num_points, self.dtype, self.msda_implementation,
                                           name="attentions_1")(
-        query, query_pos, value, reference_points, spatial_shapes, value_padding_mask)
+        query, query_pos, value, reference_points, spatial_shapes, value_valid)
     query = layer_norm("norms_0", self.dtype)(query)
     query = layer_norm("norms_1", self.dtype)(
         query + FFN(self.embed_dim, self.ffn_dim, self.dtype, name="ffns_0")(query))

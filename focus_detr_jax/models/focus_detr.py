@@ -64,17 +64,18 @@ def nearest_source_indices(in_size: int, out_size: int) -> np.ndarray:
 
 
 def nearest_resize_mask(mask, out_hw):
-  """torch F.interpolate(mode="nearest") of a [B, H, W] bool mask -> [B, H_l, W_l]."""
+  """torch F.interpolate(mode="nearest") of a [B, H, W] bool mask -> [B, H_l, W_l] (a gather,
+  so either polarity)."""
   rows = nearest_source_indices(mask.shape[1], out_hw[0])
   cols = nearest_source_indices(mask.shape[2], out_hw[1])
   return mask[:, rows][:, :, cols]
 
 
-def level_valid_counts(level_mask):
-  """Valid rows and columns of a [B, H, W] padding mask (True = padded), read like detrex from
+def level_valid_counts(level_valid):
+  """Valid rows and columns of a [B, H, W] validity mask (True = valid), read like detrex from
   the first column and the first row: (valid_h [B], valid_w [B]) int32."""
-  valid_h = (~level_mask[:, :, 0]).sum(axis=1).astype(jnp.int32)
-  valid_w = (~level_mask[:, 0, :]).sum(axis=1).astype(jnp.int32)
+  valid_h = level_valid[:, :, 0].sum(axis=1).astype(jnp.int32)
+  valid_w = level_valid[:, 0, :].sum(axis=1).astype(jnp.int32)
   return valid_h, valid_w
 
 
@@ -97,20 +98,20 @@ def grid_axis_proposals(valid_counts, size: int, dtype=jnp.float32):
   return jnp.asarray(unact)[valid_counts], jnp.asarray(valid)[valid_counts]
 
 
-def encoder_proposals(level_masks, spatial_shapes, dtype=jnp.float32):
+def encoder_proposals(level_valid, spatial_shapes, dtype=jnp.float32):
   """detrex/DINO grid proposals of every token.
 
   Args:
-    level_masks: list of [B, H_l, W_l] bool, True = padded.
+    level_valid: list of [B, H_l, W_l] bool, True = valid.
     dtype: float dtype of the proposals (float32; float64 in the float64 numerics mode).
   Returns:
     proposals_unact [B, N, 4] (log-odds cxcywh; +inf where invalid or padded),
     valid [B, N] bool (all four coordinates in (0.01, 0.99) and not padded).
   """
   unacts, valids = [], []
-  for lvl, (mask, (h, w)) in enumerate(zip(level_masks, spatial_shapes)):
-    b = mask.shape[0]
-    valid_h, valid_w = level_valid_counts(mask)
+  for lvl, (lvl_valid, (h, w)) in enumerate(zip(level_valid, spatial_shapes)):
+    b = lvl_valid.shape[0]
+    valid_h, valid_w = level_valid_counts(lvl_valid)
     cy, cy_valid = grid_axis_proposals(valid_h, h, dtype)                       # [B, H]
     cx, cx_valid = grid_axis_proposals(valid_w, w, dtype)                       # [B, W]
     # w = h = 0.05 * 2^lvl (torch: ones * 0.05 * 2.0**lvl in float32).
@@ -120,7 +121,7 @@ def encoder_proposals(level_masks, spatial_shapes, dtype=jnp.float32):
     size_unact = jnp.full((b, h, w), size_unact, dtype)
     unact = jnp.stack([jnp.broadcast_to(cx[:, None, :], (b, h, w)),
                        jnp.broadcast_to(cy[:, :, None], (b, h, w)), size_unact, size_unact], -1)
-    valid = cy_valid[:, :, None] & cx_valid[:, None, :] & size_valid & ~mask
+    valid = cy_valid[:, :, None] & cx_valid[:, None, :] & size_valid & lvl_valid
     unacts.append(unact.reshape(b, h * w, 4))
     valids.append(valid.reshape(b, h * w))
   valid = jnp.concatenate(valids, axis=1)
@@ -128,15 +129,16 @@ def encoder_proposals(level_masks, spatial_shapes, dtype=jnp.float32):
   return unact, valid
 
 
-def level_valid_ratios(level_masks, dtype=jnp.float32):
-  """detrex valid ratios `(valid_w / W_l, valid_h / H_l)` per level: [B, L, 2] `dtype`, the
-  quotients gathered from host tables (bit-exact on every backend)."""
+def level_valid_ratios(level_valid, dtype=jnp.float32):
+  """detrex valid ratios `(valid_w / W_l, valid_h / H_l)` per level (`level_valid`: list of
+  [B, H_l, W_l] bool, True = valid): [B, L, 2] `dtype`, the quotients gathered from host tables
+  (bit-exact on every backend)."""
   ratios = []
-  for mask in level_masks:
-    valid_h, valid_w = level_valid_counts(mask)
+  for valid in level_valid:
+    valid_h, valid_w = level_valid_counts(valid)
     ratios.append(jnp.stack(
-        [jnp.asarray(exact.ratio_table(mask.shape[2], dtype))[valid_w],
-         jnp.asarray(exact.ratio_table(mask.shape[1], dtype))[valid_h]], axis=-1))
+        [jnp.asarray(exact.ratio_table(valid.shape[2], dtype))[valid_w],
+         jnp.asarray(exact.ratio_table(valid.shape[1], dtype))[valid_h]], axis=-1))
   return jnp.stack(ratios, axis=1)
 
 
@@ -315,14 +317,14 @@ class FocusDETR(nn.Module):
     self.bbox_embed = [MLP(d, 4, 3, dtype=dt, last_zero_init=True)
                        for _ in range(self.num_decoder_layers + 1)]
 
-  def __call__(self, images, padding_mask=None, *, train: bool = False,
+  def __call__(self, images, pixel_valid=None, *, train: bool = False,
                denoising: Optional[Dict[str, jnp.ndarray]] = None,
                forced: Optional[Dict[str, Any]] = None):
     """Run the detector.
 
     Args:
       images: [B, H, W, 3] normalised, zero-padded after normalisation.
-      padding_mask: [B, H, W] bool, True = padded pixel (None: no padding).
+      pixel_valid: [B, H, W] bool, True = image pixel, False = padding (None: no padding).
       train: training mode (masks always on, batch groups of `batch_group_size`, drop path).
       denoising: optional CDN queries: `labels` [B, S] int, `boxes_unact` [B, S, 4],
         `attn_mask` [B, S+Q, S+Q] bool (True = blocked), `valid` [B, S] bool (filled slots).
@@ -331,7 +333,7 @@ class FocusDETR(nn.Module):
     Returns:
       dict: pred_logits [B,Q,C], pred_boxes [B,Q,4], aux_pred_logits [L-1,B,Q,C],
       aux_pred_boxes [L-1,B,Q,4], enc_pred_logits [B,Q,C], enc_pred_boxes [B,Q,4],
-      init_reference [B,Q,4], inter_references [L,B,Q,4], fg_score [B,N], padding_mask_flat [B,N],
+      init_reference [B,Q,4], inter_references [L,B,Q,4], fg_score [B,N], token_valid [B,N],
       enc_topk_proposals [B,Q]; with denoising also dn_pred_logits [L,B,S,C], dn_pred_boxes.
     """
     if jnp.dtype(self.dtype) == jnp.float64 and not jax.config.jax_enable_x64:
@@ -340,7 +342,7 @@ class FocusDETR(nn.Module):
                        "jax.config.update('jax_enable_x64', True) before tracing the model")
     forced = forced or {}
     b = images.shape[0]
-    use_mask = (train or self.eval_padding_mask) and padding_mask is not None
+    use_mask = (train or self.eval_padding_mask) and pixel_valid is not None
     # Batch groups couple images like one detrex per-GPU batch in training; never at inference.
     group_size = self.batch_group_size if train else 1
 
@@ -351,31 +353,31 @@ class FocusDETR(nn.Module):
     self.sow("intermediates", "neck_features", tuple(srcs))
 
     # Masks, positions, flattening (spec §1.4).
-    image_mask = padding_mask if use_mask else jnp.zeros(images.shape[:3], bool)
-    level_masks = [nearest_resize_mask(image_mask, hw) for hw in spatial_shapes]
+    image_valid = pixel_valid if use_mask else jnp.ones(images.shape[:3], bool)
+    level_valid = [nearest_resize_mask(image_valid, hw) for hw in spatial_shapes]
     acc = island_dtype(self.dtype)
     pos = [sine_position_embedding(m, self.hidden_dim // 2, self.pos_temperature, self.pos_offset,
-                                   dtype=acc) for m in level_masks]
+                                   dtype=acc) for m in level_valid]
     self.sow("intermediates", "pos_embed", tuple(pos))
     feat_flat = jnp.concatenate([s.reshape(b, -1, self.hidden_dim) for s in srcs], axis=1)
-    mask_flat = jnp.concatenate([m.reshape(b, -1) for m in level_masks], axis=1)
+    token_valid = jnp.concatenate([m.reshape(b, -1) for m in level_valid], axis=1)
     lvl_pos = jnp.concatenate(
         [(p + self.level_embeds[l]).reshape(b, -1, self.hidden_dim) for l, p in enumerate(pos)],
         axis=1).astype(self.dtype)
-    valid_ratios = level_valid_ratios(level_masks, acc)                            # [B, L, 2]
+    valid_ratios = level_valid_ratios(level_valid, acc)                            # [B, L, 2]
     num_tokens = feat_flat.shape[1]
     if num_tokens < self.num_queries:
       raise ValueError(f"input {images.shape[1:3]} gives {num_tokens} tokens, fewer than "
                        f"num_queries={self.num_queries}; use a larger canvas or fewer queries")
 
     # Foreground Token Selector (spec §2).
-    proposals_unact, proposals_valid = encoder_proposals(level_masks, spatial_shapes, acc)
+    proposals_unact, proposals_valid = encoder_proposals(level_valid, spatial_shapes, acc)
     fts_memory = self.enc_output_norm(self.enc_output(
         jnp.where(proposals_valid[..., None], feat_flat + lvl_pos, 0.0)))
     fg_score, _ = token_selection.foreground_scores(self.enc_mask_predictor, self.alpha,
                                                     fts_memory, spatial_shapes)
-    valid_token_nums = (~mask_flat).sum(axis=1).astype(jnp.int32)
-    fg_masked = token_selection.fill_padded_scores(fg_score, mask_flat, group_size)
+    valid_token_nums = token_valid.sum(axis=1).astype(jnp.int32)
+    fg_masked = token_selection.fill_padded_scores(fg_score, token_valid, group_size)
     focus_nums, layer_counts = token_selection.focus_counts(
         valid_token_nums, self.focus_rho, self.cascade, group_size)
     capacities = token_selection.cascade_capacities(num_tokens, self.focus_rho, self.cascade)
@@ -388,7 +390,7 @@ class FocusDETR(nn.Module):
                             fg_score=fg_score, fg_score_masked=fg_masked,
                             valid_token_nums=valid_token_nums, focus_token_nums=focus_nums,
                             layer_counts=layer_counts, valid_ratios=valid_ratios,
-                            padding_mask_flat=mask_flat, proposals_valid=proposals_valid).items():
+                            token_valid=token_valid, proposals_valid=proposals_valid).items():
       self.sow("intermediates", name, value)
 
     # Dual-attention encoder on the cascade (spec §5).
@@ -405,7 +407,7 @@ class FocusDETR(nn.Module):
       forced_sel = forced["oesm_sel_local"][l] if "oesm_sel_local" in forced else None
       updated, info = layer(query, gather_rows(lvl_pos, idx), gather_rows(ref_points, idx),
                             gather_rows(fg_masked, idx), candidate_valid,
-                            ~gather_rows(mask_flat, idx), feat_flat, mask_flat, spatial_shapes,
+                            gather_rows(token_valid, idx), feat_flat, token_valid, spatial_shapes,
                             mcsp_head, forced_sel)
       output = scatter_rows(output, idx, jnp.where(write_back[..., None], updated, query))
       info = dict(info, fg_inds=idx, out_rownorm=jnp.linalg.norm(updated, axis=-1))
@@ -454,7 +456,7 @@ class FocusDETR(nn.Module):
       ref_in = reference[:, :, None] * vr4[:, None]
       query_pos = self.ref_point_head(
           sine_box_embedding(ref_in[:, :, 0, :], self.hidden_dim // 2).astype(self.dtype))
-      x = layer(x, query_pos, memory, mask_flat, ref_in, spatial_shapes, attn_mask)
+      x = layer(x, query_pos, memory, token_valid, ref_in, spatial_shapes, attn_mask)
       new_reference = jax.nn.sigmoid(self.bbox_embed[l](x).astype(acc)
                                      + inverse_sigmoid(reference))
       hidden.append(self.decoder_norm(x))
@@ -477,7 +479,7 @@ class FocusDETR(nn.Module):
         aux_pred_logits=logits[:-1, :, num_dn:], aux_pred_boxes=boxes[:-1, :, num_dn:],
         enc_pred_logits=enc_pred_logits, enc_pred_boxes=enc_pred_boxes,
         init_reference=init_reference[:, num_dn:], inter_references=inter_references[:, :, num_dn:],
-        fg_score=fg_score, padding_mask_flat=mask_flat, enc_topk_proposals=topk_proposals)
+        fg_score=fg_score, token_valid=token_valid, enc_topk_proposals=topk_proposals)
     if denoising is not None:
       outputs["dn_pred_logits"] = logits[:, :, :num_dn]
       outputs["dn_pred_boxes"] = boxes[:, :, :num_dn]

@@ -20,18 +20,18 @@ def _interleave_sin_cos(x):
   return jnp.stack([jnp.sin(x[..., 0::2]), jnp.cos(x[..., 1::2])], axis=-1).reshape(x.shape)
 
 
-def normalized_positions(padding_mask, offset=-0.5, scale=2 * math.pi, eps=1e-6,
+def normalized_positions(pixel_valid, offset=-0.5, scale=2 * math.pi, eps=1e-6,
                          dtype=jnp.float32):
   """PositionEmbeddingSine's normalised coordinates `(cumsum + offset) / (last + eps) * scale`.
 
   Args:
-    padding_mask: [B, H, W] bool, True = padded.
+    pixel_valid: [B, H, W] bool, True = valid (detrex's `not_mask`).
   Returns:
     (y_embed, x_embed), each [B, H, W] `dtype`.
   """
-  not_mask = (~padding_mask).astype(dtype)
-  y_embed = jnp.cumsum(not_mask, axis=1)
-  x_embed = jnp.cumsum(not_mask, axis=2)
+  valid = pixel_valid.astype(dtype)
+  y_embed = jnp.cumsum(valid, axis=1)
+  x_embed = jnp.cumsum(valid, axis=2)
   # Divisions by a broadcast value: exact_divide keeps torch's rounding (XLA would multiply by
   # the reciprocal, one ulp off).
   y_embed = exact_divide(y_embed + offset, y_embed[:, -1:, :] + eps) * scale
@@ -39,17 +39,17 @@ def normalized_positions(padding_mask, offset=-0.5, scale=2 * math.pi, eps=1e-6,
   return y_embed, x_embed
 
 
-def sine_position_embedding(padding_mask, num_pos_feats=128, temperature=10000.0, offset=-0.5,
+def sine_position_embedding(pixel_valid, num_pos_feats=128, temperature=10000.0, offset=-0.5,
                             scale=2 * math.pi, eps=1e-6, dtype=jnp.float32):
   """PositionEmbeddingSine(normalize=True) of one level.
 
   Args:
-    padding_mask: [B, H, W] bool, True = padded.
+    pixel_valid: [B, H, W] bool, True = valid.
   Returns:
     [B, H, W, 2F] `dtype` (float32; float64 in the float64 numerics mode), channels
     [pos_y (F) | pos_x (F)], sin/cos interleaved.
   """
-  y_embed, x_embed = normalized_positions(padding_mask, offset, scale, eps, dtype)
+  y_embed, x_embed = normalized_positions(pixel_valid, offset, scale, eps, dtype)
   dim_t = _dim_t(num_pos_feats, temperature).astype(dtype)
   pos_x = _interleave_sin_cos(exact_divide(x_embed[..., None], dim_t))
   pos_y = _interleave_sin_cos(exact_divide(y_embed[..., None], dim_t))

@@ -47,15 +47,15 @@ def focus_counts(valid_token_nums, focus_rho, cascade, group_size):
   return focus, counts
 
 
-def fill_padded_scores(scores, padding_mask, group_size):
+def fill_padded_scores(scores, token_valid, group_size):
   """detrex `masked_fill(pad, scores.min())` with the minimum taken inside each batch group.
 
-  scores: [B, N], padding_mask: [B, N] bool -> [B, N].
+  scores: [B, N], token_valid: [B, N] bool (True = valid) -> [B, N].
   """
   b, n = scores.shape
   group_min = scores.reshape(b // group_size, group_size * n).min(axis=1)
   group_min = jnp.repeat(group_min, group_size)[:, None]
-  return jnp.where(padding_mask, group_min, scores)
+  return jnp.where(token_valid, scores, group_min)
 
 
 def _resize_bilinear_align_corners_weights(in_size, out_size):

@@ -22,18 +22,20 @@ def decoder_sensitivity(reference_dir, sigma: float = 1e-6, trials: int = 3, see
   reference = load_reference(reference_dir)
   config = config_for_reference(reference["meta"])
   ref = reference["forward_eval"]
-  images, mask, _ = make_batch(reference["inputs"])
+  images, pixel_valid, _ = make_batch(reference["inputs"])
   model, variables = build_model(config, reference["dir"], train=False)
   forced = forced_from(ref, config.model.num_encoder_layers)
   memory = np.asarray(ref["memory"], np.float32)
   keys = ("pred_logits", "pred_boxes")
-  outputs, _ = run_forward(model, variables, images, mask, False, dict(forced, memory=memory))
+  outputs, _ = run_forward(model, variables, images, pixel_valid, False,
+                           dict(forced, memory=memory))
   rows = [(f"memory forced to reference: {k} vs reference",
            float(np.abs(outputs[k] - ref[k]).max())) for k in keys]
   rng = np.random.default_rng(seed)
   for t in range(trials):
     noisy = memory + rng.normal(scale=sigma, size=memory.shape).astype(np.float32)
-    perturbed, _ = run_forward(model, variables, images, mask, False, dict(forced, memory=noisy))
+    perturbed, _ = run_forward(model, variables, images, pixel_valid, False,
+                               dict(forced, memory=noisy))
     rows += [(f"memory + N(0, {sigma:g}) noise, trial {t}: change of our {k}",
               float(np.abs(perturbed[k] - outputs[k]).max())) for k in keys]
   rows += float64_rounding_rows(reference, config, outputs)
@@ -50,15 +52,16 @@ def float64_rounding_rows(reference, config, outputs32=None):
   |ours float32 - float64| (ours), per decoder output. Returns rows (name, max abs difference).
   """
   ref = reference["forward_eval"]
-  images, mask, _ = make_batch(reference["inputs"])
+  images, pixel_valid, _ = make_batch(reference["inputs"])
   forced = forced_from(ref, config.model.num_encoder_layers)
   memory = np.asarray(ref["memory"], np.float32)
   if outputs32 is None:
     model, variables = build_model(config, reference["dir"], train=False)
-    outputs32, _ = run_forward(model, variables, images, mask, False, dict(forced, memory=memory))
-  decoder64, _ = float64_forward(reference, config, images, mask,
+    outputs32, _ = run_forward(model, variables, images, pixel_valid, False,
+                               dict(forced, memory=memory))
+  decoder64, _ = float64_forward(reference, config, images, pixel_valid,
                                  dict(forced, memory=memory.astype(np.float64)))
-  full64, inter64 = float64_forward(reference, config, images, mask, forced)
+  full64, inter64 = float64_forward(reference, config, images, pixel_valid, forced)
   full64 = dict(full64, memory=inter64["memory"])
   rows = []
   for k in ("pred_logits", "pred_boxes", "inter_references"):

@@ -65,9 +65,12 @@ def transformer_stages(tag, ref, outputs, inter, num_layers, full, skipped=None)
   if need("spatial_shapes", "spatial_shapes"):
     shapes = np.asarray([f.shape[1:3] for f in inter["neck_features"]])
     add(compare_exact(f"{tag}/spatial_shapes", shapes, ref["spatial_shapes"]))
-  for k in ("valid_token_nums", "focus_token_nums", "padding_mask_flat"):
+  for k in ("valid_token_nums", "focus_token_nums"):
     if need(k, k):
       add(compare_exact(f"{tag}/{k}", inter[k], ref[k]))
+  if need("padding_mask_flat", "padding_mask_flat"):  # detrex's mask: True = padded
+    add(compare_exact(f"{tag}/padding_mask_flat", inter["token_valid"],
+                      ~np.asarray(ref["padding_mask_flat"], bool)))
   if need("valid_ratios", "valid_ratios"):
     add(compare_close(f"{tag}/valid_ratios", inter["valid_ratios"], ref["valid_ratios"],
                       atol=TOL_MODULE))
@@ -276,7 +279,7 @@ def msda_stages(ref):
   for ref_name in ("ref2", "ref4"):
     out = module.apply(params, jnp.asarray(d["module_query"]), jnp.asarray(d["module_query_pos"]),
                        value, jnp.asarray(d[f"module_{ref_name}"]), shapes,
-                       jnp.asarray(d["module_key_padding_mask"]))
+                       ~jnp.asarray(d["module_key_padding_mask"], bool))  # detrex: True = padded
     results.append(compare_close(f"msda/module_{ref_name}", out, d[f"module_out_{ref_name}"],
                                  atol=TOL_MODULE))
   return results
@@ -286,18 +289,18 @@ def eval_stages(reference, config, skipped=None, arbitrate=True):
   """Eval-forward stages of forward_eval.npz (indices forced). Decoder-output rows that miss
   their float32 tolerance get the float64 arbitration when `arbitrate` (decisions §8)."""
   ref = reference["forward_eval"]
-  images, mask, sizes = make_batch(reference["inputs"])
+  images, pixel_valid, sizes = make_batch(reference["inputs"])
   model, variables = build_model(config, reference["dir"], train=False)
   n = config.model.num_encoder_layers
   forced = forced_from(ref, n)
-  outputs, inter = run_forward(model, variables, images, mask, False, forced)
+  outputs, inter = run_forward(model, variables, images, pixel_valid, False, forced)
   results = transformer_stages("eval", ref, outputs, inter, n, full=True, skipped=skipped)
   results += detection_stages("eval", ref, outputs, sizes, config.model.num_select)
   decoder_stages = {f"eval/{k}" for k, _ in DECODER_OUTPUTS}
   needs_f64 = [r for r in results if not r.passed and (
       r.stage in decoder_stages or r.stage.startswith(("eval/det_img", "eval/infer_img")))]
   if arbitrate and needs_f64 and config.model.dtype == "float32":
-    outputs64, _ = float64_forward(reference, config, images, mask, forced)
+    outputs64, _ = float64_forward(reference, config, images, pixel_valid, forced)
     results = arbitrate_decoder_rows("eval", results, ref, outputs, outputs64, sizes,
                                      config.model.num_select)
   return results
@@ -306,12 +309,12 @@ def eval_stages(reference, config, skipped=None, arbitrate=True):
 def train_forward(reference, config):
   """Train-mode forward of the recorded train batch (padding masks on), indices forced."""
   ref = reference["losses_train"]
-  images, mask, sizes = make_batch(reference["inputs"], prefix="train_")
+  images, pixel_valid, sizes = make_batch(reference["inputs"], prefix="train_")
   model, variables = build_model(config, reference["dir"], train=True)
   n = config.model.num_encoder_layers
-  outputs, inter = run_forward(model, variables, images, mask, True, forced_from(ref, n))
-  return dict(model=model, variables=variables, images=images, padding_mask=mask, sizes=sizes,
-              outputs=outputs, intermediates=inter)
+  outputs, inter = run_forward(model, variables, images, pixel_valid, True, forced_from(ref, n))
+  return dict(model=model, variables=variables, images=images, pixel_valid=pixel_valid,
+              sizes=sizes, outputs=outputs, intermediates=inter)
 
 
 def train_stages(reference, config, forward=None, skipped=None):
@@ -324,8 +327,9 @@ def train_stages(reference, config, forward=None, skipped=None):
       shapes = [tuple(int(v) for v in s) for s in ref["spatial_shapes"]]
       start = int(sum(h * w for h, w in shapes[:l]))
       h, w = shapes[l]
-      ours = forward["intermediates"]["padding_mask_flat"][:, start:start + h * w].reshape(-1, h, w)
-      results.append(compare_exact(f"train/padding_mask_lvl{l}", ours, ref[f"padding_mask_lvl{l}"]))
+      ours = forward["intermediates"]["token_valid"][:, start:start + h * w].reshape(-1, h, w)
+      detrex_valid = ~np.asarray(ref[f"padding_mask_lvl{l}"], bool)  # detrex: True = padded
+      results.append(compare_exact(f"train/padding_mask_lvl{l}", ours, detrex_valid))
   return results
 
 

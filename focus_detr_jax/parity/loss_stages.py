@@ -277,9 +277,9 @@ def loss_stage_rows(parity_dir=None, max_boxes: int = 100) -> List[StageResult]:
 # gradients of the total loss.
 
 def _train_batch(reference, max_boxes):
-  images, mask, _ = make_batch(reference["inputs"], prefix="train_")
+  images, pixel_valid, _ = make_batch(reference["inputs"], prefix="train_")
   targets = load_targets(reference["dir"], max_boxes)
-  return dict(image=jnp.asarray(images), padding_mask=jnp.asarray(mask),
+  return dict(image=jnp.asarray(images), pixel_valid=jnp.asarray(pixel_valid),
               **{k: jnp.asarray(v) for k, v in targets.items()})
 
 

@@ -63,21 +63,25 @@ def load_reference(reference_dir):
 
 
 def make_batch(inputs, prefix=""):
-  """detrex ImageList: normalise, zero-pad bottom/right to the batch max; mask True = padded."""
+  """detrex ImageList: normalise, zero-pad bottom/right to the batch max.
+
+  Returns (images, pixel_valid, sizes); pixel_valid is True on image pixels (detrex's ImageList
+  mask is its negation, True = padded).
+  """
   images = [inputs[k] for k in sorted(k for k in inputs if k.startswith(prefix + "image_")
                                       and k[len(prefix + "image_"):].isdigit())]
   mean, std = inputs["pixel_mean"], inputs["pixel_std"]
   h = max(im.shape[1] for im in images)
   w = max(im.shape[2] for im in images)
   batch = np.zeros((len(images), h, w, 3), np.float32)
-  mask = np.ones((len(images), h, w), bool)
+  pixel_valid = np.zeros((len(images), h, w), bool)
   sizes = []
   for i, im in enumerate(images):
     x = im.astype(np.float32).transpose(1, 2, 0)
     batch[i, :x.shape[0], :x.shape[1]] = (x - mean) / std
-    mask[i, :x.shape[0], :x.shape[1]] = False
+    pixel_valid[i, :x.shape[0], :x.shape[1]] = True
     sizes.append(x.shape[:2])
-  return batch, mask, np.asarray(sizes, np.int32)
+  return batch, pixel_valid, np.asarray(sizes, np.int32)
 
 
 def backbone_mapper(config):
@@ -113,20 +117,21 @@ def forced_from(ref, num_layers):
   return forced
 
 
-def run_forward(model, variables, images, padding_mask, train, forced):
+def run_forward(model, variables, images, pixel_valid, train, forced):
   fn = jax.jit(lambda v, x, m, f: model.apply(v, x, m, train=train, forced=f,
                                               mutable=["intermediates"]))
-  outputs, state = fn(variables, jnp.asarray(images), jnp.asarray(padding_mask), forced)
+  outputs, state = fn(variables, jnp.asarray(images), jnp.asarray(pixel_valid), forced)
   inter = jax.tree_util.tree_map(lambda x: np.asarray(x), state["intermediates"])
   inter = {k: (v[0] if isinstance(v, tuple) else v) for k, v in inter.items()}
   return jax.tree_util.tree_map(np.asarray, outputs), inter
 
 
-def float64_forward(reference, config, images, mask, forced, train=False):
+def float64_forward(reference, config, images, pixel_valid, forced, train=False):
   """Our model in float64 (under jax.enable_x64) on the same inputs, the given indices forced:
   (outputs, intermediates)."""
   config64 = config.copy_and_resolve_references()
   config64.model.dtype = "float64"
   with jax.enable_x64(True):
     model64, variables64 = build_model(config64, reference["dir"], train=train)
-    return run_forward(model64, variables64, images.astype(np.float64), mask, train, forced)
+    return run_forward(model64, variables64, images.astype(np.float64), pixel_valid, train,
+                       forced)

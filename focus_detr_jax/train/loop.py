@@ -84,7 +84,7 @@ def enable_compilation_cache() -> Optional[str]:
 
 
 def _normalising_on_device(step_fn, data):
-  """`step_fn(state, batch)` fed uint8 images: the normalisation and the padding mask are made
+  """`step_fn(state, batch)` fed uint8 images: the normalisation and `pixel_valid` are made
   inside the jitted step (data/device.py, bit-identical to the host's)."""
   def step(state, batch):
     return step_fn(state, device.normalize_on_device(batch, data.pixel_mean, data.pixel_std))

@@ -64,8 +64,8 @@ def model_loss(model, params, extra_variables, batch, objective: Objective, *, k
     model: FocusDETR; params: the trainable `params` tree; extra_variables: other collections
       (`frozen` FrozenBN statistics), may be empty.
     objective: the loss and denoising settings (`Objective.from_config(config)`).
-    batch: `image` [B,H,W,3], `padding_mask` [B,H,W], `boxes` [B,M,4] cxcywh, `labels` [B,M],
-      `box_valid` [B,M], `image_size` [B,2].
+    batch: `image` [B,H,W,3], `pixel_valid` [B,H,W] (True = image pixel), `boxes` [B,M,4]
+      cxcywh, `labels` [B,M], `box_valid` [B,M], `image_size` [B,2].
     key: PRNG key for the denoising noise and drop path (training).
     dn_draws: given denoising draws (parity); overrides the key for the noise.
     forced: teacher-forced top-k indices (parity).
@@ -84,7 +84,7 @@ def model_loss(model, params, extra_variables, batch, objective: Objective, *, k
                      attn_mask=dn.dn_attn_mask, valid=dn.dn_valid)
   rngs = {"dropout": drop_key} if drop_key is not None else {}
   outputs = model.apply({"params": params, **extra_variables}, batch["image"],
-                        batch["padding_mask"], train=True, denoising=denoising, forced=forced,
+                        batch["pixel_valid"], train=True, denoising=denoising, forced=forced,
                         rngs=rngs)
   targets = dict(boxes=batch["boxes"], labels=batch["labels"], box_valid=batch["box_valid"],
                  image_size=batch["image_size"])
