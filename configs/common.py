@@ -143,11 +143,12 @@ def get_base_config():
   model.batch_group_size = 2
   model.dtype = "float32"                  # "float32" | "bfloat16" | "float64" (compute; params
                                            # stay float32; float64 needs JAX_ENABLE_X64=1)
-  # Rematerialisation "<scope>[:<policy>]" (models/remat.py): none | decoder | layers | full,
-  # policy nothing | dots. Values are unchanged; it trades backward recomputation for memory
-  # (on XLA:CPU only with the memory-minimising scheduler flag: BENCHMARKS.md, "Train step:
-  # profile, memory and rematerialisation").
-  model.remat = "none"
+  # Rematerialisation (models/remat.py): "auto" (per training canvas: "full" above 1.8 M pixels
+  # per device batch, else "layers") or "<scope>[:<policy>]" with scope none | decoder | layers |
+  # backbone | full, policy nothing | dots. Values are unchanged; it trades backward
+  # recomputation for memory (on XLA:CPU with train.xla_cpu_scheduler="memory": BENCHMARKS.md,
+  # "Train step: profile, memory and rematerialisation").
+  model.remat = "auto"
   # Deformable-attention formulation (models/deformable_attention.py): "auto" (per backend:
   # gather_vjp on CPU, gather on GPU/TPU) or one of its IMPLEMENTATIONS (same function; speed).
   model.msda_implementation = "auto"
@@ -196,6 +197,10 @@ def get_base_config():
   train.eval_every = 5000
   train.image_log_every = 5000
   train.max_minutes = 0.0              # stop (and checkpoint) after this wall time; 0 = no limit
+  # XLA:CPU's instruction scheduler for this process (focus_detr_jax/xla_options.py): "memory"
+  # (memory-minimising; fewer temporaries, no slower on the 2-core CPU) | "concurrency" (XLA's
+  # default). Set before JAX starts; an explicit flag in XLA_FLAGS wins. No effect on GPU/TPU.
+  train.xla_cpu_scheduler = "memory"
 
   config.eval = ml_collections.ConfigDict()
   config.eval.max_batches = 0          # 0 = the whole split (per evaluation)

@@ -35,7 +35,7 @@ import sys
 
 from absl import flags
 
-from focus_detr_jax import cli
+from focus_detr_jax import cli, xla_options
 from focus_detr_jax.benchmarks import runner, tasks
 
 
@@ -68,6 +68,9 @@ def define_flags(fv, argv):
   s("bf16-config", "r50", "", flag_values=fv)
   s("baseline-config", "r50", "", flag_values=fv)
   i("repeats", 3, "", flag_values=fv)
+  flags.DEFINE_enum("xla-cpu-scheduler", "memory", sorted(xla_options.CPU_SCHEDULERS),
+                    "XLA:CPU scheduler of our side (config.train.xla_cpu_scheduler's default: "
+                    "memory); an explicit flag in XLA_FLAGS wins", flag_values=fv)
   i("timeout", 900, "per measurement, seconds", flag_values=fv)
   s("json", None, "write raw results here", flag_values=fv)
   s("markdown", None, "write the markdown report here", flag_values=fv)
@@ -84,6 +87,8 @@ def run(fv, positional):
   if positional:
     raise cli.UsageError(f"unexpected arguments {positional}")
   args = cli.namespace(fv, [n for n in fv if n != "debug"])
+  # Before JAX starts its backends; worker processes inherit it through XLA_FLAGS.
+  xla_options.configure_cpu_scheduler(args.xla_cpu_scheduler)
   if args.smoke:   # smoke values for every option left at its default
     for key, value in runner.SMOKE.items():
       if getattr(args, key) == fv[key.replace("_", "-")].default:

@@ -23,7 +23,7 @@ import os
 
 from absl import flags
 
-from focus_detr_jax import cli
+from focus_detr_jax import cli, xla_options
 from focus_detr_jax.benchmarks import detrex
 
 
@@ -42,6 +42,9 @@ def define_flags(fv, argv):
   s("model-overrides", "{}", "JSON config.model overrides for ours, e.g. "
     "'{\"remat\": \"none\"}'", flag_values=fv)
   i("threads", 2, "CPU threads of each side", flag_values=fv)
+  flags.DEFINE_enum("xla-cpu-scheduler", "memory", sorted(xla_options.CPU_SCHEDULERS),
+                    "XLA:CPU scheduler of our side (config.train.xla_cpu_scheduler's default: "
+                    "memory); an explicit flag in XLA_FLAGS wins", flag_values=fv)
   i("repeats", 3, "timed calls after the warm-up", flag_values=fv)
   i("timeout", 1200, "per worker process, seconds", flag_values=fv)
   s("json", None, "write the results here", flag_values=fv)
@@ -51,6 +54,8 @@ def run(fv, positional):
   if positional:
     raise cli.UsageError(f"unexpected arguments {positional}")
   args = cli.namespace(fv, [n for n in fv if n != "debug"])
+  # Before JAX starts its backends; worker processes inherit it through XLA_FLAGS.
+  xla_options.configure_cpu_scheduler(args.xla_cpu_scheduler)
   if not args.detrex_python or not args.detrex_root:
     raise cli.UsageError("--detrex-python and --detrex-root (or DETREX_ROOT) are required")
   detrex.compare(args)

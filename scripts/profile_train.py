@@ -12,7 +12,8 @@ forward) this prints and optionally writes as JSON / markdown:
 
   .venv/bin/python scripts/profile_train.py --size 512x768 --batch 2
   .venv/bin/python scripts/profile_train.py --size 800x1333 --compile-only \
-      --remat none,encoder_decoder,all
+      --remat none,layers,full,auto
+  .venv/bin/python scripts/profile_train.py --xla-cpu-scheduler concurrency   # XLA's default
   .venv/bin/python scripts/profile_train.py --program fwd --size 256x384
 
 Profile times: *wall s* shares each instant of the call among the instructions running on the XLA
@@ -26,7 +27,7 @@ import sys
 import jax
 from absl import flags
 
-from focus_detr_jax import cli
+from focus_detr_jax import cli, xla_options
 from focus_detr_jax.benchmarks import profiling, tasks
 
 
@@ -39,6 +40,9 @@ def define_flags(fv, argv):
                     flag_values=fv)
   flags.DEFINE_string("remat", None, "comma-separated model.remat policies, one measurement each "
                       "(default: the config's)", flag_values=fv)
+  flags.DEFINE_enum("xla-cpu-scheduler", "memory", sorted(xla_options.CPU_SCHEDULERS),
+                    "XLA:CPU scheduler (config.train.xla_cpu_scheduler; its default is memory); "
+                    "an explicit flag in XLA_FLAGS wins", flag_values=fv)
   flags.DEFINE_boolean("compile-only", False, "stop after XLA's memory and cost analysis",
                        flag_values=fv)
   flags.DEFINE_boolean("no-trace", False, "skip the profiler trace", flag_values=fv)
@@ -53,10 +57,13 @@ def run(fv, positional):
   if positional:
     raise cli.UsageError(f"unexpected arguments {positional}")
   args = cli.namespace(fv, [n for n in fv if n != "debug"])
+  xla_options.configure_cpu_scheduler(args.xla_cpu_scheduler)   # before JAX starts its backends
+  scheduler = xla_options.user_cpu_scheduler() or "concurrency"
+  print(f"XLA:CPU scheduler: {scheduler}")
   jax.config.update("jax_enable_compilation_cache", False)
   rows = []
   for remat in (args.remat.split(",") if args.remat else [None]):
-    rows.append(profiling.measure(args, remat))
+    rows.append(dict(profiling.measure(args, remat), xla_cpu_scheduler=scheduler))
   md = profiling.markdown(rows)
   print(md)
   if args.json:

@@ -47,3 +47,31 @@ def test_remat_setting_is_checked():
   assert remat.parse("full:dots") == ("full", "dots")
   with pytest.raises(ValueError, match="model.remat"):
     remat.parse("everything")
+
+
+def test_auto_resolves_per_canvas_and_device_batch():
+  assert remat.parse("auto") == ("auto", "nothing")
+  with pytest.raises(ValueError, match="model.remat"):
+    remat.parse("auto:dots")
+  assert remat.parse("backbone:dots") == ("backbone", "dots")
+  assert remat.resolve("auto", (2, 512, 768, 3)) == "layers"    # 0.79 M pixels
+  assert remat.resolve("auto", (2, 800, 1067, 3)) == "layers"   # 1.71 M pixels
+  assert remat.resolve("auto", (2, 800, 1333, 3)) == "full"     # 2.13 M pixels
+  assert remat.resolve("auto", (16, 800, 1333, 3), devices=8) == "full"
+  assert remat.resolve("auto", (16, 800, 1333, 3), devices=16) == "layers"
+  assert remat.resolve("layers", (2, 800, 1333, 3)) == "layers"
+
+
+def test_for_batch_clones_only_auto():
+  model = FocusDETR(remat="auto")
+  assert remat.for_batch(model, (2, 512, 768, 3)).remat == "layers"
+  large = remat.for_batch(model, (2, 800, 1333, 3))
+  assert large.remat == "full" and model.remat == "auto"
+  fixed = FocusDETR(remat="layers")
+  assert remat.for_batch(fixed, (2, 800, 1333, 3)) is fixed
+  # Inside a step traced under a 2-device `data` mesh, the batch is split in two.
+  mesh = jax.sharding.AbstractMesh((2,), ("data",))
+  with jax.sharding.use_abstract_mesh(mesh):
+    assert remat.batch_devices() == 2
+    assert remat.for_batch(model, (4, 800, 1333, 3)).remat == "full"
+    assert remat.for_batch(model, (2, 800, 1333, 3)).remat == "layers"

@@ -19,7 +19,7 @@ import numpy as np
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from focus_detr_jax import config_check, visualize
+from focus_detr_jax import config_check, visualize, xla_options
 from focus_detr_jax.checkpoint import as_path, save_model_checkpoint
 from focus_detr_jax.convert import init as init_lib
 from focus_detr_jax.data import datasets, device, iterators
@@ -152,6 +152,8 @@ def train_and_evaluate(config, workdir, *, evaluate: bool = True,
   last step, the final model is still written and only the final evaluation is skipped (a rerun
   of the same command does it). All hosts agree on each of these decisions.
   """
+  # Process-wide XLA settings (config.train.xla_cpu_scheduler): before JAX starts its backends.
+  xla_options.configure(config)
   with _Preemption() as preemption:
     return _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps)
 

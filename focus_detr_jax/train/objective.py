@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional
 
 import jax
 
+from focus_detr_jax.models import remat
 from focus_detr_jax.models.focus_detr import feature_level_shapes
 from focus_detr_jax.train.criterion import LossConfig, focus_detr_loss
 from focus_detr_jax.train.denoising import CdnDraws, build_cdn_queries, sample_cdn_draws
@@ -83,6 +84,7 @@ def model_loss(model, params, extra_variables, batch, objective: Objective, *, k
     denoising = dict(labels=dn.dn_labels, boxes_unact=dn.dn_boxes_unact,
                      attn_mask=dn.dn_attn_mask, valid=dn.dn_valid)
   rngs = {"dropout": drop_key} if drop_key is not None else {}
+  model = remat.for_batch(model, batch["image"].shape)   # model.remat="auto": per canvas
   outputs = model.apply({"params": params, **extra_variables}, batch["image"],
                         batch["pixel_valid"], train=True, denoising=denoising, forced=forced,
                         rngs=rngs)
