@@ -92,6 +92,16 @@ def _normalising_on_device(step_fn, data):
   return step
 
 
+def make_train_step(config, model, tx, schedule, mesh):
+  """The jitted `train_step(state, batch)` of the loop: uint8 batches sharded over `mesh`'s data
+  axis, the state replicated and donated. One XLA program per canvas shape."""
+  return sharding.jit_data_parallel(
+      _normalising_on_device(functools.partial(
+          steps.train_step, model=model, objective=Objective.from_config(config), tx=tx,
+          schedule=schedule, ema_decay=config.optim.ema_decay), config.data),
+      mesh, donate_state=True)
+
+
 def _summaries(metrics, rate, steps_left, elapsed, max_minutes=0.0):
   """Every scalar metric plus steps/s (`rate`) and the minutes left: the step count's or the
   time budget's (`max_minutes` from the start, `elapsed` seconds spent), whichever ends first."""
@@ -208,11 +218,7 @@ def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps)
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
 
-  train_step = sharding.jit_data_parallel(
-      _normalising_on_device(functools.partial(
-          steps.train_step, model=model, objective=Objective.from_config(config), tx=tx,
-          schedule=schedule, ema_decay=config.optim.ema_decay), config.data),
-      mesh, donate_state=True)
+  train_step = make_train_step(config, model, tx, schedule, mesh)
   evaluator = None
   if evaluate:
     evaluator = Evaluator(model, config, workdir, max_batches=config.eval.max_batches or None)

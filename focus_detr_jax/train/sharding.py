@@ -59,4 +59,9 @@ def jit_data_parallel(fn, mesh: Mesh, donate_state: bool = False):
     with jax.set_mesh(mesh):
       return jitted(state, batch)
 
+  def lower(state, batch):   # ahead-of-time: shapes (ShapeDtypeStruct) are enough
+    with jax.set_mesh(mesh):
+      return jitted.lower(state, batch)
+
+  call.lower = lower
   return call
