@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from focus_detr_jax.data import canvas as canvas_lib
+from focus_detr_jax import xla_options
 from focus_detr_jax.convert.init import model_shapes
 from focus_detr_jax.models.focus_detr import FocusDETR
 from focus_detr_jax.train import loop, optim, sharding
@@ -39,10 +40,12 @@ def abstract_batch(batch: int, height: int, width: int, max_boxes: int) -> Dict[
 
 
 def measure(spec) -> Dict:
-  """One phase: {canvases: [{canvas, lower_s, compile_s}], trace_s}."""
+  """One phase: {canvases: [{canvas, lower_s, compile_s}], trace_s, xla_cpu_scheduler, remat}."""
+  config = importlib.import_module(f"configs.{spec['config']}").get_config()
+  # As the training loop does, before JAX starts its backends.
+  xla_options.configure_cpu_scheduler(config.train.xla_cpu_scheduler)
   jax.config.update("jax_compilation_cache_dir", spec["cache_dir"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  config = importlib.import_module(f"configs.{spec['config']}").get_config()
   model = FocusDETR.from_config(config.model)
   mesh = sharding.make_mesh(jax.devices()[:1])
   t0 = time.perf_counter()
@@ -62,7 +65,8 @@ def measure(spec) -> Dict:
     rows.append(dict(canvas=[h, w], lower_s=t1 - t0, compile_s=time.perf_counter() - t1))
     print(f"{h}x{w}: lower {t1 - t0:.1f} s, compile {rows[-1]['compile_s']:.1f} s", flush=True,
           file=sys.stderr)
-  return dict(canvases=rows, trace_s=trace_s)
+  return dict(canvases=rows, trace_s=trace_s, remat=config.model.remat,
+              xla_cpu_scheduler=xla_options.user_cpu_scheduler() or "concurrency")
 
 
 def run(config: str, batch: int, cache_dir: str, canvases=None) -> Dict[str, List[Dict]]:
@@ -86,6 +90,8 @@ def markdown(result) -> str:
   total = lambda p: sum(r["lower_s"] + r["compile_s"] for r in result[p]["canvases"])  # noqa: E731
   rows.append(f"| **all {len(result['cold']['canvases'])}** | | **{total('cold'):.0f}** (lower + "
               f"compile) | | **{total('warm'):.0f}** (lower + load) |")
+  rows.append(f"\nmodel.remat={result['cold']['remat']}, XLA:CPU scheduler "
+              f"{result['cold']['xla_cpu_scheduler']}")
   return "\n".join(rows)
 
 
