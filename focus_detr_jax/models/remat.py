@@ -14,7 +14,7 @@ device's batch holds more than `AUTO_FULL_ABOVE_PIXELS` pixels (images x height 
 padded canvas), else `layers` (`for_batch`, applied by train/objective.py::model_loss; without
 a batch, e.g. in evaluation where nothing is differentiated, `auto` means `none`). Measured on
 XLA:CPU with the memory-minimising scheduler (R50, batch 2, BENCHMARKS.md): at 512x768 `layers`
-has 3.4 GiB of temporaries (`none` 5.4) and was the fastest setting on the 2-core CPU; at
+has 3.4 GiB of temporaries (`none` 5.4) at no cost in step time on the 2-core CPU; at
 800x1333 `layers` leaves 8.0 GiB, `full` 7.8 GiB (`none` 11.6).
 
 Rematerialisation computes the same function: the backward recomputes the same forward ops
