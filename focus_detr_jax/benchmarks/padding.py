@@ -85,7 +85,9 @@ def _pad(image, canvas):
 
 
 def eval_canvas(h: int, w: int, canvases=common.COCO_EVAL_CANVASES) -> Tuple[int, int]:
-  """The smallest canvas holding an (h, w) network input (the evaluation's routing rule)."""
+  """The smallest canvas holding an (h, w) network input: `transforms.tf_eval_canvas_index`'s
+  rule for an image that is already at its eval size (that function resizes first); with no
+  canvas holding it, the old 800x1333 canvas instead of a rescale."""
   fits = [c for c in canvases if h <= c[0] and w <= c[1]]
   return min(fits, key=lambda c: c[0] * c[1]) if fits else OLD_COCO_CANVAS
 

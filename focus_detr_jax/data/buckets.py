@@ -452,7 +452,7 @@ def choose_eval_canvases(hw, data, per_group: int = 3) -> tuple[Canvas, ...]:
 
 def eval_pixels_per_image(hw, data, canvases) -> tuple[float, float, float]:
   """(mean canvas area, mean image area, fraction rescaled) when each eval image goes to the
-  smallest canvas that holds it (`canvas.canvas_index_for_eval`'s rule)."""
+  smallest canvas that holds it (`transforms.tf_eval_canvas_index`'s rule)."""
   fh, fw = eval_sizes(hw, data)
   c = np.asarray(canvases, np.int64)
   fits = (fh[:, None] <= c[None, :, 0]) & (fw[:, None] <= c[None, :, 1])
