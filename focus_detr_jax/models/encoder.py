@@ -9,8 +9,6 @@ Per layer l, on the K_l gathered foreground tokens (static capacity, dynamic cou
 The caller scatters the first min(focus_token_nums[b], K_l) rows back into the memory.
 """
 
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

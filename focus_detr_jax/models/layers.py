@@ -5,7 +5,7 @@ the exporter and the gradient comparison. PyTorch numerics are kept: LayerNorm/G
 """
 
 import functools
-from typing import Optional, Sequence
+from typing import Optional
 
 import flax.linen as nn
 import jax

@@ -5,7 +5,6 @@ converter maps `backbone.res3.0.conv2.weight` -> `backbone/res3_0/conv2/kernel` 
 """
 
 import math
-from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp

@@ -6,10 +6,9 @@ with masks (decisions §2-3). The padding fill of the ranking key is the minimum
 batch group, as detrex's `masked_fill(pad, score.min())`.
 """
 
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 

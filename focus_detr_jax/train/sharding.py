@@ -5,7 +5,7 @@ Each host feeds its own slice of the global batch; `global_batch` assembles the 
 arrays into global `jax.Array`s without copying other hosts' data.
 """
 
-from typing import Any, Dict
+from typing import Dict
 
 import jax
 import numpy as np
