@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from configs import common
+import data_helpers as helpers
 from focus_detr_jax.data import buckets
 from focus_detr_jax.data import streams
 from focus_detr_jax.data import transforms
@@ -25,7 +26,7 @@ def _schedule(counts, bounds=(1.0,), buckets_=None, seed=3):
 def test_each_group_gets_exactly_its_share_of_the_steps(counts, bounds):
   s = _schedule(counts, bounds)
   share = np.asarray(s.group_counts, np.float64) / sum(s.group_counts)
-  groups = [buckets.group_for_step(t, s) for t in range(600)]
+  groups = [helpers.group_for_step(t, s) for t in range(600)]
   seen = np.zeros(len(share), np.int64)
   for t, (g, k) in enumerate(groups):
     assert k == seen[g]                       # the batch index in that group's stream
@@ -39,16 +40,16 @@ def test_each_group_gets_exactly_its_share_of_the_steps(counts, bounds):
 
 def test_schedule_is_a_function_of_the_step_and_the_seed():
   s = _schedule((1, 1), buckets_=((480, 512, 544, 576, 608, 640), (672, 704, 736, 768, 800)))
-  a = [buckets.plan_for_step(t, s) for t in (0, 7, 123, 7)]
+  a = [helpers.plan_for_step(t, s) for t in (0, 7, 123, 7)]
   assert a[1] == a[3]
-  scales = [buckets.plan_for_step(t, s).scale for t in range(300)]
+  scales = [helpers.plan_for_step(t, s).scale for t in range(300)]
   counts = np.bincount([COCO.train_scales.index(v) for v in scales], minlength=11)
   assert counts.min() > 0.5 * 300 / 11      # uniform over the 11 scales
   other = _schedule((1, 1), buckets_=((480, 512, 544, 576, 608, 640), (672, 704, 736, 768, 800)),
                     seed=4)
-  assert [buckets.plan_for_step(t, other).scale for t in range(300)] != scales
+  assert [helpers.plan_for_step(t, other).scale for t in range(300)] != scales
   for t in range(40):
-    p = buckets.plan_for_step(t, s)
+    p = helpers.plan_for_step(t, s)
     assert p.canvas == s.canvases[s.canvas_index(p.group, s.buckets[s.scales.index(p.scale)])]
 
 

@@ -10,9 +10,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+import data_helpers as helpers
 from focus_detr_jax.data import coco_folder
 from focus_detr_jax.data import iterators
-from focus_detr_jax.data import testing
 
 CATS = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
 HW = (48, 64)
@@ -20,13 +20,13 @@ GOOD_BOX = {"category_id": 1, "bbox": [4, 4, 20, 16]}
 
 
 def _img(mode=None, fmt="JPEG", **kw):
-  return testing.encode(testing.drawn_image(HW, [(4, 4, 24, 20)], background=200), fmt, mode,
+  return helpers.encode(helpers.drawn_image(HW, [(4, 4, 24, 20)], background=200), fmt, mode,
                         **kw)
 
 
 def _exif_rotated():
   """A JPEG stored 64 wide x 48 high whose EXIF says: rotate to 48 wide x 64 high."""
-  im = Image.fromarray(testing.drawn_image(HW, [(4, 4, 24, 20)], background=200))
+  im = Image.fromarray(helpers.drawn_image(HW, [(4, 4, 24, 20)], background=200))
   exif = Image.Exif()
   exif[0x0112] = 6
   buf = io.BytesIO()
@@ -44,7 +44,7 @@ def _sixteen_bit():
 def _entries():
   good = _img()
   noise = np.random.default_rng(0).integers(0, 255, (200, 200, 3)).astype(np.uint8)
-  full = testing.encode(noise)
+  full = helpers.encode(noise)
   truncated = full[:len(full) * 2 // 3]  # header intact, pixel data cut
   many = [{"category_id": 1 + (k % 2), "bbox": [2 + 4 * k, 2, 3, 3]} for k in range(12)]
   return [
@@ -83,7 +83,7 @@ def _entries():
 def prepared(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("bad"))
   entries = _entries()
-  images_dir, ann_path = testing.write_coco_folder(root, "train", entries, CATS)
+  images_dir, ann_path = helpers.write_coco_folder(root, "train", entries, CATS)
   data = json.load(open(ann_path))
   data["images"].append({"id": 1, "file_name": "dup.jpg"})           # duplicate id
   data["images"].append({"id": 99})                                  # no file_name
@@ -137,7 +137,7 @@ def test_prepared_images_decode_as_rgb_with_aligned_boxes(prepared):
 
 
 def _config(root, splits, **kw):
-  config = testing.small_config(root, size=64, dataset="coco_folder", max_boxes=5, **kw)
+  config = helpers.small_config(root, size=64, dataset="coco_folder", max_boxes=5, **kw)
   config.folder.train_images, config.folder.train_annotations = splits["train"]
   config.folder.eval_images, config.folder.eval_annotations = splits["validation"]
   config.data_dir = os.path.join(root, "tfds")
@@ -223,7 +223,7 @@ def test_other_colour_modes_converted_to_rgb_and_counted(prepared, prepared_exam
   assert img.shape == (*HW, 3)
   assert builder.prepare_stats["train"][key] == 1
   if iid != 7:  # the rectangle is where its box says
-    errors = testing.alignment_errors(img, [[14 / 64, 12 / 48, 20 / 64, 16 / 48]], [0], [True],
+    errors = helpers.alignment_errors(img, [[14 / 64, 12 / 48, 20 / 64, 16 / 48]], [0], [True],
                                       HW, colours=[tuple(int(v) for v in img[12, 14])])
     assert errors and max(errors) <= 1.0, errors
 
@@ -233,7 +233,7 @@ def test_png_data_kept_and_counted(prepared, prepared_examples):
   assert 4 in prepared_examples                   # PNG bytes in a .jpg file: used as PNG
   assert builder.prepare_stats["train"]["images_png"] == 4   # + rgba, palette, 16-bit
   np.testing.assert_array_equal(prepared_examples[4]["image"],
-                                testing.drawn_image(HW, [(4, 4, 24, 20)], background=200))
+                                helpers.drawn_image(HW, [(4, 4, 24, 20)], background=200))
 
 
 @pytest.mark.parametrize("case,key,n", [("zero_area", "boxes_zero_area_dropped", 1),
@@ -263,7 +263,7 @@ def test_more_boxes_than_max_boxes_kept_at_preparation(prepared, prepared_exampl
 
 def test_counts_are_reported_in_the_logs(tmp_path, caplog):
   good = _img()
-  images_dir, ann = testing.write_coco_folder(str(tmp_path), "train", [
+  images_dir, ann = helpers.write_coco_folder(str(tmp_path), "train", [
       dict(id=1, file_name="a.jpg", data=good, annotations=[GOOD_BOX]),
       dict(id=2, file_name="b.jpg", data=b"broken", annotations=[GOOD_BOX]),
       dict(id=3, file_name="c.jpg", data=good, annotations=[

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import data_helpers as helpers
 from focus_detr_jax.data import coco_folder
 from focus_detr_jax.data import datasets
 from focus_detr_jax.data import iterators
-from focus_detr_jax.data import testing
 
 CATEGORIES = [{"id": 11, "name": "ball"}, {"id": 3, "name": "box"}, {"id": 7, "name": "cone"}]
 
@@ -28,8 +28,8 @@ def _images(n, hw=(60, 80), seed=0):
       rects.append((x, y, x + w, y + h))
       anns.append({"category_id": cat, "bbox": [int(x), int(y), int(w), int(h)],
                    "area": int(w * h)})
-    img = testing.drawn_image(hw, rects)
-    out.append({"file_name": f"{k:04d}.png", "data": testing.encode(img, "PNG"), "id": 100 + k,
+    img = helpers.drawn_image(hw, rects)
+    out.append({"file_name": f"{k:04d}.png", "data": helpers.encode(img, "PNG"), "id": 100 + k,
                 "height": hw[0], "width": hw[1], "annotations": anns, "rects": rects})
   return out
 
@@ -39,8 +39,8 @@ def folder(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("cocofolder"))
   train = _images(6)
   val = _images(3, seed=1)
-  splits = {"train": testing.write_coco_folder(root, "train", train, CATEGORIES),
-            "validation": testing.write_coco_folder(root, "val", val, CATEGORIES)}
+  splits = {"train": helpers.write_coco_folder(root, "train", train, CATEGORIES),
+            "validation": helpers.write_coco_folder(root, "val", val, CATEGORIES)}
   return root, splits, train, val
 
 
@@ -106,7 +106,7 @@ def test_changed_annotations_give_a_new_dataset(folder, tmp_path):
 
 def test_pipeline_on_a_folder_and_ground_truth(folder):
   root, splits, _, val = folder
-  config = testing.small_config(root, size=96, dataset="coco_folder")
+  config = helpers.small_config(root, size=96, dataset="coco_folder")
   config.folder.train_images, config.folder.train_annotations = splits["train"]
   config.folder.eval_images, config.folder.eval_annotations = splits["validation"]
   config.data_dir = os.path.join(root, "tfds")
@@ -117,8 +117,8 @@ def test_pipeline_on_a_folder_and_ground_truth(folder):
   by_id = {im["id"]: im for im in val}
   for b in batches:
     for i in np.nonzero(b["example_valid"])[0]:
-      img = testing.denormalize(b["image"][i], config)
-      errors = testing.alignment_errors(img, b["boxes"][i], b["labels"][i], b["box_valid"][i],
+      img = helpers.denormalize(b["image"][i], config)
+      errors = helpers.alignment_errors(img, b["boxes"][i], b["labels"][i], b["box_valid"][i],
                                         b["image_size"][i])
       assert max(errors) <= 1.6, errors
       assert tuple(b["orig_size"][i]) == (60, 80)

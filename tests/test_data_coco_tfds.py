@@ -13,18 +13,18 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import data_helpers as helpers
 from focus_detr_jax.data import coco_folder
 from focus_detr_jax.data import coco_tfds
 from focus_detr_jax.data import datasets
 from focus_detr_jax.data import iterators
-from focus_detr_jax.data import testing
 
 HW = (60, 80)
 RECTS = [(4, 6, 30, 26), (44, 8, 76, 30), (10, 34, 40, 56)]
 
 
 def _drawn(hw=HW, rects=RECTS, fmt="JPEG", mode=None):
-  return testing.encode(testing.drawn_image(hw, rects, background=0), fmt, mode)
+  return helpers.encode(helpers.drawn_image(hw, rects, background=0), fmt, mode)
 
 
 def _objects(rects, labels, hw=HW, crowd=None):
@@ -37,10 +37,10 @@ def _objects(rects, labels, hw=HW, crowd=None):
 
 def _noise_jpeg():
   noise = np.random.default_rng(0).integers(0, 255, (120, 160, 3)).astype(np.uint8)
-  return testing.encode(noise)
+  return helpers.encode(noise)
 
 
-# image id -> (encoded image, objects). Labels 0..2 are drawn in testing.COLOURS[label].
+# image id -> (encoded image, objects). Labels 0..2 are drawn in helpers.COLOURS[label].
 GOOD = {i: (_drawn(), _objects(RECTS, [0, 1, 2])) for i in (1, 2, 3, 4)}
 PORTRAIT = {5: (_drawn((80, 60), [(4, 4, 30, 40)]), _objects([(4, 4, 30, 40)], [0], (80, 60)))}
 # Labels far from 0: map back to COCO ids 1, 13 (label 11), 90 (label 79).
@@ -86,7 +86,7 @@ def _mock(with_bad: bool):
 
 
 def _config(tmp_path):
-  c = testing.small_config(str(tmp_path), size=96, dataset="coco", max_boxes=MAX_BOXES)
+  c = helpers.small_config(str(tmp_path), size=96, dataset="coco", max_boxes=MAX_BOXES)
   c.canvases = ((96, 96),)
   c.train_scales = (60, 72)
   c.train_max_size = 96
@@ -126,8 +126,8 @@ def test_eval_reads_every_image_once_with_aligned_boxes(tmp_path):
       if iid in LABELS:
         assert b["labels"][i][b["box_valid"][i]].tolist() == [0, 11, 79]
         continue
-      img = testing.denormalize(b["image"][i], config)
-      errors = testing.alignment_errors(img, b["boxes"][i], b["labels"][i], b["box_valid"][i],
+      img = helpers.denormalize(b["image"][i], config)
+      errors = helpers.alignment_errors(img, b["boxes"][i], b["labels"][i], b["box_valid"][i],
                                         b["image_size"][i])
       assert errors and max(errors) <= 1.6, (iid, errors)
   assert it.stats["images_used"] == len(ids) and it.stats["images_unreadable"] == 0
@@ -158,9 +158,9 @@ def test_training_batches_are_augmented_and_aligned(tmp_path):
       sizes.add(tuple(b["image_size"][i]))
       if int(b["image_id"][i]) in LABELS:
         continue
-      img = testing.denormalize(b["image"][i], config)
+      img = helpers.denormalize(b["image"][i], config)
       # JPEG data: the edge pixels of slivers left by a crop are blends; not compared.
-      errors = testing.alignment_errors(img, b["boxes"][i], b["labels"][i], b["box_valid"][i],
+      errors = helpers.alignment_errors(img, b["boxes"][i], b["labels"][i], b["box_valid"][i],
                                         b["image_size"][i], min_size=3)
       assert max(errors, default=0) <= 1.6, errors
   assert len(sizes) > 1  # multi-scale training
@@ -207,13 +207,13 @@ def test_other_image_data_decoded_to_rgb_and_counted(bad_eval, case, key):
   config, rows, stats = bad_eval
   row = rows[_case(case)]
   assert stats[key] == 1
-  img = testing.denormalize(row["image"], config)
+  img = helpers.denormalize(row["image"], config)
   if case == "grayscale":  # replicated to 3 equal channels; the colours become grays
     h, w = row["image_size"]
     assert (img[:h, :w, 0] == img[:h, :w, 1]).all() and (img[:h, :w, 1] == img[:h, :w, 2]).all()
     assert row["box_valid"].sum() == 3
     return
-  errors = testing.alignment_errors(img, row["boxes"], row["labels"], row["box_valid"],
+  errors = helpers.alignment_errors(img, row["boxes"], row["labels"], row["box_valid"],
                                     row["image_size"])
   assert len(errors) == 3 and max(errors) <= 1.6, errors
 

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 
 from configs import common
+import data_helpers as helpers
 from focus_detr_jax.data import iterators
-from focus_detr_jax.data import streams
-from focus_detr_jax.data import testing
 
 CATS = [{"id": 1, "name": "red"}, {"id": 2, "name": "green"}, {"id": 3, "name": "blue"}]
 CANVASES = ((64, 96), (96, 64))
@@ -25,8 +24,8 @@ def _mixed_images(n=12, seed=0):
       x, y = int(rng.integers(0, hw[1] - w)), label * band + int(rng.integers(0, band - h))
       rects.append((x, y, x + w, y + h))
       anns.append({"category_id": label + 1, "bbox": [x, y, w, h], "area": w * h})
-    img = testing.drawn_image(hw, rects)
-    out.append({"file_name": f"{k}.png", "data": testing.encode(img, "PNG"), "id": 1000 + k,
+    img = helpers.drawn_image(hw, rects)
+    out.append({"file_name": f"{k}.png", "data": helpers.encode(img, "PNG"), "id": 1000 + k,
                 "height": hw[0], "width": hw[1], "annotations": anns})
   return out
 
@@ -34,9 +33,9 @@ def _mixed_images(n=12, seed=0):
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("mixed"))
-  train = testing.write_coco_folder(root, "train", _mixed_images(12), CATS)
-  val = testing.write_coco_folder(root, "val", _mixed_images(7, seed=1), CATS)
-  c = testing.small_config(root, size=96, dataset="coco_folder")
+  train = helpers.write_coco_folder(root, "train", _mixed_images(12), CATS)
+  val = helpers.write_coco_folder(root, "val", _mixed_images(7, seed=1), CATS)
+  c = helpers.small_config(root, size=96, dataset="coco_folder")
   c.folder.train_images, c.folder.train_annotations = train
   c.folder.eval_images, c.folder.eval_annotations = val
   c.canvases = CANVASES
@@ -74,7 +73,7 @@ def test_batch_interface(config):
     assert not b["pixel_valid"][i, :, iw:].any()
     assert not b["image"][i][~b["pixel_valid"][i]].any()  # zero padding after normalisation
     # Black background pixels normalise to -mean/std exactly.
-    corner = testing.denormalize(b["image"][i, :ih, :iw], config)
+    corner = helpers.denormalize(b["image"][i, :ih, :iw], config)
     assert corner.max() == 255
   assert b["labels"][b["box_valid"]].max() <= 2
   assert ((b["boxes"][b["box_valid"]] > 0) & (b["boxes"][b["box_valid"]] <= 1)).all()
@@ -109,7 +108,7 @@ def test_canvas_follows_the_step_schedule_and_aspect(config):
   for step in range(8):
     b = next(it)
     canvas = b["image"].shape[1:3]
-    assert canvas == streams.canvas_for_step(config, step)
+    assert canvas == helpers.canvas_for_step(config, step)
     shapes.append(canvas)
     # Grouped by the orientation of the augmented image (the crop's, or the original's).
     size = b["image_size"]
@@ -126,8 +125,8 @@ def test_augmented_batches_keep_boxes_on_pixels(config):
   for _ in range(8):
     b = next(it)
     for i in range(b["image"].shape[0]):
-      img = testing.denormalize(b["image"][i], config)
-      errors = testing.alignment_errors(img, b["boxes"][i], b["labels"][i], b["box_valid"][i],
+      img = helpers.denormalize(b["image"][i], config)
+      errors = helpers.alignment_errors(img, b["boxes"][i], b["labels"][i], b["box_valid"][i],
                                         b["image_size"][i])
       assert max(errors, default=0) <= 1.6, errors
       n += len(errors)
@@ -185,8 +184,8 @@ def test_eval_every_image_exactly_once(config):
   for b in batches:
     assert not b["box_valid"][~b["example_valid"]].any()
     for i in np.nonzero(b["example_valid"])[0]:
-      img = testing.denormalize(b["image"][i], config)
-      errors = testing.alignment_errors(img, b["boxes"][i], b["labels"][i], b["box_valid"][i],
+      img = helpers.denormalize(b["image"][i], config)
+      errors = helpers.alignment_errors(img, b["boxes"][i], b["labels"][i], b["box_valid"][i],
                                         b["image_size"][i])
       assert len(errors) == 3 and max(errors) <= 1.6
 

@@ -6,11 +6,10 @@ import collections
 import numpy as np
 import pytest
 
-from focus_detr_jax.data import buckets
+import data_helpers as helpers
 from focus_detr_jax.data import device
 from focus_detr_jax.data import iterators
 from focus_detr_jax.data import streams
-from focus_detr_jax.data import testing
 
 CATS = [{"id": 1, "name": "red"}, {"id": 2, "name": "green"}]
 SCALE_BUCKETS = ((48, 56), (64, 72))
@@ -30,7 +29,7 @@ def _images(landscape, portrait, seed=0):
       x, y = int(rng.integers(0, hw[1] - w)), label * hw[0] // 2 + int(rng.integers(0, 4))
       rects.append((x, y, x + w, y + h))
       anns.append({"category_id": label + 1, "bbox": [x, y, w, h], "area": w * h})
-    out.append({"file_name": f"{k}.png", "data": testing.encode(testing.drawn_image(hw, rects),
+    out.append({"file_name": f"{k}.png", "data": helpers.encode(helpers.drawn_image(hw, rects),
                                                                 "PNG"),
                 "id": 2000 + k, "height": hw[0], "width": hw[1], "annotations": anns})
   return out
@@ -39,9 +38,9 @@ def _images(landscape, portrait, seed=0):
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("sched"))
-  train = testing.write_coco_folder(root, "train", _images(8, 4), CATS)
-  val = testing.write_coco_folder(root, "val", _images(2, 1, seed=1), CATS)
-  c = testing.small_config(root, size=96, dataset="coco_folder")
+  train = helpers.write_coco_folder(root, "train", _images(8, 4), CATS)
+  val = helpers.write_coco_folder(root, "val", _images(2, 1, seed=1), CATS)
+  c = helpers.small_config(root, size=96, dataset="coco_folder")
   c.folder.train_images, c.folder.train_annotations = train
   c.folder.eval_images, c.folder.eval_annotations = val
   c.train_scales = (48, 56, 64, 72)
@@ -80,8 +79,8 @@ def test_scale_and_canvas_follow_the_step(config):
   shapes = set()
   for step in range(16):
     b = next(it)
-    plan = buckets.plan_for_step(step, schedule)
-    assert b["image"].shape[1:3] == plan.canvas == streams.canvas_for_step(config, step)
+    plan = helpers.plan_for_step(step, schedule)
+    assert b["image"].shape[1:3] == plan.canvas == helpers.canvas_for_step(config, step)
     shapes.add(plan.canvas)
     # No crop: every image's short side is the step's scale, its orientation the step's group.
     assert (b["image_size"].min(axis=1) == plan.scale).all()
@@ -103,11 +102,11 @@ def test_crop_branch_images_fit_or_are_counted(config):
     h, w = b["image"].shape[1:3]
     assert (b["image_size"][:, 0] <= h).all() and (b["image_size"][:, 1] <= w).all()
     for i in range(2):
-      img = testing.denormalize(b["image"][i], c)
-      errors = testing.alignment_errors(img, b["boxes"][i], b["labels"][i], b["box_valid"][i],
+      img = helpers.denormalize(b["image"][i], c)
+      errors = helpers.alignment_errors(img, b["boxes"][i], b["labels"][i], b["box_valid"][i],
                                         b["image_size"][i])
       assert max(errors, default=0) <= 1.6, errors
-    rescaled += int((b["image_size"].min(axis=1) != buckets.plan_for_step(
+    rescaled += int((b["image_size"].min(axis=1) != helpers.plan_for_step(
         step, streams.train_schedule(c)).scale).sum())
   assert it.stats["images_rescaled_to_fit"] == rescaled
 
@@ -130,13 +129,13 @@ def test_two_hosts_use_the_same_canvas_at_every_step(config):
          for p in range(2)]
   for step in range(10):
     shapes = {next(it)["image"].shape[1:3] for it in its}
-    assert shapes == {streams.canvas_for_step(config, step)}
+    assert shapes == {helpers.canvas_for_step(config, step)}
 
 
 def test_a_dataset_without_portrait_images_trains(tmp_path):
   """Measured weights give an absent orientation no steps (it used to stop the input)."""
-  train = testing.write_coco_folder(str(tmp_path), "train", _images(4, 0), CATS)
-  c = testing.small_config(str(tmp_path), size=96, dataset="coco_folder")
+  train = helpers.write_coco_folder(str(tmp_path), "train", _images(4, 0), CATS)
+  c = helpers.small_config(str(tmp_path), size=96, dataset="coco_folder")
   c.folder.train_images, c.folder.train_annotations = train
   c.canvases = ((96, 96), (96, 96))
   c.group_bounds = (1.0,)

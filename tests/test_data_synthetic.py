@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from configs import demo_synthetic
+import data_helpers as helpers
 from focus_detr_jax.data import coco_folder
 from focus_detr_jax.data import datasets
 from focus_detr_jax.data import iterators
 from focus_detr_jax.data import synthetic
-from focus_detr_jax.data import testing
 
 SIZE = 96
 
@@ -143,7 +143,7 @@ def _low_frequency_std(gray, mask, cell=8):
 
 def test_read_through_the_folder_builder(generated):
   root, ds = generated
-  config = testing.small_config(root, size=SIZE)
+  config = helpers.small_config(root, size=SIZE)
   config.synthetic.num_train, config.synthetic.num_val = 6, 3
   config.synthetic.root = root
   builder, meta = datasets.get_builder(config)

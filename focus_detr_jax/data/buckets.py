@@ -29,7 +29,6 @@ chooses the canvases (`choose_train_canvases`, `choose_eval_canvases`).
 
 import dataclasses
 import itertools
-from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -186,15 +185,8 @@ def _split_step(step, lo, hi, counts, seed, node, where, floordiv):
   return where(is_left, gl, gr), where(is_left, kl, kr)
 
 
-def group_for_step(step: int, schedule: Schedule) -> tuple[int, int]:
-  """(group, batch index in that group's stream) of training step `step` (host side)."""
-  g, k = _split_step(int(step), 0, schedule.num_groups, schedule.group_counts, schedule.seed,
-                     0, lambda c, x, y: x if c else y, lambda x, y: x // y)
-  return int(g), int(k)
-
-
 def tf_group_for_step(step: tf.Tensor, schedule: Schedule) -> tf.Tensor:
-  """int64 group of training step `step` (in-graph `group_for_step`)."""
+  """int64 group of training step `step`, in-graph (`_split_step` on tensors)."""
   step = tf.cast(step, tf.int64)
   g, _ = _split_step(step, 0, schedule.num_groups, schedule.group_counts, schedule.seed, 0,
                      lambda c, x, y: tf.where(c, tf.cast(x, tf.int64), tf.cast(y, tf.int64)),
@@ -223,26 +215,6 @@ def tf_canvas_for(group, scale, schedule: Schedule) -> tf.Tensor:
   b = tf.gather(tf.constant(schedule.buckets, tf.int32), tf.argmax(hit, output_type=tf.int32))
   idx = tf.cast(group, tf.int32) * schedule.num_buckets + b
   return tf.gather(tf.constant(schedule.canvases, tf.int32), idx)
-
-
-@dataclasses.dataclass(frozen=True)
-class StepPlan:
-  step: int
-  group: int
-  batch_in_group: int
-  scale: Optional[int]     # None: drawn per image (one scale bucket)
-  canvas: Canvas
-
-
-def plan_for_step(step: int, schedule: Schedule) -> StepPlan:
-  """Host-side view: group, batch index in the group's stream, scale and canvas of `step`."""
-  group, k = group_for_step(step, schedule)
-  if not schedule.scale_per_step:
-    return StepPlan(int(step), group, k, None,
-                    schedule.canvases[schedule.canvas_index(group, 0)])
-  scale = int(tf_scale_for(group, k, schedule))
-  canvas = tuple(int(v) for v in tf_canvas_for(group, scale, schedule))
-  return StepPlan(int(step), group, k, scale, canvas)
 
 
 # ----------------------------------------------------------------------------- size arithmetic

@@ -9,13 +9,10 @@ training step uses.
 Everything here is cheap and host-side or pure TF; nothing touches jax.
 """
 
-import io
 import math
 from typing import Sequence
 
-import numpy as np
 import tensorflow as tf
-from PIL import Image
 
 
 Canvas = tuple[int, int]  # (H, W)
@@ -30,29 +27,6 @@ def normalize_canvases(canvases) -> tuple[Canvas, ...]:
     if h <= 0 or w <= 0:
       raise ValueError(f"Canvas sizes must be positive, got {(h, w)}.")
   return out
-
-
-def canvas_index_for_size(height, width, canvases: Sequence[Canvas]) -> int:
-  """Index of the canvas whose aspect ratio h/w is the closest (in log) to the image's.
-
-  Unknown sizes (height or width <= 0, e.g. an unreadable header) go to canvas 0.
-  """
-  if len(canvases) == 1 or height <= 0 or width <= 0:
-    return 0
-  log_aspect = math.log(height / width)
-  # Rounded so that exact ties (a square image between landscape and portrait) go to the first.
-  costs = [round(abs(log_aspect - math.log(h / w)), 9) for h, w in canvases]
-  return int(np.argmin(costs))
-
-
-def encoded_image_size(encoded: bytes) -> tuple[int, int]:
-  """(height, width) read from an encoded image's header without decoding; (0, 0) if unreadable."""
-  try:
-    with Image.open(io.BytesIO(encoded)) as im:
-      width, height = im.size
-    return int(height), int(width)
-  except Exception:  # pylint: disable=broad-except  # any unreadable header -> unknown size
-    return 0, 0
 
 
 _SOF_MARKERS = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
@@ -152,7 +126,7 @@ def tf_encoded_image_info(encoded: tf.Tensor):
 
 
 def tf_encoded_image_size(encoded: tf.Tensor) -> tf.Tensor:
-  """In-graph `encoded_image_size`: int32 [2] (h, w) from a JPEG/PNG/GIF/BMP header.
+  """int32 [2] (h, w) read in-graph from a JPEG/PNG/GIF/BMP header, without decoding.
 
   Never raises: unknown or broken headers give (0, 0).
   """
@@ -160,7 +134,9 @@ def tf_encoded_image_size(encoded: tf.Tensor) -> tf.Tensor:
 
 
 def tf_canvas_index(hw: tf.Tensor, canvases: Sequence[Canvas]) -> tf.Tensor:
-  """In-graph `canvas_index_for_size`; `hw` int32 [2]. Same tie-breaking (first wins)."""
+  """Index of the canvas whose aspect ratio h/w is the closest (in log) to the image's, in-graph;
+  `hw` int32 [2]. Exact ties (a square image between landscape and portrait) go to the first;
+  unknown sizes (h or w <= 0, e.g. an unreadable header) to canvas 0."""
   if len(canvases) == 1:
     return tf.constant(0, tf.int32)
   h = tf.cast(hw[0], tf.float64)
@@ -173,17 +149,9 @@ def tf_canvas_index(hw: tf.Tensor, canvases: Sequence[Canvas]) -> tf.Tensor:
   return tf.where(known, idx, 0)
 
 
-def fit_size(height, width, canvas: Canvas) -> tuple[int, int]:
-  """(h, w) scaled down (never up) so it fits inside `canvas`; unchanged if it already fits."""
-  ch, cw = canvas
-  if height <= ch and width <= cw:
-    return int(height), int(width)
-  scale = min(ch / height, cw / width)
-  return max(1, min(ch, int(height * scale + 0.5))), max(1, min(cw, int(width * scale + 0.5)))
-
-
 def tf_fit_size(hw: tf.Tensor, canvas: Canvas) -> tuple[tf.Tensor, tf.Tensor]:
-  """In-graph `fit_size`: returns ((h, w) int32 [2], rescaled bool). `canvas` may be a tensor."""
+  """(h, w) scaled down (never up) so it fits inside `canvas`, unchanged if it already fits,
+  in-graph: returns ((h, w) int32 [2], rescaled bool). `canvas` may be a tensor."""
   ch, cw = tf.cast(canvas[0], tf.int32), tf.cast(canvas[1], tf.int32)
   h = tf.cast(hw[0], tf.float32)
   w = tf.cast(hw[1], tf.float32)

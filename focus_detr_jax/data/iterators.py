@@ -6,7 +6,7 @@
     it.save(path); it2 = make_train_iterator(config); it2.restore(path)   # exact resume
     for batch in make_eval_iterator(config): ...   # every image once; `example_valid`
 
-A batch (B = per-host batch, canvas (H, W) chosen per step (`streams.canvas_for_step`),
+A batch (B = per-host batch, canvas (H, W) chosen per step (`buckets.py`),
 M = `max_boxes`):
   image          float32 [B, H, W, 3]  (x - mean) / std in RGB, then zero padding bottom/right
   pixel_valid    bool    [B, H, W]     True = image pixel, False = padding

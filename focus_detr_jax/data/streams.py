@@ -215,11 +215,6 @@ def make_train_dataset(config, process_index=None, process_count=None) -> tf.dat
   return ds.with_options(_options())
 
 
-def canvas_for_step(config, step: int) -> tuple[int, int]:
-  """(H, W) of the training batch at `step` (the same on every host)."""
-  return buckets.plan_for_step(step, train_schedule(config)).canvas
-
-
 def train_shapes(config) -> tuple[tuple[int, int], ...]:
   """The distinct training canvases (one compile each)."""
   return tuple(dict.fromkeys(train_schedule(config).canvases))

@@ -218,14 +218,18 @@ def clean_boxes(bbox_yxyx: tf.Tensor, labels: tf.Tensor, is_crowd: tf.Tensor, hw
           tf.boolean_mask(is_crowd, keep), stats)
 
 
-def random_crop(image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, crop_range, keys):
-  """detectron2 RandomCrop("absolute_range"): ch ~ U[min(h, lo), min(h, hi)], same for cw.
-
-  Boxes are shifted, clipped to the crop and the empty ones removed. Returns (image, boxes,
-  labels, number of boxes removed).
+def crop(image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, box: tf.Tensor):
+  """Crops `box` (int32 [y0, x0, ch, cw], `crop_box`; shrunk to fit the image: a box drawn from
+  the header size may meet a slightly different decoded size) out of an image and its xyxy boxes:
+  boxes shifted, clipped to the crop, the empty ones removed. Returns (image, boxes, labels,
+  number of boxes removed).
   """
-  y0, x0, ch, cw = tf.unstack(_crop_box(tf.shape(image)[0], tf.shape(image)[1], crop_range,
-                                        keys))
+  hw = tf.shape(image)[:2]
+  y0, x0, ch, cw = tf.unstack(box)
+  ch = tf.minimum(ch, hw[0])
+  cw = tf.minimum(cw, hw[1])
+  y0 = tf.minimum(y0, hw[0] - ch)
+  x0 = tf.minimum(x0, hw[1] - cw)
   image = image[y0:y0 + ch, x0:x0 + cw]
   offset = tf.cast(tf.stack([x0, y0, x0, y0]), tf.float32)
   boxes = clip_boxes(boxes - offset, tf.stack([ch, cw]))
@@ -301,22 +305,6 @@ def _finish(image, boxes, labels, target_hw, canvas, cfg: TransformConfig, stats
   }
 
 
-def _dummy(canvas, cfg: TransformConfig, image_id, stats):
-  shape = tf.stack([canvas[0], canvas[1], 3]) if canvas is not None else [1, 1, 3]
-  m = cfg.max_boxes
-  return {
-      "image": tf.zeros(shape, tf.uint8),
-      "image_size": tf.ones([2], tf.int32),
-      "orig_size": tf.ones([2], tf.int32),
-      "image_id": tf.cast(image_id, tf.int64),
-      "boxes": tf.zeros([m, 4], tf.float32),
-      "labels": tf.zeros([m], tf.int32),
-      "box_valid": tf.zeros([m], tf.bool),
-      "keep": tf.constant(False),
-      "stats": tf.stack([stats[k] for k in EXAMPLE_STATS]),
-  }
-
-
 def _has_annotations(example, cfg: TransformConfig) -> tf.Tensor:
   """Whether the example has a non-crowd box (always True unless images without one are
   skipped)."""
@@ -338,56 +326,12 @@ def _decode_and_clean(example, cfg: TransformConfig):
   return image, orig_hw, boxes, labels, stats
 
 
-def train_example(example, key: tf.Tensor, canvas, cfg: TransformConfig):
-  """One training example. `example`: TFDS coco features with `image` still encoded.
-
-  `key`: int64 [2] stateless seed of this example. Output: see `_finish` (`keep` False for
-  images skipped because they have no non-crowd annotation).
-  """
-  has_annotations = _has_annotations(example, cfg)
-
-  def skipped():
-    stats = _zero_stats()
-    stats["images_without_annotations"] = tf.constant(1, tf.int64)
-    return _dummy(canvas, cfg, example["image/id"], stats)
-
-  def processed():
-    image, orig_hw, boxes, labels, stats = _decode_and_clean(example, cfg)
-    if not cfg.augment:
-      target = resize_shortest_edge_size(orig_hw, cfg.eval_scale, cfg.eval_max_size)
-      return _finish(image, boxes, labels, target, canvas, cfg, stats, orig_hw,
-                     example["image/id"], True)
-    keys = tf.random.experimental.stateless_split(key, num=10)
-    flip = tf.random.stateless_uniform([], keys[0]) < cfg.flip_prob
-    image, boxes = tf.cond(flip, lambda: hflip(image, boxes), lambda: (image, boxes))
-    use_crop = tf.random.stateless_uniform([], keys[1]) < cfg.crop_prob
-    final_short = _choice(cfg.train_scales, keys[2])
-
-    def plain():
-      return image, boxes, labels, tf.constant(0, tf.int64)
-
-    def crop():
-      hw1 = resize_shortest_edge_size(orig_hw, _choice(cfg.crop_resize_scales, keys[3]),
-                                      cfg.crop_resize_max_size)
-      im1 = resize_image(image, hw1)
-      b1 = clip_boxes(scale_boxes(boxes, orig_hw, hw1), hw1)
-      return random_crop(im1, b1, labels, cfg.crop_size_range, keys[4:8])
-
-    image2, boxes2, labels2, removed = tf.cond(use_crop, crop, plain)
-    stats["boxes_emptied_by_augmentation"] += removed
-    target = resize_shortest_edge_size(tf.shape(image2)[:2], final_short, cfg.train_max_size)
-    return _finish(image2, boxes2, labels2, target, canvas, cfg, stats, orig_hw,
-                   example["image/id"], True)
-
-  return tf.cond(has_annotations, processed, skipped)
-
-
 # ----------------------------------------------------------------------------- training in two stages
-# The training stream (`streams.py`) splits `train_example` in two so that the canvas can follow
-# the step: `train_plan` draws every random choice from the header size (no decoding), which gives
-# the image's aspect group before anything is decoded; `train_augment` decodes and applies flip
-# and the crop branch; `train_finish` applies the final multi-scale resize (the step's scale, or
-# the image's own) and pads into the step's canvas. Same keys, same draws as `train_example`.
+# The training stream (`streams.py`) transforms an example in two stages so that the canvas can
+# follow the step: `train_plan` draws every random choice from the header size (no decoding), which
+# gives the image's aspect group before anything is decoded; `train_augment` decodes and applies
+# flip and the crop branch; `train_finish` applies the final multi-scale resize (the step's scale,
+# or the image's own) and pads into the step's canvas.
 
 def train_plan(hw: tf.Tensor, key: tf.Tensor, cfg: TransformConfig, group_bounds) -> dict:
   """Random choices of one training example from its header size `hw` (int32 [2]).
@@ -404,13 +348,13 @@ def train_plan(hw: tf.Tensor, key: tf.Tensor, cfg: TransformConfig, group_bounds
   short = _choice(cfg.train_scales, keys[2])
   short1 = _choice(cfg.crop_resize_scales, keys[3])
   hw1 = resize_shortest_edge_size(hw, short1, cfg.crop_resize_max_size)
-  box = _crop_box(hw1[0], hw1[1], cfg.crop_size_range, keys[4:8])
+  box = crop_box(hw1[0], hw1[1], cfg.crop_size_range, keys[4:8])
   pre = tf.where(use_crop, box[2:], tf.cast(hw, tf.int32))
   return {"flip": flip, "crop": use_crop, "short": short, "short1": short1, "crop_box": box,
           "group": buckets.tf_aspect_group(pre[0], pre[1], group_bounds)}
 
 
-def _crop_box(h, w, crop_range, keys) -> tf.Tensor:
+def crop_box(h, w, crop_range, keys) -> tf.Tensor:
   """detectron2 RandomCrop("absolute_range") draws on an (h, w) image: int32 [y0, x0, ch, cw]."""
   lo, hi = crop_range
   ch = tf.random.stateless_uniform([], keys[0], minval=tf.minimum(h, lo),
@@ -453,23 +397,13 @@ def train_augment(example, plan: dict, cfg: TransformConfig) -> dict:
     def plain():
       return image, boxes, labels, tf.constant(0, tf.int64)
 
-    def crop():
+    def cropped():
       hw1 = resize_shortest_edge_size(orig_hw, plan["short1"], cfg.crop_resize_max_size)
       im1 = resize_image(image, hw1)
       b1 = clip_boxes(scale_boxes(boxes, orig_hw, hw1), hw1)
-      y0, x0, ch, cw = tf.unstack(plan["crop_box"])
-      ch = tf.minimum(ch, hw1[0])                         # the header size was the image's
-      cw = tf.minimum(cw, hw1[1])
-      y0 = tf.minimum(y0, hw1[0] - ch)
-      x0 = tf.minimum(x0, hw1[1] - cw)
-      im2 = im1[y0:y0 + ch, x0:x0 + cw]
-      offset = tf.cast(tf.stack([x0, y0, x0, y0]), tf.float32)
-      b2 = clip_boxes(b1 - offset, tf.stack([ch, cw]))
-      keep = nonempty(b2)
-      return (im2, tf.boolean_mask(b2, keep), tf.boolean_mask(labels, keep),
-              _count(tf.logical_not(keep)))
+      return crop(im1, b1, labels, plan["crop_box"])
 
-    image2, boxes2, labels2, removed = tf.cond(plan["crop"], crop, plain)
+    image2, boxes2, labels2, removed = tf.cond(plan["crop"], cropped, plain)
     stats["boxes_emptied_by_augmentation"] += removed
     return pack(image2, boxes2, labels2, orig_hw, stats, True)
 
