@@ -1,10 +1,9 @@
 """Hungarian matching of predictions to ground truth, on device (spec §8, decisions §7).
 
-detrex `HungarianMatcher` with the focal class cost: the same cost matrix, solved exactly with
-`optax.assignment.hungarian_algorithm` inside jit instead of scipy on the host. Targets are a
-fixed number M of slots per image; padded slots get a constant cost, which leaves the optimal
-assignment of the real targets unchanged (there are at least as many queries as slots, so every
-padded slot can take a query no real target wants).
+detrex `HungarianMatcher` with the focal class cost: the same cost matrix, solved exactly inside
+jit (a Hungarian algorithm, `min_cost_rows`) instead of scipy on the host. Targets are a fixed
+number M of slots per image; the solver's loop runs over the real targets only, and padded slots
+then take queries no real target wants (there are at least as many queries as slots).
 
 The result is one matched query per target slot: `query_index` [.., B, M] with `matched`
 [.., B, M] (= the slot holds a real box). The per-image solver is vmapped; under a mesh with a
@@ -20,7 +19,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import PartitionSpec as P
 
 from focus_detr_jax.ops.boxes import box_cxcywh_to_xyxy, pairwise_generalized_box_iou
@@ -30,8 +28,6 @@ from focus_detr_jax.train.sharding import DATA_AXIS
 # terminates; the count is reported. Finite costs are O(10) (focal <= ~5, L1 <= 20, GIoU <= 2),
 # so 1e5 ranks last while float32 keeps ~1e-2 resolution around it.
 NONFINITE_COST = 1e5
-# Cost of every query for a padded target slot: any constant works.
-PADDED_TARGET_COST = 0.0
 # detrex `generalized_box_iou` has eps 1e-6 in both denominators; the matcher uses it too.
 GIOU_EPS = 1e-6
 # A valid placeholder box for padded slots, so that no NaN is ever computed there.
@@ -116,8 +112,10 @@ def matching_cost(pred_logits, pred_boxes, target_labels, target_boxes,
 def solve_assignment(cost, target_valid):
   """Exact min-cost assignment of one image: [Q, M] cost, [M] bool -> ([M] int32, [] int32).
 
-  Requires Q >= M (every slot gets a distinct query). Padded slots cost PADDED_TARGET_COST for
-  every query; non-finite entries of real slots become NONFINITE_COST and are counted.
+  Requires Q >= M (every slot gets a distinct query). Non-finite entries of real slots become
+  NONFINITE_COST and are counted. Only the real slots are solved (`min_cost_rows`, whose loop
+  stops after them): a padded slot costs the same for every query, so it does not change which
+  queries the real targets get. Padded slots then take distinct queries no real target uses.
 
   Returns:
     (query_index [M] int32, num_nonfinite [] int32).
@@ -129,10 +127,77 @@ def solve_assignment(cost, target_valid):
   finite = jnp.isfinite(cost)
   num_nonfinite = jnp.sum(~finite & target_valid[None, :]).astype(jnp.int32)
   cost = jnp.where(finite, cost, NONFINITE_COST)
-  cost = jnp.where(target_valid[None, :], cost, PADDED_TARGET_COST)
-  rows, cols = optax.assignment.hungarian_algorithm(cost)  # [M] each (min(Q, M) pairs)
-  query_index = jnp.zeros((num_slots,), jnp.int32).at[cols].set(rows.astype(jnp.int32))
+  order = jnp.argsort(~target_valid, stable=True)       # [M] real slots first
+  num_real = jnp.sum(target_valid).astype(jnp.int32)
+  query_of_row = min_cost_rows(cost.T[order], num_real)  # [M], -1 past the real slots
+  taken = jnp.zeros((num_queries,), bool).at[
+      jnp.where(query_of_row >= 0, query_of_row, num_queries)].set(True, mode="drop")
+  spare = jnp.argsort(taken, stable=True)                # [Q] untaken queries first
+  row = jnp.arange(num_slots)
+  query_of_row = jnp.where(row < num_real, query_of_row,
+                           spare[jnp.maximum(row - num_real, 0)])
+  query_index = jnp.zeros((num_slots,), jnp.int32).at[order].set(query_of_row)
   return query_index, num_nonfinite
+
+
+def min_cost_rows(cost, num_rows):
+  """Rows 0..num_rows-1 of `cost` each get a distinct column at minimum total cost.
+
+  The shortest-augmenting-path Hungarian algorithm (row and column potentials; one Dijkstra
+  search per added row), the form optax and scenic use, but with a loop that stops after
+  `num_rows` rows (traced), so padded rows cost nothing.
+
+  Args:
+    cost: [R, Q] finite float, R <= Q.
+    num_rows: [] int32 <= R.
+
+  Returns:
+    [R] int32: the column of each row; -1 for rows >= num_rows.
+  """
+  num_r, num_q = cost.shape
+  start = num_q    # an extra column that holds the row being added (the algorithm's "column 0")
+  sink = num_r     # an extra row index that absorbs scatters from columns nobody owns
+  cost = jnp.concatenate([cost, jnp.full((num_r, 1), jnp.inf, cost.dtype)], axis=1)
+
+  def add_row(carry):
+    i, u, v, owner = carry              # owner: [Q + 1] row holding each column, -1 = free
+    owner = owner.at[start].set(i)
+
+    def search(s):                      # one Dijkstra step: settle the nearest column
+      u, v, used, dist, came_from, col = s
+      used = used.at[col].set(True)
+      row = owner[col]
+      reduced = cost[row] - u[row] - v
+      closer = ~used & (reduced < dist)
+      dist = jnp.where(closer, reduced, dist)
+      came_from = jnp.where(closer, col, came_from)
+      open_dist = jnp.where(used, jnp.inf, dist)
+      nearest = jnp.argmin(open_dist).astype(jnp.int32)
+      delta = open_dist[nearest]
+      u = u.at[jnp.where(used, owner, sink)].add(jnp.where(used, delta, 0))
+      v = jnp.where(used, v - delta, v)
+      dist = jnp.where(used, dist, dist - delta)
+      return u, v, used, dist, came_from, nearest
+
+    u, v, _, _, came_from, col = jax.lax.while_loop(
+        lambda s: owner[s[5]] >= 0, search,
+        (u, v, jnp.zeros((num_q + 1,), bool), jnp.full((num_q + 1,), jnp.inf, cost.dtype),
+         jnp.full((num_q + 1,), start, jnp.int32), jnp.int32(start)))
+
+    def augment(s):                     # shift owners back along the path to the free column
+      owner, col = s
+      prev = came_from[col]
+      return owner.at[col].set(owner[prev]), prev
+
+    owner, _ = jax.lax.while_loop(lambda s: s[1] != start, augment, (owner, col))
+    return i + 1, u, v, owner
+
+  init = (jnp.int32(0), jnp.zeros((num_r + 1,), cost.dtype),
+          jnp.zeros((num_q + 1,), cost.dtype), jnp.full((num_q + 1,), -1, jnp.int32))
+  _, _, _, owner = jax.lax.while_loop(lambda c: c[0] < num_rows, add_row, init)
+  owner = owner[:num_q]
+  return jnp.full((num_r + 1,), -1, jnp.int32).at[jnp.where(owner >= 0, owner, sink)].set(
+      jnp.arange(num_q, dtype=jnp.int32))[:num_r]
 
 
 def match_image(pred_logits, pred_boxes, target_labels, target_boxes, target_valid,
@@ -177,7 +242,7 @@ def match(pred_logits, pred_boxes, target_labels, target_boxes, target_valid,
     solve = jax.shard_map(solve, mesh=mesh,
                           in_specs=(per_query, per_query, per_image, per_image, per_image),
                           out_specs=(per_query, per_query),
-                          # optax's solver starts its while-loop carry from constants, which
+                          # the solver starts its while-loop carries from constants, which
                           # the varying-axes check would reject; every value is per device.
                           check_vma=False)
   query_index, num_nonfinite = solve(pred_logits, pred_boxes, target_labels, target_boxes,
