@@ -1,4 +1,5 @@
-"""DINO decoder layer (post-norm: self-attn, norm, deformable cross-attn, norm, FFN, norm)."""
+"""The settings and sublayers the encoder and decoder layers share, and the DINO decoder layer
+(post-norm: self-attn, norm, deformable cross-attn, norm, FFN, norm)."""
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -7,8 +8,8 @@ from focus_detr_jax.models.deformable_attention import MultiScaleDeformableAtten
 from focus_detr_jax.models.layers import FFN, MultiheadAttention, layer_norm
 
 
-class DecoderLayer(nn.Module):
-  """One DINO decoder layer (detrex `DeformableDetrTransformerDecoder` layer)."""
+class TransformerLayer(nn.Module):
+  """Fields and sublayer constructors of `DecoderLayer` and `encoder.FocusEncoderLayer`."""
   embed_dim: int = 256
   num_heads: int = 8
   ffn_dim: int = 2048
@@ -16,6 +17,21 @@ class DecoderLayer(nn.Module):
   num_points: int = 4
   dtype: jnp.dtype = jnp.float32
   msda_implementation: str = "auto"
+
+  def self_attention(self, name):
+    return MultiheadAttention(self.embed_dim, self.num_heads, self.dtype, name=name)
+
+  def deformable_attention(self, name):
+    return MultiScaleDeformableAttention(self.embed_dim, self.num_heads, self.num_levels,
+                                         self.num_points, self.dtype, self.msda_implementation,
+                                         name=name)
+
+  def ffn(self, name):
+    return FFN(self.embed_dim, self.ffn_dim, self.dtype, name=name)
+
+
+class DecoderLayer(TransformerLayer):
+  """One DINO decoder layer (detrex `DeformableDetrTransformerDecoder` layer)."""
 
   @nn.compact
   def __call__(self, x, query_pos, memory, memory_valid, reference_points, spatial_shapes,
@@ -32,12 +48,7 @@ class DecoderLayer(nn.Module):
     """
     qk = x + query_pos
     x = layer_norm("norms_0", self.dtype)(
-        x + MultiheadAttention(self.embed_dim, self.num_heads, self.dtype, name="attentions_0")(
-            qk, qk, x, attn_mask=attn_mask))
-    x = layer_norm("norms_1", self.dtype)(
-        MultiScaleDeformableAttention(self.embed_dim, self.num_heads, self.num_levels,
-                                      self.num_points, self.dtype, self.msda_implementation,
-                                      name="attentions_1")(
-            x, query_pos, memory, reference_points, spatial_shapes, memory_valid))
-    return layer_norm("norms_2", self.dtype)(
-        x + FFN(self.embed_dim, self.ffn_dim, self.dtype, name="ffns_0")(x))
+        x + self.self_attention("attentions_0")(qk, qk, x, attn_mask=attn_mask))
+    x = layer_norm("norms_1", self.dtype)(self.deformable_attention("attentions_1")(
+        x, query_pos, memory, reference_points, spatial_shapes, memory_valid))
+    return layer_norm("norms_2", self.dtype)(x + self.ffn("ffns_0")(x))

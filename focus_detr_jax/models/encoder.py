@@ -13,9 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from focus_detr_jax.models.deformable_attention import MultiScaleDeformableAttention
-from focus_detr_jax.models.layers import (FFN, MultiheadAttention, gather_rows, island_dtype,
-                                          layer_norm, scatter_rows)
+from focus_detr_jax.models.decoder import TransformerLayer
+from focus_detr_jax.models.layers import gather_rows, island_dtype, layer_norm, scatter_rows
 
 
 def select_object_tokens(mc_score, candidate_valid, token_valid, topk_sa, forced_local=None):
@@ -47,16 +46,9 @@ def select_object_tokens(mc_score, candidate_valid, token_valid, topk_sa, forced
   return sel.astype(jnp.int32), sel_valid
 
 
-class FocusEncoderLayer(nn.Module):
+class FocusEncoderLayer(TransformerLayer):
   """One dual-attention encoder layer on gathered tokens."""
-  embed_dim: int = 256
-  num_heads: int = 8
-  ffn_dim: int = 2048
-  num_levels: int = 4
-  num_points: int = 4
   topk_sa: int = 300
-  dtype: jnp.dtype = jnp.float32
-  msda_implementation: str = "auto"
 
   @nn.compact
   def __call__(self, query, query_pos, reference_points, fg_score, candidate_valid, token_valid,
@@ -83,19 +75,15 @@ class FocusEncoderLayer(nn.Module):
     tokens_pos = gather_rows(query_pos, sel)
     qk = tokens + tokens_pos
     # detrex passes no mask; sel_valid only differs from all-True where detrex would crash.
-    attended = MultiheadAttention(self.embed_dim, self.num_heads, self.dtype,
-                                  name="attentions_0")(qk, qk, tokens, key_valid=sel_valid)
+    attended = self.self_attention("attentions_0")(qk, qk, tokens, key_valid=sel_valid)
     updated = layer_norm("norm2", self.dtype)(tokens + attended)
     updated = jnp.where(sel_valid[..., None], updated, tokens)
     query = scatter_rows(query, sel, updated)
 
-    query = MultiScaleDeformableAttention(self.embed_dim, self.num_heads, self.num_levels,
-                                          self.num_points, self.dtype, self.msda_implementation,
-                                          name="attentions_1")(
+    query = self.deformable_attention("attentions_1")(
         query, query_pos, value, reference_points, spatial_shapes, value_valid)
     query = layer_norm("norms_0", self.dtype)(query)
-    query = layer_norm("norms_1", self.dtype)(
-        query + FFN(self.embed_dim, self.ffn_dim, self.dtype, name="ffns_0")(query))
+    query = layer_norm("norms_1", self.dtype)(query + self.ffn("ffns_0")(query))
     info = dict(mc_score=mc_score, score_max=score_max,
                 score_argmax=jnp.argmax(class_logits, axis=-1), sel_local=sel, sel_valid=sel_valid)
     return query, info
