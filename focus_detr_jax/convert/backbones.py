@@ -39,7 +39,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from focus_detr_jax.convert.detrex import ConversionError, _transform, detrex_key_to_path
+from focus_detr_jax.convert.detrex import (ConversionError, _transform, detrex_key_to_path,
+                                           key_lines)
 from focus_detr_jax.convert.swin import (_shape_problem, _window_of_table, index_problem,
                                          swin_key_to_path)
 
@@ -355,7 +356,9 @@ def map_backbone(renamed, reference_flat, backbone_config, source: str = ""):
                       reason="detector output norm of a Swin stage: not in an ImageNet checkpoint"))
     else:
       missing.append("/".join(target))
-  if unexpected or misshaped or missing:
+  problems = key_lines(40, ("backbone variables have no key in the file", missing, ", "),
+                       ("unexpected keys", unexpected, ", "), ("mis-shaped keys", misshaped, "; "))
+  if problems:
     lines = [f"{source}: the backbone weights do not fit the config's backbone "
              f"({_describe_backbone_config(bb)})"]
     if swin:
@@ -367,15 +370,7 @@ def map_backbone(renamed, reference_flat, backbone_config, source: str = ""):
       if depth and depth != bb["depth"]:
         lines.append(f"the file holds a ResNet-{depth}; set --config.model.backbone.depth={depth} "
                      "or use a ResNet-{} file".format(bb["depth"]))
-    if missing:
-      lines.append(f"{len(missing)} backbone variables have no key in the file: "
-                   + ", ".join(missing[:40]) + (" ..." if len(missing) > 40 else ""))
-    if unexpected:
-      lines.append(f"{len(unexpected)} unexpected keys: " + ", ".join(unexpected[:40])
-                   + (" ..." if len(unexpected) > 40 else ""))
-    if misshaped:
-      lines.append(f"{len(misshaped)} mis-shaped keys: " + "; ".join(misshaped[:40]))
-    raise ConversionError("\n".join(lines))
+    raise ConversionError("\n".join(lines + problems))
   return loaded, rows
 
 
@@ -417,7 +412,7 @@ def import_backbone(state_dict, fmt: str, reference_flat, backbone_config, meta=
   if unknown:
     hint = (f" (this looks like a {detected} file: try --format {detected})"
             if detected not in (fmt, "unknown") else "")
-    raise ConversionError(f"{source}: {len(unknown)} keys are not {fmt} backbone keys{hint}: "
-                          + ", ".join(unknown[:40]) + (" ..." if len(unknown) > 40 else ""))
+    raise ConversionError(f"{source}: " + key_lines(
+        40, (f"keys are not {fmt} backbone keys{hint}", unknown, ", "))[0])
   loaded, mapped_rows = map_backbone(renamed, reference_flat, bb, source)
   return loaded, rows + mapped_rows, fmt

@@ -36,6 +36,13 @@ class ConversionError(ValueError):
   """A state_dict does not fit the model: names every missing, unexpected or mis-shaped key."""
 
 
+def key_lines(limit, *groups):
+  """`N <what>: k, k, ...` for each (what, keys, separator) group with keys, naming the first
+  `limit` keys (then ` ...`)."""
+  return [f"{len(keys)} {what}: " + sep.join(keys[:limit]) + (" ..." if len(keys) > limit else "")
+          for what, keys, sep in groups if keys]
+
+
 _BACKBONE_NORM = re.compile(r"^backbone\.(.+)\.norm\.(weight|bias|running_mean|running_var)$")
 
 
@@ -223,18 +230,11 @@ def state_dict_to_variables(state_dict, reference_variables, num_decoder_layers=
     mapped.append((key, "/".join(full)))
   got = {v for v in canonical_seen.values()}
   missing = sorted("/".join(p) for p in expected if p not in got)
-  if missing or unexpected or misshaped or alias_mismatch:
-    lines = []
-    if missing:
-      lines.append(f"{len(missing)} model variables have no key in the state_dict: " +
-                   ", ".join(missing[:50]) + (" ..." if len(missing) > 50 else ""))
-    if unexpected:
-      lines.append(f"{len(unexpected)} unexpected keys: " + ", ".join(unexpected[:50]) +
-                   (" ..." if len(unexpected) > 50 else ""))
-    if misshaped:
-      lines.append(f"{len(misshaped)} mis-shaped keys: " + "; ".join(misshaped[:50]))
-    if alias_mismatch:
-      lines.append("aliases that differ from their canonical key: " + "; ".join(alias_mismatch))
+  lines = key_lines(50, ("model variables have no key in the state_dict", missing, ", "),
+                    ("unexpected keys", unexpected, ", "), ("mis-shaped keys", misshaped, "; "))
+  if alias_mismatch:
+    lines.append("aliases that differ from their canonical key: " + "; ".join(alias_mismatch))
+  if lines:
     raise ConversionError("\n".join(lines))
   return unflatten(out), {"mapped": mapped}
 

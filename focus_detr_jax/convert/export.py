@@ -18,7 +18,7 @@ import numpy as np
 from focus_detr_jax.checkpoint import load_model_checkpoint
 from focus_detr_jax.convert.detrex import (ConversionError, alias_groups,
                                            variables_to_state_dict)
-from focus_detr_jax.convert.swin import swin_key_table, swin_key_to_path
+from focus_detr_jax.convert.swin import backbone_mapper, swin_key_table
 from focus_detr_jax.convert.torch_io import save_state_dict, torch_available
 from focus_detr_jax.models.resnet import RESNET_BLOCKS
 from focus_detr_jax.models.swin import SwinTransformer
@@ -120,10 +120,9 @@ def export_detrex_state_dict(variables, config) -> Dict[str, np.ndarray]:
   """
   m = config.model
   num_enc, num_dec = int(m.num_encoder_layers), int(m.num_decoder_layers)
-  mapper = swin_key_to_path if m.backbone.name == "swin" else None
   order = detrex_key_order(config)
   try:
-    state_dict = variables_to_state_dict(variables, order, num_dec, num_enc, backbone_mapper=mapper)
+    state_dict = variables_to_state_dict(variables, order, num_dec, num_enc, backbone_mapper=backbone_mapper(config))
   except KeyError as e:
     raise ConversionError(f"the variables have no entry {e} that the config's detrex layout "
                           "needs: do the variables come from this config?") from None

@@ -31,9 +31,9 @@ from focus_detr_jax.checkpoint import CONFIG_FILE, load_model_checkpoint
 from focus_detr_jax.cli import UserError
 from focus_detr_jax.convert import backbones, torch_io
 from focus_detr_jax.convert.backbones import ConversionError, row
-from focus_detr_jax.convert.detrex import (_alias_map, canonical_key, flatten,
+from focus_detr_jax.convert.detrex import (_alias_map, canonical_key, flatten, key_lines,
                                            state_dict_to_variables, unflatten)
-from focus_detr_jax.convert.swin import swin_key_to_path
+from focus_detr_jax.convert.swin import backbone_mapper
 from focus_detr_jax.models.focus_detr import (INIT_IMAGE_SIZE, SKIP_COLLECTIONS, FocusDETR,
                                               init_variables as model_init_variables)
 
@@ -108,7 +108,6 @@ def detrex_to_flat(state_dict, target_shapes, config, source: str = ""):
   """
   m = config.model
   num_dec, num_enc = int(m.num_decoder_layers), int(m.num_encoder_layers)
-  backbone_mapper = swin_key_to_path if m.backbone.name == "swin" else None
   rows, sd = [], {}
   for k, v in state_dict.items():
     if k.endswith("num_batches_tracked"):
@@ -126,7 +125,7 @@ def detrex_to_flat(state_dict, target_shapes, config, source: str = ""):
     reference[path] = jax.ShapeDtypeStruct(shape, jnp.float32)
   try:
     variables, rep = state_dict_to_variables(sd, unflatten(reference), num_dec, num_enc,
-                                             backbone_mapper=backbone_mapper)
+                                             backbone_mapper=backbone_mapper(config))
   except ConversionError as e:
     raise ConversionError(
         f"{source}: the detrex state dict does not fit the config:\n{e}") from None
@@ -211,17 +210,12 @@ def restore(target, source_flat, kind: str, allowed_missing=None, source: str = 
     loaded.append(row("mapped", source=key, target=name, shape=want))
   order = {key: i for i, (_, key) in enumerate(source_flat.values())}
   loaded.sort(key=lambda r: order[r["source"]])
-  if missing or unexpected or misshaped:
-    lines = [f"{source}: the checkpoint does not fit the config"]
-    if missing:
-      lines.append(f"{len(missing)} model variables are not in the checkpoint: "
-                   + ", ".join(missing[:40]) + (" ..." if len(missing) > 40 else ""))
-    if unexpected:
-      lines.append(f"{len(unexpected)} checkpoint entries have no model variable: "
-                   + ", ".join(unexpected[:40]) + (" ..." if len(unexpected) > 40 else ""))
-    if misshaped:
-      lines.append(f"{len(misshaped)} mis-shaped entries: " + "; ".join(misshaped[:40]))
-    raise ConversionError("\n".join(lines))
+  problems = key_lines(40, ("model variables are not in the checkpoint", missing, ", "),
+                       ("checkpoint entries have no model variable", unexpected, ", "),
+                       ("mis-shaped entries", misshaped, "; "))
+  if problems:
+    raise ConversionError("\n".join([f"{source}: the checkpoint does not fit the config"]
+                                     + problems))
   no_values = [p for p in needs_values if isinstance(target_flat[p], jax.ShapeDtypeStruct)]
   if no_values and make_fresh is not None:
     fresh = flatten({c: v for c, v in make_fresh().items() if c not in SKIP_COLLECTIONS})

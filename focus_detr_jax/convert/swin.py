@@ -87,6 +87,11 @@ def swin_key_table(model, prefix: str = "backbone.") -> Dict[str, Tuple[Optional
   return table
 
 
+def backbone_mapper(config):
+  """The detrex-key rule of the config's backbone (None: the ResNet rules of convert/detrex)."""
+  return swin_key_to_path if config.model.backbone.name == "swin" else None
+
+
 def swin_key_to_path(key: str, prefix: str = "backbone.", scope: Tuple[str, ...] = ("backbone",)):
   """One torch key -> ("params", scope + path, transform, leaf), by name only; None if not a Swin
   parameter (including the `relative_position_index` buffer, which is no variable).

@@ -16,7 +16,7 @@ import numpy as np
 
 from focus_detr_jax.convert import detrex as detrex_convert
 from focus_detr_jax.convert.init import model_shapes
-from focus_detr_jax.convert.swin import swin_key_to_path
+from focus_detr_jax.convert.swin import backbone_mapper
 from focus_detr_jax.models.focus_detr import FocusDETR
 from focus_detr_jax.parity.weights import build_state_dict
 
@@ -82,11 +82,6 @@ def make_batch(inputs, prefix=""):
     pixel_valid[i, :x.shape[0], :x.shape[1]] = True
     sizes.append(x.shape[:2])
   return batch, pixel_valid, np.asarray(sizes, np.int32)
-
-
-def backbone_mapper(config):
-  """The detrex-key rule of the config's backbone (None: the ResNet rules of convert/detrex)."""
-  return swin_key_to_path if config.model.backbone.name == "swin" else None
 
 
 def build_model(config, reference_dir, train):
