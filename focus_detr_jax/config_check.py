@@ -127,14 +127,16 @@ def check_init_files(config) -> None:
       raise UserError(f"config.init.{key}={path} does not exist")
 
 
-def check_training_config(config, workdir, num_devices: int, num_processes: int) -> None:
-  """Everything a training run can check before it creates its workdir or compiles."""
+def check_training_config(config, workdir, num_devices: int, num_processes: int) -> bool:
+  """Everything a training run can check before it creates its workdir or compiles. Returns
+  whether the run resumes (the workdir holds a training checkpoint)."""
   check_batch_sizes(config, num_devices, num_processes)
-  if has_training_checkpoint(workdir):
+  if resumes := has_training_checkpoint(workdir):
     # A resumed run takes every parameter from its checkpoint: the init files are not read.
     check_against_checkpoint(config, workdir, "workdir", training=True)
   else:
     check_init_files(config)
+  return resumes
 
 
 def describe_shape_mismatch(mismatches: Sequence[Tuple[str, Tuple[int, ...], Tuple[int, ...]]],

@@ -179,7 +179,8 @@ def _any_host(flags):
 def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps):
   workdir = as_path(workdir)
   # Everything that can be checked without compiling, before the workdir is written.
-  config_check.check_training_config(config, workdir, jax.device_count(), jax.process_count())
+  resumes = config_check.check_training_config(config, workdir, jax.device_count(),
+                                               jax.process_count())
   meta = datasets.dataset_meta(config)
   if meta.num_classes != config.model.num_classes:
     raise config_check.ConfigMismatchError(
@@ -193,7 +194,7 @@ def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps)
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(rng)
   variables = init_variables(model, init_rng)
-  if not config_check.has_training_checkpoint(workdir):   # else restored below: files unused
+  if not resumes:   # else restored below: the init files are unused
     variables = _initialise_from_files(variables, config)
   tx, schedule = optim.make_optimizer(variables["params"], config)
   state = state_lib.create_train_state(variables, tx, state_rng, ema=config.optim.ema_decay > 0)
