@@ -53,6 +53,17 @@ def _eval_filter(ds, b, canvases, data):
       ex["image/header"]["hw"], canvases, int(data.eval_scale), int(data.eval_max_size)), b)))
 
 
+def _counted_map(ds, fn, data):
+  """`fn` over the stream's examples in parallel (deterministic), unreadable ones dropped
+  (`ignore_errors`) and the running counters added (`_accumulate`: a dropped example leaves a
+  gap in the stream positions)."""
+  ds = ds.enumerate().map(datasets.graph_fn(lambda i, ex: {**fn(ex), "index": i}),
+                          num_parallel_calls=_npc(data), deterministic=True)
+  return ds.ignore_errors(log_warning=True).scan(
+      (tf.constant(-1, tf.int64), tf.zeros([len(STAT_KEYS)], tf.int64)),
+      datasets.graph_fn(_accumulate))
+
+
 def _accumulate(state, el):
   """Running counters of one stream (tf.data scan; checkpointed with the iterator)."""
   last, totals = state
@@ -169,16 +180,7 @@ def _train_group(builder, split, g, schedule, data, cfg, batch, process_index):
   buffer = max(2, int(round(int(data.shuffle_buffer or 0) * share)))
   if data.shuffle_buffer and data.shuffle_buffer > 1:
     ds = ds.shuffle(buffer, seed=int(data.seed) + 1, reshuffle_each_iteration=True)
-  ds = ds.enumerate()
-
-  def augment(i, ex):
-    out = transforms.train_augment(ex, ex["plan"], cfg)
-    return {**out, "index": i}
-
-  ds = ds.map(datasets.graph_fn(augment), num_parallel_calls=_npc(data), deterministic=True)
-  ds = ds.ignore_errors(log_warning=True)
-  ds = ds.scan((tf.constant(-1, tf.int64), tf.zeros([len(STAT_KEYS)], tf.int64)),
-                datasets.graph_fn(_accumulate))
+  ds = _counted_map(ds, lambda ex: transforms.train_augment(ex, ex["plan"], cfg), data)
   ds = ds.filter(datasets.graph_fn(lambda el: el["keep"]))
   ds = ds.enumerate()
 
@@ -273,16 +275,8 @@ def make_eval_dataset(config, process_index=None, process_count=None, split=None
   per_canvas = []
   for b, canvas in enumerate(canvases):
     ds = raw if exact else _eval_filter(raw, b, canvases, data)
-    ds = ds.enumerate()
-
-    def fn(i, ex, b=b, canvas=canvas):
-      out = transforms.eval_example(ex, canvas, cfg)
-      return {**out, "index": i, "bucket": tf.constant(b, tf.int32)}
-
-    ds = ds.map(datasets.graph_fn(fn), num_parallel_calls=_npc(data), deterministic=True)
-    ds = ds.ignore_errors(log_warning=True)
-    ds = ds.scan((tf.constant(-1, tf.int64), tf.zeros([len(STAT_KEYS)], tf.int64)),
-                 datasets.graph_fn(_accumulate))
+    ds = _counted_map(ds, lambda ex, b=b, canvas=canvas: {
+        **transforms.eval_example(ex, canvas, cfg), "bucket": tf.constant(b, tf.int32)}, data)
     pad = tf.data.Dataset.from_tensors(_padding_element(ds.element_spec)).repeat()
     if counts is not None:
       num_batches = int(-(-counts[:, b].max() // batch))
