@@ -110,7 +110,9 @@ class Setup:
     # Initialise on one local device; every process computes the same values.
     with jax.default_device(jax.local_devices()[0]):
       variables = init_variables(self.model, init_rng)
-      self.tx, self.schedule = optim.make_optimizer(variables["params"], self.config)
+      optim_config = optim.OptimConfig.from_config(self.config.optim)
+      self.tx, self.schedule = optim.make_optimizer(variables["params"], optim_config,
+                                                    self.model.backbone)
       self.state = jax.device_get(state_lib.create_train_state(
           variables, self.tx, state_rng, ema=self.config.optim.ema_decay > 0))
     self.objective = Objective.from_config(self.config)

@@ -34,7 +34,8 @@ def step_setup(tiny_config, tiny_model_and_variables):
   model, variables = tiny_model_and_variables
   config = tiny_config.copy_and_resolve_references()
   config.optim.lr = 1e-3          # overfit one batch quickly
-  tx, schedule = optim.make_optimizer(variables["params"], config)
+  tx, schedule = optim.make_optimizer(variables["params"],
+                                      optim.OptimConfig.from_config(config.optim), model.backbone)
   step = jax.jit(functools.partial(steps.train_step, model=model,
                                    objective=Objective.from_config(config), tx=tx,
                                    schedule=schedule, ema_decay=config.optim.ema_decay))
@@ -42,9 +43,9 @@ def step_setup(tiny_config, tiny_model_and_variables):
   return step, state, _batch(tiny_config)
 
 
-def test_param_groups(tiny_config, tiny_model_and_variables):
-  _, variables = tiny_model_and_variables
-  labels = optim.param_labels(variables["params"], tiny_config)
+def test_param_groups(tiny_model_and_variables):
+  model, variables = tiny_model_and_variables
+  labels = optim.param_labels(variables["params"], model.backbone)
   assert labels["backbone"]["stem_conv1"]["kernel"] == optim.LABEL_FROZEN
   assert labels["backbone"]["res2_0"]["conv1"]["kernel"] == "backbone_decay"
   assert labels["enc_output_norm"]["scale"] == "other_no_decay"

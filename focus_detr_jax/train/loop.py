@@ -196,8 +196,9 @@ def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps)
   variables = init_variables(model, init_rng)
   if not resumes:   # else restored below: the init files are unused
     variables = _initialise_from_files(variables, config)
-  tx, schedule = optim.make_optimizer(variables["params"], config)
-  state = state_lib.create_train_state(variables, tx, state_rng, ema=config.optim.ema_decay > 0)
+  optim_config = optim.OptimConfig.from_config(config.optim)
+  tx, schedule = optim.make_optimizer(variables["params"], optim_config, model.backbone)
+  state = state_lib.create_train_state(variables, tx, state_rng, ema=optim_config.ema_decay > 0)
   state = jax.device_put(state, sharding.replicated(mesh))
 
   # uint8 over the wire; normalised inside the step.
