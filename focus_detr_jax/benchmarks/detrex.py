@@ -1,6 +1,7 @@
 """Same-run speed comparison with detrex (`scripts/compare_detrex.py`), driver side: detrex in
 its own Python (`detrex_worker`), ours through the model benchmark's worker (`runner.run_task`),
-in the order detrex, ours, detrex again."""
+in the order detrex, ours, detrex again. `profile` drives detrex's per-part split of the train
+step (`scripts/profile_detrex.py`, `detrex_profile`)."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import focus_detr_jax
+from focus_detr_jax.benchmarks import detrex_profile
 from focus_detr_jax.benchmarks import measure as bm
 from focus_detr_jax.benchmarks import runner
 
@@ -84,3 +86,33 @@ def compare(args):
     with open(args.json, "w") as f:
       json.dump(dict(command=" ".join(sys.argv), started=started, detrex_before=detrex_a,
                      ours=ours, detrex_after=detrex_b, rows=rows), f, indent=1)
+
+
+def profile(args):
+  """detrex's train step timed (`args.repeats` calls after 2 warm-up calls), then one more under
+  the torch profiler split per part; prints the markdown (next to ours when `args.ours_json`
+  names a `scripts/profile_train.py --json` file: its first row) and writes `args.json` /
+  `args.markdown`. Returns the worker's results."""
+  spec = dict(config=args.config, detrex_root=args.detrex_root, threads=args.threads,
+              repeats=args.repeats, eval_sizes=[], train=True,
+              train_size=bm.parse_size(args.train_size), train_batch=args.train_batch,
+              boxes=args.boxes, profile=True)
+  started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+  result = run_detrex(args, spec)
+  ours = None
+  if args.ours_json:
+    with open(args.ours_json) as f:
+      ours = json.load(f)["rows"][0]
+  name = f"train {spec['train_size'][0]}x{spec['train_size'][1]} b{args.train_batch}"
+  md = (f"detrex {name}, started {started}, {args.threads} threads: median "
+        f"{result[name]['median_s']:.2f} s unprofiled\n\n"
+        + detrex_profile.markdown(result["profile"], ours))
+  print(md)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(command=" ".join(sys.argv), started=started, detrex=result,
+                     ours_json=args.ours_json), f, indent=1)
+  if args.markdown:
+    with open(args.markdown, "w") as f:
+      f.write(md)
+  return result

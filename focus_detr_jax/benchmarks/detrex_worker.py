@@ -3,10 +3,11 @@ detectron2, detrex; no jax), started by `detrex.run_detrex` as
 
     DETREX_PYTHON -m focus_detr_jax.benchmarks.detrex_worker SPEC_JSON
 
-with this repository on PYTHONPATH. Imports only numpy and the recorder (which imports torch
-after configuring the CPU threads, `recorder.configure_cpu`).
+with this repository on PYTHONPATH. Imports only numpy, the recorder (which imports torch
+after configuring the CPU threads, `recorder.configure_cpu`) and `detrex_profile` (no torch).
 """
 
+import contextlib
 import json
 import resource
 import statistics
@@ -15,12 +16,15 @@ import time
 
 import numpy as np
 
+from focus_detr_jax.benchmarks import detrex_profile
 from focus_detr_jax.reference import recorder
 
 
 def detrex_worker(spec):
   """Times detrex's eval forward per size and (spec["train"]) one train step; prints
-  `RESULT <json>` (medians, plus the process's peak RSS)."""
+  `RESULT <json>` (medians, plus the process's peak RSS). With spec["profile"], one more train
+  step runs under the torch profiler: `results["profile"]` is its per-part split
+  (`detrex_profile.profile_step`)."""
   torch = recorder.configure_cpu(threads=spec["threads"], capability=None)
   model, _, dn_number = recorder.build_model(spec["config"], spec["detrex_root"])
   recorder.apply_weight_rule(model, recorder.manifest_rows(model), seed=0)
@@ -61,11 +65,15 @@ def detrex_worker(spec):
       model.train()
       model.dn_number = dn_number
 
-      def run_train():
+      def run_train(scope=lambda name: contextlib.nullcontext()):
         model.zero_grad(set_to_none=True)
-        loss = sum(model(batch).values())
-        loss.backward()
+        with scope("step:forward"):
+          loss = sum(model(batch).values())
+        with scope("step:backward"):
+          loss.backward()
       results[f"train {h}x{w} b{spec['train_batch']}"] = timed(run_train, spec["repeats"])
+      if spec.get("profile"):
+        results["profile"] = detrex_profile.profile_step(torch, model, run_train)
   results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
   print("RESULT " + json.dumps(results), flush=True)
 
