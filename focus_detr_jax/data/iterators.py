@@ -29,7 +29,6 @@ import logging
 import numpy as np
 import tensorflow as tf
 
-from focus_detr_jax.data import canvas as canvas_lib
 from focus_detr_jax.data import coco_folder
 from focus_detr_jax.data import datasets
 from focus_detr_jax.data import streams
@@ -158,10 +157,8 @@ def make_train_iterator(config, process_index=None, process_count=None,
   """Infinite, checkpointable iterator of training batches for this host.
 
   `normalize_on_host=False`: uint8 images, normalised inside the step (see DataIterator)."""
-  data = datasets.data_section(config)
-  ds = streams.make_train_dataset(config, process_index, process_count)
-  _, meta = datasets.get_builder(config, prepare=False)
-  return DataIterator(ds, data, meta, streams.train_schedule(config).num_groups, training=True,
+  ds, meta, num_groups = streams.make_train_dataset(config, process_index, process_count)
+  return DataIterator(ds, datasets.data_section(config), meta, num_groups, training=True,
                       normalize_on_host=normalize_on_host)
 
 
@@ -172,12 +169,10 @@ def make_eval_iterator(config, process_index=None, process_count=None,
   The last batch of each canvas is padded with `example_valid=False`; on several hosts each
   canvas gets the same number of batches everywhere.
   """
-  data = datasets.data_section(config)
-  ds, expected = streams.make_eval_dataset(config, process_index, process_count, split)
-  _, meta = datasets.get_builder(config, prepare=False)
-  n = 1 if data.eval_exact else len(canvas_lib.normalize_canvases(
-      data.eval_canvases or data.canvases))
-  return DataIterator(ds, data, meta, n, training=False, expected_examples=expected)
+  ds, meta, num_canvases, expected = streams.make_eval_dataset(config, process_index,
+                                                              process_count, split)
+  return DataIterator(ds, datasets.data_section(config), meta, num_canvases, training=False,
+                      expected_examples=expected)
 
 
 def log_stats(it: DataIterator, prefix: str = "input") -> None:

@@ -198,12 +198,13 @@ def _train_group(builder, split, g, schedule, data, cfg, batch, process_index):
   return ds.batch(batch, drop_remainder=True)
 
 
-def make_train_dataset(config, process_index=None, process_count=None) -> tf.data.Dataset:
-  """The tf.data training stream (uint8 images, counters); use `make_train_iterator`."""
+def make_train_dataset(config, process_index=None, process_count=None):
+  """(tf.data training stream (uint8 images, counters), DatasetMeta, number of aspect groups);
+  use `make_train_iterator`."""
   data = datasets.data_section(config)
   process_index, process_count = _processes(process_index, process_count)
   batch = _per_host(int(data.batch_size), process_count, "batch_size")
-  builder, _ = datasets.get_builder(config)
+  builder, meta = datasets.get_builder(config)
   schedule = train_schedule(config)
   cfg = transforms.TransformConfig.from_config(data)
   split = datasets.host_split(data.train_split, process_index, process_count)
@@ -214,7 +215,7 @@ def make_train_dataset(config, process_index=None, process_count=None) -> tf.dat
   else:
     ds = tf.data.Dataset.choose_from_datasets(groups, buckets.group_schedule_dataset(schedule))
   ds = ds.prefetch(int(data.prefetch_batches))
-  return ds.with_options(_options())
+  return ds.with_options(_options()), meta, schedule.num_groups
 
 
 def train_shapes(config) -> tuple[tuple[int, int], ...]:
@@ -246,11 +247,12 @@ def _padding_element(spec) -> dict:
 
 
 def make_eval_dataset(config, process_index=None, process_count=None, split=None):
-  """(tf.data eval stream, expected number of images on this host or None)."""
+  """(tf.data eval stream, DatasetMeta, number of canvases, expected number of images on this
+  host or None)."""
   data = datasets.data_section(config)
   process_index, process_count = _processes(process_index, process_count)
   split = split or data.eval_split
-  builder, _ = datasets.get_builder(config)
+  builder, meta = datasets.get_builder(config)
   cfg = transforms.TransformConfig.from_config(data)
   exact = bool(data.eval_exact)
   if exact:
@@ -288,4 +290,4 @@ def make_eval_dataset(config, process_index=None, process_count=None, split=None
   for s in per_canvas[1:]:
     ds = ds.concatenate(s)
   ds = ds.prefetch(int(data.prefetch_batches))
-  return ds.with_options(_options()), expected
+  return ds.with_options(_options()), meta, len(canvases), expected
