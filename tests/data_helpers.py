@@ -10,6 +10,7 @@ import numpy as np
 from configs import common
 from focus_detr_jax.data import buckets
 from focus_detr_jax.data import canvas as canvas_lib
+from focus_detr_jax.data import datasets
 from focus_detr_jax.data import streams
 from focus_detr_jax.data import transforms
 from focus_detr_jax.data.testing import encode, write_coco_folder  # noqa: F401  (shared)
@@ -100,7 +101,7 @@ def alignment_errors(image_u8, boxes_cxcywh, labels, valid, image_size, colours=
   return errors
 
 
-def train_example(example, key, canvas, cfg: transforms.TransformConfig):
+def train_example(example, key, canvas, cfg: datasets.DataConfig):
   """One training example through the stream's stages (`streams._train_group`, one aspect
   group): plan from the header size, decode + flip + crop, final resize into `canvas`.
   `stats` sums both stages' counters."""

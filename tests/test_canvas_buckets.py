@@ -7,6 +7,7 @@ import tensorflow as tf
 from configs import common
 import data_helpers as helpers
 from focus_detr_jax.data import buckets
+from focus_detr_jax.data import datasets
 from focus_detr_jax.data import streams
 from focus_detr_jax.data import transforms
 
@@ -64,7 +65,7 @@ def test_bad_schedules_are_refused():
 
 def test_tf_plan_draws_what_the_size_simulation_draws():
   """`transforms.train_plan` (TF) groups images as `buckets.aspect_group` says."""
-  cfg = transforms.TransformConfig.from_config(COCO)
+  cfg = datasets.DataConfig.from_config(COCO)
   for hw in ((480, 640), (640, 427), (500, 500)):
     for i in range(20):
       plan = transforms.train_plan(tf.constant(hw, tf.int32), tf.constant([0, i], tf.int64), cfg,

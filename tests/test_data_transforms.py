@@ -11,6 +11,7 @@ from PIL import Image
 from configs import common
 import data_helpers as helpers
 from focus_detr_jax.data import canvas as canvas_lib
+from focus_detr_jax.data import datasets
 from focus_detr_jax.data import transforms
 
 RECTS = [(10, 12, 50, 40), (70, 20, 110, 90), (20, 60, 45, 95), (100, 5, 118, 15)]
@@ -52,7 +53,7 @@ def _example(rects=RECTS, hw=(100, 120), crowd=None, fmt="PNG"):
 
 def _cfg(**kw):
   base = dataclasses.replace(
-      transforms.TransformConfig.from_config(common.get_data_config("coco")),
+      datasets.DataConfig.from_config(common.get_data_config("coco")),
       max_boxes=10, train_scales=(64, 80, 96, 112), train_max_size=160,
       crop_resize_scales=(60, 80, 100), crop_size_range=(40, 90), eval_scale=96,
       eval_max_size=160)

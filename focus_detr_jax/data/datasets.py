@@ -7,7 +7,9 @@ three are read the same way (`read`), each host its own slice of a split (`host_
 
 import dataclasses
 import os
+from typing import Optional
 
+import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -23,9 +25,62 @@ from focus_detr_jax.data import synthetic
 graph_fn = tf.autograph.experimental.do_not_convert
 
 
-def data_section(config):
-  """`config.data` of a full config, or `config` itself if it is the data section."""
-  return config.data if "data" in config else config
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """`config.data` read once (`from_config`): frozen and hashable; what every data module reads.
+  The defaults and the meaning of each field live in `configs.common.get_data_config`."""
+  dataset: str
+  data_dir: Optional[str]
+  tfds_name: str
+  train_split: str
+  eval_split: str
+  folder: ml_collections.FrozenConfigDict
+  synthetic: ml_collections.FrozenConfigDict
+  group_bounds: Optional[tuple[float, ...]]
+  scale_buckets: Optional[tuple[tuple[int, ...], ...]]
+  canvases: tuple[tuple[int, int], ...]
+  canvas_weights: Optional[tuple[float, ...]]
+  schedule_sample_images: int
+  eval_canvases: Optional[tuple[tuple[int, int], ...]]
+  eval_exact: bool
+  max_boxes: int
+  batch_size: int
+  eval_batch_size: int
+  seed: int
+  shuffle_buffer: int
+  num_parallel_calls: int
+  prefetch_batches: int
+  augment: bool
+  flip_prob: float
+  crop_prob: float
+  train_scales: tuple[int, ...]
+  train_max_size: int
+  crop_resize_scales: tuple[int, ...]
+  crop_resize_max_size: int              # 0: unlimited (detectron2 default sys.maxsize)
+  crop_size_range: tuple[int, int]
+  eval_scale: int
+  eval_max_size: int
+  drop_crowd: bool
+  skip_images_without_annotations: bool
+  pixel_mean: tuple[float, float, float]
+  pixel_std: tuple[float, float, float]
+
+  @classmethod
+  def from_config(cls, config) -> "DataConfig":
+    """From `config.data`, a whole config, or a DataConfig (returned as is); lists (a config
+    read from JSON) become tuples, the `folder` and `synthetic` sections frozen."""
+    if isinstance(config, cls):
+      return config
+    data = config.data if "data" in config else config
+    return cls(**{f.name: _frozen(data[f.name]) for f in dataclasses.fields(cls)})
+
+
+def _frozen(value):
+  if isinstance(value, (list, tuple)):
+    return tuple(_frozen(v) for v in value)
+  if isinstance(value, ml_collections.ConfigDict):
+    return ml_collections.FrozenConfigDict(value)
+  return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +110,7 @@ def _folder_splits(data) -> dict:
 
 def get_builder(config, prepare: bool = True):
   """(TFDS builder, DatasetMeta) of the configured dataset; folders are prepared if needed."""
-  data = data_section(config)
+  data = DataConfig.from_config(config)
   if data.dataset == "coco":
     builder = coco_tfds.coco_builder(data.data_dir, data.tfds_name)
     return builder, DatasetMeta(data.tfds_name, coco_tfds.COCO_CATEGORY_IDS,
@@ -128,8 +183,8 @@ def coco_ground_truth(config, split=None) -> dict:
 
   Built from the TFDS data the pipeline reads (all hosts' images), for pycocotools.
   """
-  data = data_section(config)
-  builder, meta = get_builder(config)
+  data = DataConfig.from_config(config)
+  builder, meta = get_builder(data)
   ds = read(builder, split or data.eval_split, shuffle_files=False, seed=0)
   ds = ds.map(graph_fn(
       lambda ex: {**ex, "hw": canvas_lib.tf_encoded_image_size(ex["image"])}))

@@ -1,10 +1,11 @@
 """Host batches: a checkpointable iterator over the tf.data streams of `streams.py`.
 
     config = configs.common.get_base_config()      # `config.data`: configs.common.get_data_config
-    it = make_train_iterator(config)               # infinite, checkpointable
+    data = datasets.DataConfig.from_config(config) # read once (a whole config also works)
+    it = make_train_iterator(data)                 # infinite, checkpointable
     batch = next(it)                               # dict of numpy arrays, shapes below
-    it.save(path); it2 = make_train_iterator(config); it2.restore(path)   # exact resume
-    for batch in make_eval_iterator(config): ...   # every image once; `example_valid`
+    it.save(path); it2 = make_train_iterator(data); it2.restore(path)     # exact resume
+    for batch in make_eval_iterator(data): ...     # every image once; `example_valid`
 
 A batch (B = per-host batch, canvas (H, W) chosen per step (`buckets.py`),
 M = `max_boxes`):
@@ -157,8 +158,9 @@ def make_train_iterator(config, process_index=None, process_count=None,
   """Infinite, checkpointable iterator of training batches for this host.
 
   `normalize_on_host=False`: uint8 images, normalised inside the step (see DataIterator)."""
-  ds, meta, num_groups = streams.make_train_dataset(config, process_index, process_count)
-  return DataIterator(ds, datasets.data_section(config), meta, num_groups, training=True,
+  data = datasets.DataConfig.from_config(config)
+  ds, meta, num_groups = streams.make_train_dataset(data, process_index, process_count)
+  return DataIterator(ds, data, meta, num_groups, training=True,
                       normalize_on_host=normalize_on_host)
 
 
@@ -169,10 +171,10 @@ def make_eval_iterator(config, process_index=None, process_count=None,
   The last batch of each canvas is padded with `example_valid=False`; on several hosts each
   canvas gets the same number of batches everywhere.
   """
-  ds, meta, num_canvases, expected = streams.make_eval_dataset(config, process_index,
+  data = datasets.DataConfig.from_config(config)
+  ds, meta, num_canvases, expected = streams.make_eval_dataset(data, process_index,
                                                               process_count, split)
-  return DataIterator(ds, datasets.data_section(config), meta, num_canvases, training=False,
-                      expected_examples=expected)
+  return DataIterator(ds, data, meta, num_canvases, training=False, expected_examples=expected)
 
 
 def log_stats(it: DataIterator, prefix: str = "input") -> None:

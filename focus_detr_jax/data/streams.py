@@ -100,9 +100,9 @@ _SCHEDULES = {}
 
 
 def _group_bounds(data, num_canvases: int):
-  if data.get("group_bounds") is not None:
+  if data.group_bounds is not None:
     return tuple(float(b) for b in data.group_bounds)
-  num_buckets = len(data.scale_buckets) if data.get("scale_buckets") else 1
+  num_buckets = len(data.scale_buckets) if data.scale_buckets else 1
   groups = num_canvases // num_buckets
   if groups not in (1, 2):
     raise ValueError(f"{num_canvases} canvases and {num_buckets} scale buckets: set "
@@ -111,13 +111,12 @@ def _group_bounds(data, num_canvases: int):
   return () if groups == 1 else (1.0,)    # one group, or landscape / the others (detrex's)
 
 
-def measured_group_weights(config, group_bounds) -> tuple[float, ...]:
+def measured_group_weights(data: datasets.DataConfig, group_bounds) -> tuple[float, ...]:
   """Share of each aspect group among augmented training images, measured on the header sizes
   of the first `schedule_sample_images` images of the whole split (the same on every host)."""
-  data = datasets.data_section(config)
   if not group_bounds:
     return (1.0,)
-  builder, _ = datasets.get_builder(config)
+  builder, _ = datasets.get_builder(data)
   ds = datasets.read(builder, data.train_split, shuffle_files=False, seed=0, header=True)
   ds = ds.take(int(data.schedule_sample_images)).map(
       datasets.graph_fn(lambda ex: ex["image/header"]["hw"]),
@@ -131,29 +130,28 @@ def measured_group_weights(config, group_bounds) -> tuple[float, ...]:
 def train_schedule(config) -> buckets.Schedule:
   """The training-step schedule of `config` (`buckets.Schedule`): canvases, aspect groups and
   their weights (`canvas_weights`, or measured from the data: each image equally often)."""
-  data = datasets.data_section(config)
-  key = data.to_json_best_effort(sort_keys=True)
-  if key not in _SCHEDULES:
+  data = datasets.DataConfig.from_config(config)
+  if data not in _SCHEDULES:
     canvases = canvas_lib.normalize_canvases(data.canvases)
     if len(canvases) == 1:        # one shape (e.g. --config.data.canvases='((512, 512),)')
       bounds, scale_buckets = (), None
     else:
-      bounds, scale_buckets = _group_bounds(data, len(canvases)), data.get("scale_buckets")
+      bounds, scale_buckets = _group_bounds(data, len(canvases)), data.scale_buckets
     weights = data.canvas_weights
     if weights is None and bounds:
-      weights = measured_group_weights(config, bounds)
+      weights = measured_group_weights(data, bounds)
       logging.info("aspect-group weights measured on the data: %s", weights)
     try:
-      _SCHEDULES[key] = buckets.make_schedule(canvases, data.train_scales, scale_buckets,
+      _SCHEDULES[data] = buckets.make_schedule(canvases, data.train_scales, scale_buckets,
                                               bounds, weights, int(data.seed))
     except ValueError as e:
       raise ValueError(f"{e} (data.canvases holds one (H, W) per aspect group (data."
                        "group_bounds) and scale bucket (data.scale_buckets), group-major; "
                        "a single canvas needs neither)") from None
-  return _SCHEDULES[key]
+  return _SCHEDULES[data]
 
 
-def _train_group(builder, split, g, schedule, data, cfg, batch, process_index):
+def _train_group(builder, split, g, schedule, data, batch, process_index):
   """The batches of aspect group `g` on this host.
 
   Every group reads the same file order and numbers its positions p the same way, draws each
@@ -168,7 +166,7 @@ def _train_group(builder, split, g, schedule, data, cfg, batch, process_index):
 
   def plan(p, ex):
     key = _stream_key(data.seed, process_index, 0, p)
-    return {**ex, "plan": transforms.train_plan(ex["image/header"]["hw"], key, cfg, bounds)}
+    return {**ex, "plan": transforms.train_plan(ex["image/header"]["hw"], key, data, bounds)}
 
   ds = raw.enumerate().map(datasets.graph_fn(plan), num_parallel_calls=_npc(data),
                            deterministic=True)
@@ -180,7 +178,7 @@ def _train_group(builder, split, g, schedule, data, cfg, batch, process_index):
   buffer = max(2, int(round(int(data.shuffle_buffer or 0) * share)))
   if data.shuffle_buffer and data.shuffle_buffer > 1:
     ds = ds.shuffle(buffer, seed=int(data.seed) + 1, reshuffle_each_iteration=True)
-  ds = _counted_map(ds, lambda ex: transforms.train_augment(ex, ex["plan"], cfg), data)
+  ds = _counted_map(ds, lambda ex: transforms.train_augment(ex, ex["plan"], data), data)
   ds = ds.filter(datasets.graph_fn(lambda el: el["keep"]))
   ds = ds.enumerate()
 
@@ -190,7 +188,7 @@ def _train_group(builder, split, g, schedule, data, cfg, batch, process_index):
       canvas = buckets.tf_canvas_for(g, short, schedule)
     else:
       short, canvas = el["short"], schedule.canvases[schedule.canvas_index(g, 0)]
-    out = transforms.train_finish(el, short, canvas, cfg)
+    out = transforms.train_finish(el, short, canvas, data)
     after = out.pop("stats")
     return {**out, "stats": el["stats"], "stats_after": after, "bucket": tf.constant(g, tf.int32)}
 
@@ -201,14 +199,13 @@ def _train_group(builder, split, g, schedule, data, cfg, batch, process_index):
 def make_train_dataset(config, process_index=None, process_count=None):
   """(tf.data training stream (uint8 images, counters), DatasetMeta, number of aspect groups);
   use `make_train_iterator`."""
-  data = datasets.data_section(config)
+  data = datasets.DataConfig.from_config(config)
   process_index, process_count = _processes(process_index, process_count)
   batch = _per_host(int(data.batch_size), process_count, "batch_size")
-  builder, meta = datasets.get_builder(config)
-  schedule = train_schedule(config)
-  cfg = transforms.TransformConfig.from_config(data)
+  builder, meta = datasets.get_builder(data)
+  schedule = train_schedule(data)
   split = datasets.host_split(data.train_split, process_index, process_count)
-  groups = [_train_group(builder, split, g, schedule, data, cfg, batch, process_index)
+  groups = [_train_group(builder, split, g, schedule, data, batch, process_index)
             for g in range(schedule.num_groups)]
   if len(groups) == 1:
     ds = groups[0]
@@ -249,11 +246,10 @@ def _padding_element(spec) -> dict:
 def make_eval_dataset(config, process_index=None, process_count=None, split=None):
   """(tf.data eval stream, DatasetMeta, number of canvases, expected number of images on this
   host or None)."""
-  data = datasets.data_section(config)
+  data = datasets.DataConfig.from_config(config)
   process_index, process_count = _processes(process_index, process_count)
   split = split or data.eval_split
-  builder, meta = datasets.get_builder(config)
-  cfg = transforms.TransformConfig.from_config(data)
+  builder, meta = datasets.get_builder(data)
   exact = bool(data.eval_exact)
   if exact:
     canvases, batch = (None,), 1
@@ -278,7 +274,7 @@ def make_eval_dataset(config, process_index=None, process_count=None, split=None
   for b, canvas in enumerate(canvases):
     ds = raw if exact else _eval_filter(raw, b, canvases, data)
     ds = _counted_map(ds, lambda ex, b=b, canvas=canvas: {
-        **transforms.eval_example(ex, canvas, cfg), "bucket": tf.constant(b, tf.int32)}, data)
+        **transforms.eval_example(ex, canvas, data), "bucket": tf.constant(b, tf.int32)}, data)
     pad = tf.data.Dataset.from_tensors(_padding_element(ds.element_spec)).repeat()
     if counts is not None:
       num_batches = int(-(-counts[:, b].max() // batch))

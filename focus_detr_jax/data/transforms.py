@@ -17,13 +17,13 @@ All randomness is stateless, keyed by (seed, position of the example in its stre
 output is a pure function of the position: exact resume only needs the position.
 """
 
-import dataclasses
 from typing import Sequence
 
 import tensorflow as tf
 
 from focus_detr_jax.data import buckets
 from focus_detr_jax.data import canvas as canvas_lib
+from focus_detr_jax.data.datasets import DataConfig
 
 # Per-example counters produced by the map (summed over the stream by `streams.py`).
 EXAMPLE_STATS = (
@@ -42,43 +42,6 @@ EXAMPLE_STATS = (
     "boxes_truncated",              # beyond max_boxes
 )
 EMPTY_BOX_THRESHOLD = 1e-5  # detectron2 Boxes.nonempty(threshold)
-
-
-@dataclasses.dataclass(frozen=True)
-class TransformConfig:
-  """Static transform settings, built once from the data config (`from_config`; the defaults
-  are `configs.common.get_data_config`'s)."""
-  max_boxes: int
-  augment: bool
-  flip_prob: float
-  crop_prob: float
-  train_scales: tuple[int, ...]
-  train_max_size: int
-  crop_resize_scales: tuple[int, ...]
-  crop_resize_max_size: int              # 0: unlimited (detectron2 default sys.maxsize)
-  crop_size_range: tuple[int, int]
-  eval_scale: int
-  eval_max_size: int
-  drop_crowd: bool
-  skip_images_without_annotations: bool
-
-  @classmethod
-  def from_config(cls, config) -> "TransformConfig":
-    return cls(
-        max_boxes=int(config.max_boxes),
-        augment=bool(config.augment),
-        flip_prob=float(config.flip_prob),
-        crop_prob=float(config.crop_prob),
-        train_scales=tuple(int(s) for s in config.train_scales),
-        train_max_size=int(config.train_max_size),
-        crop_resize_scales=tuple(int(s) for s in config.crop_resize_scales),
-        crop_resize_max_size=int(config.crop_resize_max_size or 0),
-        crop_size_range=tuple(int(s) for s in config.crop_size_range),
-        eval_scale=int(config.eval_scale),
-        eval_max_size=int(config.eval_max_size),
-        drop_crowd=bool(config.drop_crowd),
-        skip_images_without_annotations=bool(config.skip_images_without_annotations),
-    )
 
 
 # ----------------------------------------------------------------------------- geometry helpers
@@ -271,7 +234,7 @@ def _zero_stats():
   return {k: tf.constant(0, tf.int64) for k in EXAMPLE_STATS}
 
 
-def _finish(image, boxes, labels, target_hw, canvas, cfg: TransformConfig, stats, orig_hw,
+def _finish(image, boxes, labels, target_hw, canvas, cfg: DataConfig, stats, orig_hw,
             image_id, keep):
   """Fit `target_hw` into the canvas, resize once, pad, make targets. `canvas` None: no padding."""
   in_hw = tf.shape(image)[:2]
@@ -305,7 +268,7 @@ def _finish(image, boxes, labels, target_hw, canvas, cfg: TransformConfig, stats
   }
 
 
-def _has_annotations(example, cfg: TransformConfig) -> tf.Tensor:
+def _has_annotations(example, cfg: DataConfig) -> tf.Tensor:
   """Whether the example has a non-crowd box (always True unless images without one are
   skipped)."""
   if not cfg.skip_images_without_annotations:
@@ -313,7 +276,7 @@ def _has_annotations(example, cfg: TransformConfig) -> tf.Tensor:
   return tf.reduce_any(tf.logical_not(tf.cast(example["objects"]["is_crowd"], tf.bool)))
 
 
-def _decode_and_clean(example, cfg: TransformConfig):
+def _decode_and_clean(example, cfg: DataConfig):
   """Decoded image, its (h, w), cleaned boxes and labels, and the example's counters."""
   objects = example["objects"]
   image = decode_image(example["image"])
@@ -333,7 +296,7 @@ def _decode_and_clean(example, cfg: TransformConfig):
 # flip and the crop branch; `train_finish` applies the final multi-scale resize (the step's scale,
 # or the image's own) and pads into the step's canvas.
 
-def train_plan(hw: tf.Tensor, key: tf.Tensor, cfg: TransformConfig, group_bounds) -> dict:
+def train_plan(hw: tf.Tensor, key: tf.Tensor, cfg: DataConfig, group_bounds) -> dict:
   """Random choices of one training example from its header size `hw` (int32 [2]).
 
   Returns flip, crop (bool), short (per-image final scale), short1 (crop branch's first resize),
@@ -366,7 +329,7 @@ def crop_box(h, w, crop_range, keys) -> tf.Tensor:
   return tf.stack([y0, x0, ch, cw])
 
 
-def train_augment(example, plan: dict, cfg: TransformConfig) -> dict:
+def train_augment(example, plan: dict, cfg: DataConfig) -> dict:
   """Stage 1: decode, clean boxes, flip, crop branch. Variable-size uint8 image, xyxy boxes.
 
   Output: image uint8 [h, w, 3], boxes float32 [n, 4] absolute xyxy, labels int32 [n],
@@ -410,7 +373,7 @@ def train_augment(example, plan: dict, cfg: TransformConfig) -> dict:
   return tf.cond(has_annotations, processed, skipped)
 
 
-def train_finish(el: dict, short, canvas, cfg: TransformConfig) -> dict:
+def train_finish(el: dict, short, canvas, cfg: DataConfig) -> dict:
   """Stage 2: the final ResizeShortestEdge(`short`, `train_max_size`) (eval size without
   augmentation), fit into `canvas` (int32 [2] tensor or static pair), pad, targets.
 
@@ -443,7 +406,7 @@ def tf_eval_canvas_index(hw: tf.Tensor, canvases: Sequence[canvas_lib.Canvas], s
   return tf.where(tf.logical_and(known, tf.reduce_any(fits)), smallest, closest)
 
 
-def eval_example(example, canvas, cfg: TransformConfig):
+def eval_example(example, canvas, cfg: DataConfig):
   """One evaluation example: ResizeShortestEdge(eval_scale, eval_max_size), fit, pad.
 
   Images without annotations are kept (COCO evaluation counts them). `canvas` None: no padding
