@@ -45,26 +45,19 @@ def is_class_head(path) -> bool:
   return bool(_HEAD.match(path if isinstance(path, str) else "/".join(path)))
 
 
-def _model(config):
-  return FocusDETR.from_config(config.model)
-
-
-def _inputs(height, width):
-  return (jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32),
-          jax.ShapeDtypeStruct((1, height, width), jnp.bool_))
-
-
 def model_shapes(config, image_size=INIT_IMAGE_SIZE):
   """{collection: tree of jax.ShapeDtypeStruct} of the model's variables (`params`, `frozen`)."""
-  model = _model(config)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *_inputs(*image_size))
+  height, width = image_size
+  shapes = jax.eval_shape(FocusDETR.from_config(config.model).init, jax.random.PRNGKey(0),
+                          jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32),
+                          jax.ShapeDtypeStruct((1, height, width), jnp.bool_))
   return {k: v for k, v in shapes.items() if k not in SKIP_COLLECTIONS}
 
 
 def init_variables(config, seed: Optional[int] = None, image_size=INIT_IMAGE_SIZE):
   """A fresh init of the model (numpy arrays), seeded by `config.seed` unless `seed` is given."""
   key = jax.random.PRNGKey(int(config.get("seed", 0) if seed is None else seed))
-  variables = model_init_variables(_model(config), key, image_size)
+  variables = model_init_variables(FocusDETR.from_config(config.model), key, image_size)
   return jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
 
 
@@ -73,15 +66,11 @@ def init_variables(config, seed: Optional[int] = None, image_size=INIT_IMAGE_SIZ
 # ------------------------------------------------------------------------------------------------
 
 
-def _is_model_checkpoint_dir(path: Path) -> bool:
-  return path.is_dir() and (path / CONFIG_FILE).exists()
-
-
 def read_source(source, fmt: str = "auto"):
   """(state dict or None, our flat variables or None, metadata, rows, format) of a source path."""
   path = Path(source)
   if path.is_dir():
-    if not _is_model_checkpoint_dir(path):
+    if not (path / CONFIG_FILE).exists():
       raise ConversionError(f"{path} is a directory but not a model checkpoint (no config.json)")
     if fmt not in ("auto", "ours"):
       raise ConversionError(f"{path} is one of our model checkpoints, not format {fmt!r}")

@@ -242,7 +242,8 @@ def _ms_deform_attn_gather_window_vjp(value, spatial_shapes, sampling_locations,
   return _ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
 
 
-def _gather_window_vjp_fwd(value, spatial_shapes, sampling_locations, attention_weights):
+def _gather_fwd(value, spatial_shapes, sampling_locations, attention_weights):
+  """Forward of the `gather_*vjp` formulations: gather's output; residuals: the inputs."""
   out = _ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
   return out, (value, sampling_locations, attention_weights)
 
@@ -253,7 +254,7 @@ def _gather_window_vjp_bwd(spatial_shapes, residuals, g):
   return vjp(g)
 
 
-_ms_deform_attn_gather_window_vjp.defvjp(_gather_window_vjp_fwd, _gather_window_vjp_bwd)
+_ms_deform_attn_gather_window_vjp.defvjp(_gather_fwd, _gather_window_vjp_bwd)
 
 
 def _corner_rows(spatial_shapes, value_shape, x0, y0, heights, widths):
@@ -276,11 +277,6 @@ def _corner_rows(spatial_shapes, value_shape, x0, y0, heights, widths):
 def _ms_deform_attn_gather_vjp(value, spatial_shapes, sampling_locations, attention_weights):
   """`gather` forward, and a hand-written backward built from the same row gathers."""
   return _ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
-
-
-def _gather_vjp_fwd(value, spatial_shapes, sampling_locations, attention_weights):
-  out = _ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
-  return out, (value, sampling_locations, attention_weights)
 
 
 def _gather_vjp_bwd(spatial_shapes, residuals, g):
@@ -338,7 +334,7 @@ def _gather_vjp_bwd_impl(spatial_shapes, residuals, g):
           d_attn.astype(attention_weights.dtype))
 
 
-_ms_deform_attn_gather_vjp.defvjp(_gather_vjp_fwd, _gather_vjp_bwd)
+_ms_deform_attn_gather_vjp.defvjp(_gather_fwd, _gather_vjp_bwd)
 
 
 def _ms_deform_attn_per_level(value, spatial_shapes, sampling_locations, attention_weights):

@@ -259,16 +259,10 @@ class FocusDETR(nn.Module):
     if c.num_levels != 4:
       raise ValueError("Focus-DETR's top-down score modulation is defined for exactly 4 levels")
     resolve_implementation(c.msda_implementation)   # an unknown formulation fails here
-    return cls(
-        num_classes=c.num_classes, backbone=BackboneConfig.from_config(c.backbone),
-        hidden_dim=c.hidden_dim,
-        num_heads=c.num_heads, ffn_dim=c.ffn_dim, num_encoder_layers=c.num_encoder_layers,
-        num_decoder_layers=c.num_decoder_layers, num_levels=c.num_levels,
-        num_points=c.num_points, num_queries=c.num_queries, topk_sa=c.topk_sa,
-        focus_rho=c.focus_rho, cascade=tuple(c.cascade), pos_temperature=c.pos_temperature,
-        pos_offset=c.pos_offset, eval_padding_mask=c.eval_padding_mask,
-        batch_group_size=c.batch_group_size,
-        dtype=compute_dtype(c.dtype), remat=c.remat, msda_implementation=c.msda_implementation)
+    values = {f.name: c[f.name] for f in dataclasses.fields(cls)
+              if f.name not in ("parent", "name")}               # flax's own fields
+    return cls(**dict(values, backbone=BackboneConfig.from_config(c.backbone),
+                      cascade=tuple(c.cascade), dtype=compute_dtype(c.dtype)))
 
   def setup(self):
     d, dt = self.hidden_dim, self.dtype

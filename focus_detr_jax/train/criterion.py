@@ -73,12 +73,12 @@ def loss_names(num_aux_layers: int = 5) -> Tuple[str, ...]:
   return tuple(names)
 
 
-def _pair_box_losses(pred_boxes, target_boxes, weight):
-  """Weighted L1 and 1 - GIoU sums: [..., 4], [..., 4], [...] -> (scalar, scalar)."""
-  l1 = jnp.abs(pred_boxes - target_boxes).sum(-1)
+def _box_losses(pred_boxes, target_boxes):
+  """L1 and 1 - GIoU of box pairs: [..., 4] (cast to float32), [..., 4] -> [...], [...]."""
+  pred_boxes = pred_boxes.astype(jnp.float32)
   giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes),
                                          box_cxcywh_to_xyxy(target_boxes))
-  return jnp.sum(l1 * weight), jnp.sum((1.0 - giou) * weight)
+  return jnp.abs(pred_boxes - target_boxes).sum(-1), 1.0 - giou
 
 
 def matched_losses(pred_logits, pred_boxes, target_labels, target_boxes, matching: Matching,
@@ -105,10 +105,10 @@ def matched_losses(pred_logits, pred_boxes, target_labels, target_boxes, matchin
   focal = foreground.sigmoid_focal_loss(pred_logits, onehot, config.focal_alpha, config.focal_gamma)
   matched_boxes = jnp.take_along_axis(
       pred_boxes.astype(jnp.float32), matching.query_index[..., None], axis=1)  # [B, M, 4]
-  l1, giou = _pair_box_losses(matched_boxes, target_boxes, weight)
+  l1, giou = _box_losses(matched_boxes, target_boxes)
   return {"loss_class": jnp.sum(focal) / num_boxes,
-          "loss_bbox": l1 / num_boxes,
-          "loss_giou": giou / num_boxes}
+          "loss_bbox": jnp.sum(l1 * weight) / num_boxes,
+          "loss_giou": jnp.sum(giou * weight) / num_boxes}
 
 
 def denoising_losses(dn_logits, dn_boxes, target_labels, target_boxes, dn: DenoisingQueries,
@@ -135,15 +135,13 @@ def denoising_losses(dn_logits, dn_boxes, target_labels, target_boxes, dn: Denoi
   focal = foreground.sigmoid_focal_loss(dn_logits, onehot, config.focal_alpha, config.focal_gamma)
   focal = jnp.sum(focal, axis=-1) * dn.dn_active  # [B, S]: inactive slots do not exist in detrex
   slot_boxes = jnp.take_along_axis(target_boxes, dn.dn_target_index[..., None], axis=1)
-  l1 = jnp.abs(dn_boxes.astype(jnp.float32) - slot_boxes).sum(-1)  # [B, S]
-  giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(dn_boxes.astype(jnp.float32)),
-                                         box_cxcywh_to_xyxy(slot_boxes))
+  l1, giou = _box_losses(dn_boxes, slot_boxes)  # [B, S]
   norm = num_boxes * dn.num_groups.astype(jnp.float32)  # [B]
   inv_norm = jnp.where(dn.num_groups > 0, 1.0 / jnp.maximum(norm, 1.0), 0.0)
   per_image = lambda x: jnp.sum(jnp.sum(x, axis=1) * inv_norm)
   return {"loss_class": per_image(focal),
           "loss_bbox": per_image(l1 * positive),
-          "loss_giou": per_image((1.0 - giou) * positive)}
+          "loss_giou": per_image(giou * positive)}
 
 
 def _targets(targets: Mapping[str, jax.Array]):

@@ -83,23 +83,19 @@ def enable_compilation_cache() -> Optional[str]:
   return path
 
 
-def _normalising_on_device(step_fn, data):
-  """`step_fn(state, batch)` fed uint8 images: the normalisation and `pixel_valid` are made
-  inside the jitted step (data/device.py, bit-identical to the host's)."""
-  def step(state, batch):
-    return step_fn(state, device.normalize_on_device(batch, data.pixel_mean, data.pixel_std))
-
-  return step
-
-
 def make_train_step(config, model, tx, schedule, mesh):
   """The jitted `train_step(state, batch)` of the loop: uint8 batches sharded over `mesh`'s data
-  axis, the state replicated and donated. One XLA program per canvas shape."""
-  return sharding.jit_data_parallel(
-      _normalising_on_device(functools.partial(
-          steps.train_step, model=model, objective=Objective.from_config(config), tx=tx,
-          schedule=schedule, ema_decay=config.optim.ema_decay), config.data),
-      mesh, donate_state=True)
+  axis, normalised (and `pixel_valid` made) inside the step (data/device.py, bit-identical to the
+  host's), the state replicated and donated. One XLA program per canvas shape."""
+  train_step = functools.partial(steps.train_step, model=model,
+                                 objective=Objective.from_config(config), tx=tx,
+                                 schedule=schedule, ema_decay=config.optim.ema_decay)
+  data = config.data
+
+  def step(state, batch):
+    return train_step(state, device.normalize_on_device(batch, data.pixel_mean, data.pixel_std))
+
+  return sharding.jit_data_parallel(step, mesh, donate_state=True)
 
 
 def _summaries(metrics, rate, steps_left, elapsed, max_minutes=0.0):
