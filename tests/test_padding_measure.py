@@ -48,8 +48,8 @@ def test_mixed_validation_folder_is_deterministic(tmp_path):
 
 
 def test_compile_benchmark_feeds_the_loop_its_training_batch(tiny_config):
-  """The abstract batch has the keys, dtypes and shapes of a real training batch (so the
-  benchmark compiles the program the loop runs)."""
+  """The abstract batch has the keys, dtypes and shapes of a real training batch, and the
+  benchmark's program (the loop's train step) lowers with it."""
   from focus_detr_jax.data import iterators
   config = tiny_config.copy_and_resolve_references()
   it = iterators.make_train_iterator(config, normalize_on_host=False)
@@ -60,3 +60,6 @@ def test_compile_benchmark_feeds_the_loop_its_training_batch(tiny_config):
   for key, value in real.items():
     assert shapes[key].shape == value.shape, key
     assert shapes[key].dtype == jax.dtypes.canonicalize_dtype(value.dtype), key
+  step, state = bench_compile.train_program(config)   # the loop's step, traced from shapes
+  new_state = step.lower(state, shapes).out_info[0]
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)

@@ -39,6 +39,18 @@ def abstract_batch(batch: int, height: int, width: int, max_boxes: int) -> Dict[
               example_valid=s((batch,), bool))
 
 
+def train_program(config):
+  """(the loop's jitted train step on one device, the abstract train state) of `config`."""
+  model = FocusDETR.from_config(config.model)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  variables = model_shapes(config)
+  optim_config = optim.OptimConfig.from_config(config.optim)
+  tx, schedule = optim.make_optimizer(variables["params"], optim_config, model.backbone)
+  state = jax.eval_shape(lambda v: create_train_state(v, tx, jax.random.PRNGKey(1),
+                                                      ema=optim_config.ema_decay > 0), variables)
+  return loop.make_train_step(config, model, tx, schedule, mesh), state
+
+
 def measure(spec) -> Dict:
   """One phase: {canvases: [{canvas, lower_s, compile_s}], trace_s, xla_cpu_scheduler, remat}."""
   config = importlib.import_module(f"configs.{spec['config']}").get_config()
@@ -46,14 +58,8 @@ def measure(spec) -> Dict:
   xla_options.configure_cpu_scheduler(config.train.xla_cpu_scheduler)
   jax.config.update("jax_compilation_cache_dir", spec["cache_dir"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  model = FocusDETR.from_config(config.model)
-  mesh = sharding.make_mesh(jax.devices()[:1])
   t0 = time.perf_counter()
-  variables = model_shapes(config)
-  tx, schedule = optim.make_optimizer(variables["params"], config)
-  state = jax.eval_shape(lambda v: create_train_state(v, tx, jax.random.PRNGKey(1),
-                                                      ema=config.optim.ema_decay > 0), variables)
-  step = loop.make_train_step(config, model, tx, schedule, mesh)
+  step, state = train_program(config)
   trace_s = time.perf_counter() - t0
   rows = []
   for h, w in canvas_lib.normalize_canvases(spec.get("canvases") or config.data.canvases):
