@@ -33,6 +33,11 @@ def group_norm(num_groups=32, name=None, dtype=jnp.float32):
 
 
 def _conv2d_forward(x, kernel, stride, padding):
+  if kernel.shape[:2] == (1, 1) and padding == 0:
+    # A 1x1 convolution is a matrix product over channels. XLA:CPU runs it 1.3-4x faster as a
+    # dot than as a convolution (BENCHMARKS.md, issue 17); bitwise equal at the R50 shapes
+    # measured, float32 rounding differences at small channel counts.
+    return jnp.einsum("bhwc,cd->bhwd", x[:, ::stride, ::stride], kernel[0, 0])
   return jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -41,7 +46,8 @@ def _conv2d_forward(x, kernel, stride, padding):
 def conv2d(x, kernel, stride: int, padding: int):
   """NHWC x HWIO convolution (torch padding semantics) whose kernel gradient is k*k matmuls.
 
-  Forward and input gradient are XLA's convolution and its transpose. The kernel gradient
+  Forward and input gradient are XLA's convolution and its transpose (a dot for 1x1 kernels
+  without padding). The kernel gradient
   `dW[i, j] = sum_{b,h,w} x_pad[b, h*s + i, w*s + j, :]^T dY[b, h, w, :]` is written as one
   [Cin, B H' W'] x [B H' W', Cout] matmul per kernel tap: XLA:CPU lowers the convolution form of
   the kernel gradient (a convolution whose window is the whole feature map) to a slow, poorly
