@@ -19,7 +19,6 @@ weights for ours (timing does not depend on the values: static shapes, all token
       --detrex-root /path/detrex --json /tmp/cmp.json
 """
 
-import os
 
 from absl import flags
 
@@ -30,10 +29,7 @@ from focus_detr_jax.benchmarks import detrex
 def define_flags(fv, argv):
   del argv
   s, i = flags.DEFINE_string, flags.DEFINE_integer
-  s("detrex-python", None, "python of an environment with detrex installed", flag_values=fv)
-  s("detrex-root", os.environ.get("DETREX_ROOT"), "detrex source tree (holds "
-    "projects/focus_detr); env DETREX_ROOT", flag_values=fv)
-  s("config", detrex.DEFAULT_CONFIG, "detrex config, relative to --detrex-root", flag_values=fv)
+  detrex.define_detrex_flags(fv)
   s("parts", "eval,train", "comma list of eval,train", flag_values=fv)
   s("eval-sizes", "800x1333,512x768", "", flag_values=fv)
   s("train-size", "512x768", "", flag_values=fv)

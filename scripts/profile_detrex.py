@@ -12,7 +12,6 @@ op that made each backward node (focus_detr_jax/benchmarks/detrex_profile.py). `
       --detrex-root /path/detrex --ours-json /tmp/prof/p0.json --markdown detrex_parts.md
 """
 
-import os
 
 from absl import flags
 
@@ -23,10 +22,7 @@ from focus_detr_jax.benchmarks import detrex
 def define_flags(fv, argv):
   del argv
   s, i = flags.DEFINE_string, flags.DEFINE_integer
-  s("detrex-python", None, "python of an environment with detrex installed", flag_values=fv)
-  s("detrex-root", os.environ.get("DETREX_ROOT"), "detrex source tree (holds "
-    "projects/focus_detr); env DETREX_ROOT", flag_values=fv)
-  s("config", detrex.DEFAULT_CONFIG, "detrex config, relative to --detrex-root", flag_values=fv)
+  detrex.define_detrex_flags(fv)
   s("train-size", "512x768", "image size HxW", flag_values=fv)
   i("train-batch", 2, "", flag_values=fv)
   i("boxes", 8, "ground-truth boxes per image", flag_values=fv)

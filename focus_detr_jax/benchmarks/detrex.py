@@ -21,6 +21,17 @@ WORKER = "focus_detr_jax.benchmarks.detrex_worker"   # a module name: not import
 DEFAULT_CONFIG = "projects/focus_detr/configs/focus_detr_resnet/focus_detr_r50_4scale_12ep.py"
 
 
+def define_detrex_flags(fv):
+  """The flags that locate detrex: --detrex-python, --detrex-root, --config."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string("detrex-python", None, "python of an environment with detrex installed",
+                      flag_values=fv)
+  flags.DEFINE_string("detrex-root", os.environ.get("DETREX_ROOT"), "detrex source tree (holds "
+                      "projects/focus_detr); env DETREX_ROOT", flag_values=fv)
+  flags.DEFINE_string("config", DEFAULT_CONFIG, "detrex config, relative to --detrex-root",
+                      flag_values=fv)
+
+
 def run_detrex(args, spec):
   """One detrex worker process under `args.detrex_python`; its results."""
   env = dict(os.environ, PYTHONPATH=SOURCE_ROOT, OMP_NUM_THREADS=str(args.threads))
