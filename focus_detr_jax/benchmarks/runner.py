@@ -12,6 +12,7 @@ import sys
 import time
 import traceback
 
+from focus_detr_jax import benchmarks
 from focus_detr_jax.benchmarks import measure as bm
 from focus_detr_jax.benchmarks import report, tasks
 
@@ -65,31 +66,22 @@ def run_task_in_process(spec):
   """Runs one task in this process (`--smoke`): no per-measurement RSS, shared caches."""
   t0 = time.perf_counter()
   try:
-    result = tasks.TASKS[spec["task"]](spec)
+    result = tasks.run(spec)
   except Exception:  # reported like a failed subprocess
-    return dict(spec=spec, error=traceback.format_exc()[-2000:],
-                wall_s=time.perf_counter() - t0)
-  result["worker_s"] = time.perf_counter() - t0
-  result.update(spec=spec, wall_s=time.perf_counter() - t0)
-  return result
+    result = dict(error=traceback.format_exc()[-2000:])
+  return dict(result, spec=spec, wall_s=time.perf_counter() - t0)
 
 
 def run_task(spec, timeout):
   """Runs one task in a fresh process; returns its result dict (or an error entry)."""
   t0 = time.perf_counter()
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   try:
-    proc = subprocess.run([sys.executable, "-m", tasks.__name__, json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    result, error = benchmarks.run_worker(
+        [sys.executable, "-m", tasks.__name__, json.dumps(spec)], timeout=timeout,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
   except subprocess.TimeoutExpired:
-    return dict(spec=spec, error=f"timeout after {timeout}s", wall_s=time.perf_counter() - t0)
-  for line in proc.stdout.splitlines():
-    if line.startswith("RESULT "):
-      result = json.loads(line[len("RESULT "):])
-      result.update(spec=spec, wall_s=time.perf_counter() - t0)
-      return result
-  return dict(spec=spec, error=(proc.stderr or proc.stdout)[-2000:],
-              wall_s=time.perf_counter() - t0)
+    result, error = None, f"timeout after {timeout}s"
+  return dict(result or dict(error=error[-2000:]), spec=spec, wall_s=time.perf_counter() - t0)
 
 
 def plan(args):
@@ -109,12 +101,11 @@ def plan(args):
   fh, fw = bm.parse_size(args.flops_size)
   for cfg in configs:
     for (h, w), b in cells:
-      if "eval" not in parts and not ("flops" in parts and (h, w) == (fh, fw) and b == 1):
-        continue
       split = "flops" in parts and (h, w) == (fh, fw) and b == 1
-      specs.append(("eval", f"{cfg} {h}x{w} b{b}",
-                    dict(task="eval", config=cfg, batch=b, height=h, width=w, split=split,
-                         time="eval" in parts, repeats=args.repeats)))
+      if "eval" in parts or split:
+        specs.append(("eval", f"{cfg} {h}x{w} b{b}",
+                      dict(task="eval", config=cfg, batch=b, height=h, width=w, split=split,
+                           time="eval" in parts, repeats=args.repeats)))
     if "flops" in parts and ((fh, fw), 1) not in cells:
       specs.append(("eval", f"{cfg} {fh}x{fw} b1", dict(task="eval", config=cfg, batch=1,
                                                        height=fh, width=fw, split=True,
@@ -190,10 +181,6 @@ def run(args, command):
   md = report.report(info, results, command, in_process=args.in_process)
   print(md)
   print(f"total {time.perf_counter() - t_start:.0f}s")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(info=info, command=command, in_process=args.in_process,
-                     results=[dict(part=p, label=l, **r) for p, l, r in results]), f, indent=1)
-  if args.markdown:
-    with open(args.markdown, "w") as f:
-      f.write(md + "\n")
+  benchmarks.write_outputs(args, dict(info=info, command=command, in_process=args.in_process,
+                                      results=[dict(part=p, label=l, **r) for p, l, r in results]),
+                           md + "\n")
