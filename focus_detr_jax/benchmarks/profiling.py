@@ -3,21 +3,16 @@
 `measure` compiles one program of `tasks.program` (XLA memory and cost analysis), times it and
 reduces a `jax.profiler` trace of one call; `markdown` renders the rows.
 
-A `jax.profiler` trace of one call records one event per executed thunk (an HLO instruction of
-the optimised program, nested inside `while` bodies and `ThunkExecutor` spans) on each XLA
-worker thread. `self_times` turns the nested events into self time per instruction name
-(thread-seconds: two busy cores give twice the wall time). `attribute` maps each instruction to
-its `op_name` metadata in the compiled HLO text (for a fusion: the most frequent `op_name` of its
-fused computation), and `classify` reads from it:
-
-- direction: `bwd` when JAX's transpose (`transpose(jvp(...))`) or a hand-written VJP (named
-  scope `custom_bwd`) produced it, else `fwd` (XLA may merge a backward gather with the
-  identical forward one: that work then counts as forward);
-- part: the Flax module path (backbone, neck, selector, encoder layer i, decoder layer i, heads)
-  or the objective's named scopes (denoising, matcher, losses), with the cascade's token
-  gather/scatter (`gather_rows` / `scatter_rows`) as parts of their own;
-- category: the instruction name without its number (`ynn_fusion` = YNNPACK dot/conv,
-  `*gather*`, `*scatter*`, `transpose_copy_fusion` = layout changes, `while` = loops, ...).
+A `jax.profiler` trace of one call has one event per executed thunk (an HLO instruction of the
+optimised program, nested in `while` bodies and `ThunkExecutor` spans) on each XLA worker thread.
+`self_times` gives the self time per instruction (thread-seconds: two busy cores give twice the
+wall time), `wall_shares` its share of the wall time. `hlo_metadata` maps each instruction to its
+`op_name` (a fusion: the most frequent one of its fused computation), from which `classify` reads
+the direction (`bwd`: JAX's `transpose(jvp(...))` or a hand-written VJP, scope `custom_bwd`; XLA
+may merge a backward gather into the identical forward one, which then counts as forward) and the
+part (Flax module path, the objective's named scopes, the cascade's token gather/scatter);
+`category` is the instruction name without its number (`ynn_fusion` = YNNPACK dot/conv,
+`transpose_copy_fusion` = layout changes, `while` = loops, ...).
 """
 
 import collections
@@ -32,6 +27,7 @@ from typing import Dict, Iterable, Tuple
 import jax
 
 from focus_detr_jax.benchmarks import measure as bm
+from focus_detr_jax.benchmarks import table
 from focus_detr_jax.benchmarks import tasks
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?\s([a-z][\w\-]*)\(")
@@ -128,8 +124,9 @@ def wall_shares(trace_dir: str) -> Dict[str, float]:
   boundaries = []
   for events in _worker_events(trace_dir):
     # Flatten nesting: the innermost open event owns each instant. Segments: (start, end, name).
+    # The sentinel at infinity closes every event left open.
     segments, stack, last = [], [], None
-    for start, end, name in events:
+    for start, end, name in events + [(float("inf"), float("inf"), None)]:
       while stack and stack[-1][0] <= start:
         top_end, top_name = stack.pop()
         if last < top_end:
@@ -139,11 +136,6 @@ def wall_shares(trace_dir: str) -> Dict[str, float]:
         segments.append((last, start, stack[-1][1]))
       last = start
       stack.append((end, name))
-    while stack:
-      top_end, top_name = stack.pop()
-      if last < top_end:
-        segments.append((last, top_end, top_name))
-        last = top_end
     for start, end, name in segments:
       boundaries.append((start, 1, name))
       boundaries.append((end, -1, name))
@@ -277,42 +269,27 @@ def measure(args, remat):
 
 def markdown(rows):
   """The memory/compile/timing table, then each profiled row's tables."""
-  out = []
-  out.append("| program | config size batch | remat | XLA temp GiB | args GiB | GFLOPs | compile s "
-             "| median s |")
-  out.append("|---|---|---|---|---|---|---|---|")
-  for r in rows:
-    out.append(f"| {r['program']} | {r['config']} {r['size']} b{r['batch']} | {r['remat']} | "
-               f"{r['temp_gib']:.2f} | {r['argument_gib']:.2f} | {r['gflops']:.1f} | "
-               f"{r['compile_s']:.1f} | {r.get('median_s', float('nan')):.2f} |")
+  out = table(["program", "config size batch", "remat", "XLA temp GiB", "args GiB", "GFLOPs",
+               "compile s", "median s"],
+              [[r["program"], f"{r['config']} {r['size']} b{r['batch']}", str(r["remat"]),
+                f"{r['temp_gib']:.2f}", f"{r['argument_gib']:.2f}", f"{r['gflops']:.1f}",
+                f"{r['compile_s']:.1f}", f"{r.get('median_s', float('nan')):.2f}"] for r in rows])
   for r in rows:
     if "by_part" not in r:
       continue
-    out.append("")
-    out.append(f"Profile of one call ({r['program']}, {r['config']} {r['size']} b{r['batch']}, "
-               f"remat {r['remat']}): traced call {r['traced_call_s']:.2f} s wall, "
-               f"{r['profile_total_s']:.2f} thread-s")
-    out.append("")
-    out.append("| part | fwd wall s | bwd wall s | fwd thread-s | bwd thread-s |")
-    out.append("|---|---|---|---|---|")
-    tot = [0.0] * 4
-    for p in r["parts_order"]:
-      vals = [r["wall_by_part"].get(f"fwd {p}", 0.0) + r["wall_by_part"].get(f"- {p}", 0.0),
-              r["wall_by_part"].get(f"bwd {p}", 0.0),
-              r["by_part"].get(f"fwd {p}", 0.0) + r["by_part"].get(f"- {p}", 0.0),
-              r["by_part"].get(f"bwd {p}", 0.0)]
-      tot = [a + v for a, v in zip(tot, vals)]
-      out.append(f"| {p} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
-    out.append(f"| all workers idle | {r['idle_s']:.3f} | | | |")
-    out.append("| **total** | " + " | ".join(f"**{v:.3f}**" for v in tot) + " |")
-    out.append("")
-    out.append("| HLO category (direction) | thread-s |")
-    out.append("|---|---|")
-    for k, t in list(r["by_category"].items())[:15]:
-      out.append(f"| {k} | {t:.3f} |")
-    out.append("")
-    out.append("| top instruction | op_name | thread-s |")
-    out.append("|---|---|---|")
-    for n, op, t in r["top_ops"][:15]:
-      out.append(f"| {n} | `{op[:110]}` | {t:.3f} |")
+    wall, self_s = r["wall_by_part"], r["by_part"]
+    parts = [[wall.get(f"fwd {p}", 0.0) + wall.get(f"- {p}", 0.0), wall.get(f"bwd {p}", 0.0),
+              self_s.get(f"fwd {p}", 0.0) + self_s.get(f"- {p}", 0.0), self_s.get(f"bwd {p}", 0.0)]
+             for p in r["parts_order"]]
+    out += ["", f"Profile of one call ({r['program']}, {r['config']} {r['size']} b{r['batch']}, "
+            f"remat {r['remat']}): traced call {r['traced_call_s']:.2f} s wall, "
+            f"{r['profile_total_s']:.2f} thread-s", ""]
+    out += table(["part", "fwd wall s", "bwd wall s", "fwd thread-s", "bwd thread-s"],
+                 [[p] + [f"{v:.3f}" for v in vals] for p, vals in zip(r["parts_order"], parts)]
+                 + [["**total**"] + [f"**{sum(col):.3f}**" for col in zip(*parts)]])
+    out.insert(-1, f"| all workers idle | {r['idle_s']:.3f} | | | |")
+    out += [""] + table(["HLO category (direction)", "thread-s"],
+                        [[k, f"{t:.3f}"] for k, t in list(r["by_category"].items())[:15]])
+    out += [""] + table(["top instruction", "op_name", "thread-s"],
+                        [[n, f"`{op[:110]}`", f"{t:.3f}"] for n, op, t in r["top_ops"][:15]])
   return "\n".join(out) + "\n"
