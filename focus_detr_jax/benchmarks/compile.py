@@ -13,7 +13,6 @@ prints `RESULT <json>` (one phase in this process); `run` starts the two phases.
 
 import importlib
 import json
-import subprocess
 import sys
 import time
 from typing import Dict, List
@@ -21,15 +20,16 @@ from typing import Dict, List
 import jax
 import jax.numpy as jnp
 
+from focus_detr_jax import benchmarks, xla_options
 from focus_detr_jax.data import canvas as canvas_lib
-from focus_detr_jax import xla_options
 from focus_detr_jax.convert.init import model_shapes
 from focus_detr_jax.models.focus_detr import FocusDETR
 from focus_detr_jax.train import loop, optim, sharding
 from focus_detr_jax.train.state import create_train_state
 
 
-def abstract_batch(batch: int, height: int, width: int, max_boxes: int) -> Dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(batch: int, height: int, width: int,
+                   max_boxes: int) -> Dict[str, jax.ShapeDtypeStruct]:
   """The shapes of one training batch as the loop feeds it (uint8 images, no pixel mask)."""
   s = jax.ShapeDtypeStruct
   return dict(image=s((batch, height, width, 3), jnp.uint8),
@@ -80,26 +80,26 @@ def run(config: str, batch: int, cache_dir: str, canvases=None) -> Dict[str, Lis
   out = {}
   for phase in ("cold", "warm"):
     spec = dict(config=config, batch=batch, cache_dir=cache_dir, canvases=canvases)
-    proc = subprocess.run([sys.executable, "-m", __name__, json.dumps(spec)], check=True,
-                          stdout=subprocess.PIPE, text=True)
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    out[phase] = json.loads(line[len("RESULT "):])
+    out[phase], error = benchmarks.run_worker([sys.executable, "-m", __name__, json.dumps(spec)],
+                                              stderr=None)   # its progress lines: shown
+    if error is not None:
+      raise RuntimeError(f"{phase} compile worker failed:\n{error}")
   return out
 
 
 def markdown(result) -> str:
-  rows = ["| canvas | cold: lower s | cold: compile s | from the cache: lower s | load s |",
-          "|---|---|---|---|---|"]
-  for cold, warm in zip(result["cold"]["canvases"], result["warm"]["canvases"]):
-    rows.append(f"| {cold['canvas'][0]}x{cold['canvas'][1]} | {cold['lower_s']:.1f} | "
-                f"{cold['compile_s']:.1f} | {warm['lower_s']:.1f} | {warm['compile_s']:.1f} |")
-  total = lambda p: sum(r["lower_s"] + r["compile_s"] for r in result[p]["canvases"])  # noqa: E731
-  rows.append(f"| **all {len(result['cold']['canvases'])}** | | **{total('cold'):.0f}** (lower + "
-              f"compile) | | **{total('warm'):.0f}** (lower + load) |")
-  rows.append(f"\nmodel.remat={result['cold']['remat']}, XLA:CPU scheduler "
-              f"{result['cold']['xla_cpu_scheduler']}")
+  cold, warm = result["cold"], result["warm"]
+  total = lambda p: sum(r["lower_s"] + r["compile_s"] for r in p["canvases"])  # noqa: E731
+  rows = benchmarks.table(
+      ["canvas", "cold: lower s", "cold: compile s", "from the cache: lower s", "load s"],
+      [[f"{c['canvas'][0]}x{c['canvas'][1]}", f"{c['lower_s']:.1f}", f"{c['compile_s']:.1f}",
+        f"{w['lower_s']:.1f}", f"{w['compile_s']:.1f}"]
+       for c, w in zip(cold["canvases"], warm["canvases"])])
+  rows.append(f"| **all {len(cold['canvases'])}** | | **{total(cold):.0f}** (lower + compile) | "
+              f"| **{total(warm):.0f}** (lower + load) |")
+  rows.append(f"\nmodel.remat={cold['remat']}, XLA:CPU scheduler {cold['xla_cpu_scheduler']}")
   return "\n".join(rows)
 
 
 if __name__ == "__main__":
-  print("RESULT " + json.dumps(measure(json.loads(sys.argv[1]))), flush=True)
+  benchmarks.print_result(measure(json.loads(sys.argv[1])))

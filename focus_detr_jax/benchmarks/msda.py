@@ -51,20 +51,13 @@ def prepare(impl, shapes, value, loc, weights, backward):
   def loss(v, l, a):
     return jnp.sum(forward(v, l, a) * cot)
 
-  row = dict(implementation=impl)
-  programs = {}
-  compiled, lower_s, compile_s = bm.compile_jitted(jax.jit(forward), value, loc, weights)
-  row["fwd_compile_s"] = lower_s + compile_s
-  programs["fwd"] = compiled
-  out = bm.block(compiled(value, loc, weights))
-  grads = None
-  if backward:
-    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-    compiled_b, lower_s, compile_s = bm.compile_jitted(grad_fn, value, loc, weights)
-    row["bwd_compile_s"] = lower_s + compile_s
-    programs["fwdbwd"] = compiled_b
-    grads = bm.block(compiled_b(value, loc, weights))[1]
-  return row, programs, out, grads
+  row, programs, outputs = dict(implementation=impl), {}, {}
+  fns = dict(fwd=forward, fwdbwd=jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  for kind in ["fwd", "fwdbwd"][:2 if backward else 1]:
+    programs[kind], lower_s, compile_s = bm.compile_jitted(jax.jit(fns[kind]), value, loc, weights)
+    row[f"{kind[-3:]}_compile_s"] = lower_s + compile_s
+    outputs[kind] = bm.block(programs[kind](value, loc, weights))
+  return row, programs, outputs["fwd"], outputs["fwdbwd"][1] if backward else None
 
 
 def time_interleaved(programs, args, repeats, max_seconds):
@@ -127,11 +120,9 @@ def run(args):
           row.update({f"{kind}_median_s": float(np.median(ts)), f"{kind}_min_s": min(ts),
                       f"{kind}_calls": len(ts)})
       print(f"[{size} Q={q}] {json.dumps(row)}", flush=True)
-    base = rows[0]
-    for row in rows:
-      for key in ("fwd_median_s", "fwdbwd_median_s"):
-        if row.get(key) and base.get(key):
-          row[key.replace("median_s", "speedup")] = base[key] / row[key]
+      for kind in ("fwd", "fwdbwd"):   # rows[0], gather, has its medians by now
+        if row.get(f"{kind}_median_s") and rows[0].get(f"{kind}_median_s"):
+          row[f"{kind}_speedup"] = rows[0][f"{kind}_median_s"] / row[f"{kind}_median_s"]
     results[size] = dict(num_queries=q, num_tokens=int(value.shape[1]), rows=rows,
                          wall_s=time.perf_counter() - t_size)
   return info, results

@@ -1,18 +1,15 @@
-"""What padding does to the detections (issue 16): one model, the same images, other canvases.
+"""What padding does to the detections (issue 16, `scripts/measure_padding.py`): one model, the
+same images, other canvases, each compared with exact evaluation (each image alone at its own
+size, no padding: detrex's batch-1 evaluation).
 
-Both measurements compare with exact evaluation (each image alone at its own size, no padding:
-detrex's batch-1 evaluation).
-
-* `parity_padding`: the reference model of a recorded parity set (`shared/parity/...`: detrex's
-  R50 on deterministic weights) on the set's eval images, padded as detrex batches them, in the
-  COCO evaluation canvas our evaluation picks, and in the old single 800x1333 canvas; each with
-  our padding mask (our default evaluation) and without it (detrex's eval mode, which has no
-  mask). Per image: the largest change of the sorted top-100 scores (beside the exact top-100
-  scores' spread, top 1 minus top 100, for scale), and the share of the exact top-20 detections
-  found again (same label, box IoU >= 0.9, among the top 100).
-* `synthetic_padding_ap`: COCO AP of a trained model (the demo's) on validation images of several
-  aspect ratios (`mixed_validation_folder`), evaluated exact, in the canvases
-  `buckets.choose_eval_canvases` picks for them, and in one square canvas (the old way).
+* `parity_padding`: a recorded parity set's reference model (detrex's R50, deterministic weights)
+  on its eval images, padded as detrex batches them, in our COCO evaluation canvas and in the old
+  800x1333 canvas, with our padding mask and without (detrex's eval mode). Per image: the largest
+  change of the sorted top-100 scores (beside the exact ones' spread, top 1 - top 100) and the
+  share of the exact top-20 detections found again (same label, box IoU >= 0.9, in the top 100).
+* `synthetic_padding_ap`: COCO AP of a trained model on validation images of several aspect
+  ratios (`mixed_validation_folder`): exact, in the canvases `buckets.choose_eval_canvases`
+  picks, in one square canvas (the old way).
 """
 
 import json
@@ -26,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from configs import common
+from focus_detr_jax.benchmarks import table
 from focus_detr_jax.checkpoint import load_model_checkpoint
 from focus_detr_jax.data import buckets, synthetic
 from focus_detr_jax.evaluation.evaluator import Evaluator
@@ -216,22 +214,18 @@ def synthetic_padding_ap(model_dir, root, per_size: int = 32,
 def markdown(parity_rows: Optional[List[dict]], ap_rows: Optional[List[dict]]) -> str:
   out = []
   if parity_rows:
-    out += ["| set | image (h x w) | layout | canvas | fill | padding mask | largest top-100 "
-            "score change | exact top-100 score spread | exact top-20 found again |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for r in parity_rows:
-      out.append(f"| {r['set']} | {r['image']} ({r['size'][0]}x{r['size'][1]}) | {r['layout']} | "
-                 f"{r['canvas'][0]}x{r['canvas'][1]} | {r['fill']:.2f} | "
-                 f"{'ours' if r['mask'] else 'none (detrex eval)'} | {r['score_change']:.2e} | "
-                 f"{r['exact_spread']:.2e} | "
-                 f"{100 * r['recovered']:.0f}% |")
-    out.append("")
+    out += table(["set", "image (h x w)", "layout", "canvas", "fill", "padding mask",
+                  "largest top-100 score change", "exact top-100 score spread",
+                  "exact top-20 found again"],
+                 [[str(r["set"]), f"{r['image']} ({r['size'][0]}x{r['size'][1]})", r["layout"],
+                   f"{r['canvas'][0]}x{r['canvas'][1]}", f"{r['fill']:.2f}",
+                   "ours" if r["mask"] else "none (detrex eval)", f"{r['score_change']:.2e}",
+                   f"{r['exact_spread']:.2e}", f"{100 * r['recovered']:.0f}%"]
+                  for r in parity_rows]) + [""]
   if ap_rows:
-    out += ["| evaluation | canvases | fill | AP | AP50 | AP75 | images | s |",
-            "|---|---|---|---|---|---|---|---|"]
-    for r in ap_rows:
-      canv = "own size" if r["canvases"] is None else ", ".join(f"{h}x{w}" for h, w in r["canvases"])
-      out.append(f"| {r['mode']} | {canv} | {r['fill']:.2f} | {100 * r['AP']:.1f} | "
-                 f"{100 * r['AP50']:.1f} | {100 * r['AP75']:.1f} | {r['images']} | "
-                 f"{r['seconds']:.0f} |")
+    out += table(["evaluation", "canvases", "fill", "AP", "AP50", "AP75", "images", "s"],
+                 [[r["mode"], "own size" if r["canvases"] is None
+                   else ", ".join(f"{h}x{w}" for h, w in r["canvases"]), f"{r['fill']:.2f}",
+                   *(f"{100 * r[k]:.1f}" for k in ("AP", "AP50", "AP75")), str(r["images"]),
+                   f"{r['seconds']:.0f}"] for r in ap_rows])
   return "\n".join(out)
