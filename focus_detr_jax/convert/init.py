@@ -243,9 +243,8 @@ def init_from_checkpoint(variables, source, config, *, kind: str = "auto",
     num_classes = (int(src_cfg.model.num_classes) if "model" in src_cfg else "?", n_cfg)
     num_source_keys = len(source_flat)
   elif kind == "backbone":
-    loaded, brows, fmt = backbones.import_backbone(state_dict, fmt, target_shapes,
-                                                   config.model.backbone, meta, source)
-    source_flat = loaded
+    source_flat, brows, fmt = backbones.import_backbone(state_dict, fmt, target_shapes,
+                                                        config.model.backbone, meta, source)
     rows += [r for r in brows if r["status"] in ("skipped", "checked")]
     allowed_missing = {tuple(r["target"].split("/")): r["reason"] for r in brows
                        if r["status"] == "reinitialised"}
