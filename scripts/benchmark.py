@@ -33,12 +33,11 @@ decoder part, for FLOPs and (approximately) for latency.
 
 import sys
 
-from focus_detr_jax import benchmarks, cli, xla_options
+from focus_detr_jax import benchmarks, cli
 from focus_detr_jax.benchmarks import runner, tasks
 
 
-def define_flags(fv, argv):
-  del argv
+def define_flags(fv, _argv):
   s, i, b, _, e = benchmarks.flag_definers(fv)
   s("parts", "eval,flops,train,sweep", "comma list of eval,flops,train,sweep,bf16 (baseline "
     "always runs)")
@@ -56,7 +55,7 @@ def define_flags(fv, argv):
   s("sweep-size", "800x1333", "")
   s("sweep-config", "r50", "")
   s("sweep-settings", ",".join(str(k) for k in range(len(runner.SWEEP))), "indices into SWEEP (" +
-    "; ".join(f"{k}: {n}" for k, (n, _, _) in enumerate(runner.SWEEP)) + "); starts with 0")
+    "; ".join(f"{k}: {n}" for k, (n, _) in enumerate(runner.SWEEP)) + "); starts with 0")
   s("model-overrides", "{}", "JSON dict of config.model fields set in every measurement")
   s("bf16-size", "512x768", "")
   s("bf16-config", "r50", "")
@@ -77,7 +76,6 @@ def define_flags(fv, argv):
 
 def run(fv, positional):
   args = benchmarks.script_args(fv, positional)
-  xla_options.configure_cpu_scheduler(args.xla_cpu_scheduler)   # before JAX starts its backends
   if args.smoke:   # smoke values for every option left at its default
     for key, value in runner.SMOKE.items():
       if getattr(args, key) == fv[key.replace("_", "-")].default:
@@ -86,9 +84,5 @@ def run(fv, positional):
   runner.run(args, command.strip())
 
 
-def main(argv=None):
-  return cli.main(__doc__, define_flags, run, argv)
-
-
 if __name__ == "__main__":
-  cli.exit_with(main())
+  cli.exit_with(cli.main(__doc__, define_flags, run))

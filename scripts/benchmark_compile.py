@@ -14,8 +14,7 @@ import tempfile
 from focus_detr_jax import benchmarks, cli
 
 
-def define_flags(fv, argv):
-  del argv
+def define_flags(fv, _argv):
   s, i, _, _, _ = benchmarks.flag_definers(fv)
   s("config", "focus_detr_r50_4scale_12ep", "config module under configs/")
   i("batch", 2, "images per device (the COCO recipe: 16 on 8 devices)")

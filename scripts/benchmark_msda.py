@@ -19,8 +19,7 @@ from focus_detr_jax.benchmarks import msda
 from focus_detr_jax.models import deformable_attention as da
 
 
-def define_flags(fv, argv):
-  del argv
+def define_flags(fv, _argv):
   s, i, b, f, _ = benchmarks.flag_definers(fv)
   s("implementations", ",".join(da.IMPLEMENTATIONS), "comma list")
   s("sizes", "encoder,decoder", "comma list of encoder,decoder")

@@ -20,8 +20,7 @@ from absl import flags
 from focus_detr_jax import benchmarks, cli
 
 
-def define_flags(fv, argv):
-  del argv
+def define_flags(fv, _argv):
   s, i, _, _, _ = benchmarks.flag_definers(fv)
   flags.DEFINE_multi_string("parity-dir", [], "recorded parity set(s) to measure",
                             flag_values=fv)

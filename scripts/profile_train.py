@@ -29,8 +29,7 @@ from focus_detr_jax import benchmarks, cli, xla_options
 from focus_detr_jax.benchmarks import profiling, tasks
 
 
-def define_flags(fv, argv):
-  del argv
+def define_flags(fv, _argv):
   s, i, b, _, e = benchmarks.flag_definers(fv)
   s("config", "r50", f"of {sorted(tasks.CONFIGS)}")
   s("size", "512x768", "image size HxW")
@@ -50,7 +49,6 @@ def define_flags(fv, argv):
 
 def run(fv, positional):
   args = benchmarks.script_args(fv, positional)
-  xla_options.configure_cpu_scheduler(args.xla_cpu_scheduler)   # before JAX starts its backends
   scheduler = xla_options.user_cpu_scheduler() or "concurrency"
   print(f"XLA:CPU scheduler: {scheduler}")
   jax.config.update("jax_enable_compilation_cache", False)
@@ -62,9 +60,5 @@ def run(fv, positional):
   return 0
 
 
-def main(argv=None) -> int:
-  return cli.main(__doc__, define_flags, run, argv)
-
-
 if __name__ == "__main__":
-  cli.exit_with(main())
+  cli.exit_with(cli.main(__doc__, define_flags, run))

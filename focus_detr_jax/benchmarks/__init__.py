@@ -1,19 +1,7 @@
 """Benchmarks and profiles behind the `scripts/benchmark*.py`, `profile_*.py`, `compare_detrex.py`
-and `measure_padding.py` commands (BENCHMARKS.md), and what they share below.
-
-  measure        timing, compile, FLOPs, memory, machine info (jax side)
-  tasks          the model benchmark's measurements (run in a worker process or in-process)
-  runner         the model benchmark's plan, worker subprocesses, result cache and run loop
-  report         the model benchmark's markdown report
-  msda           deformable attention formulations, interleaved timing
-  profiling      per-part / per-HLO-category profile of a compiled train step
-  input          input pipeline throughput and canvas fill
-  padding        what padding does to the detections
-  compile        compile time of the train step per canvas, cold and cached
-  detrex         same-run speed comparison with detrex (driver side)
-  detrex_worker  its detrex side: runs under detrex's Python (torch; no jax, absl)
-
-Nothing heavy is imported here, so that `detrex_worker` starts without jax or absl.
+and `measure_padding.py` commands (BENCHMARKS.md), one module each, and what they share below:
+worker processes, timing, markdown tables, flags. Nothing heavy is imported here, so that
+`detrex_worker` starts under detrex's Python (torch; no jax, no absl).
 """
 
 import functools
@@ -29,8 +17,8 @@ from focus_detr_jax import xla_options
 # benchmark module imports TensorFlow.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 RESULT = "RESULT "   # a worker's last stdout line: RESULT <json>
-# DEFINE_enum's arguments of --xla-cpu-scheduler (for `xla_options.configure_cpu_scheduler`, before
-# JAX starts its backends; worker processes inherit it through XLA_FLAGS).
+# DEFINE_enum's arguments of --xla-cpu-scheduler (`script_args` applies it, before JAX starts its
+# backends; worker processes inherit it through XLA_FLAGS).
 SCHEDULER_FLAG = ("xla-cpu-scheduler", "memory", sorted(xla_options.CPU_SCHEDULERS),
                   "XLA:CPU scheduler of our side (config.train.xla_cpu_scheduler's default: "
                   "memory); an explicit flag in XLA_FLAGS wins")
@@ -58,8 +46,8 @@ def print_result(result):
 def run_worker(command, **kwargs):
   """Runs a worker process (it ends with `print_result`): (its result or None, the tail of its
   stderr, else stdout, as the error)."""
-  proc = subprocess.run(command, **dict(dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                             text=True), **kwargs))
+  proc = subprocess.run(command, **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE,
+                                    "text": True, **kwargs})
   for line in proc.stdout.splitlines():
     if line.startswith(RESULT):
       return json.loads(line[len(RESULT):]), None
@@ -73,11 +61,15 @@ def table(header, rows):
 
 
 def script_args(fv, positional):
-  """A script's flags as attributes; positional arguments are a usage error."""
+  """A script's flags as attributes (positional arguments are a usage error); its
+  --xla-cpu-scheduler, where it has one, applied."""
   from focus_detr_jax import cli   # pylint: disable=import-outside-toplevel  # absl
   if positional:
     raise cli.UsageError(f"unexpected arguments {positional}")
-  return cli.namespace(fv, [n for n in fv if n != "debug"])
+  args = cli.namespace(fv, [n for n in fv if n != "debug"])
+  if hasattr(args, "xla_cpu_scheduler"):
+    xla_options.configure_cpu_scheduler(args.xla_cpu_scheduler)
+  return args
 
 
 def flag_definers(fv):

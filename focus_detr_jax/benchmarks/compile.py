@@ -1,14 +1,11 @@
 """Compile time of the training step per canvas, cold and from the persistent cache (issue 16).
 
-Each training canvas is one XLA program of the loop's step (`loop.make_train_step`: uint8 batch,
-normalised on the device, loss, gradient, optimiser and EMA update). `measure` lowers and compiles
-it ahead of time from shapes alone (no weights, no data) for every canvas of a config, at the
-per-device batch, with JAX's persistent compilation cache in `cache_dir`: a first process compiles
-("cold"), a second one loads the same programs ("warm"), as a restarted or second run would.
-
-    python -m focus_detr_jax.benchmarks.compile '{"config": "focus_detr_r50_4scale_12ep", ...}'
-
-prints `RESULT <json>` (one phase in this process); `run` starts the two phases.
+`measure` lowers and compiles the loop's step (`loop.make_train_step`: uint8 batch normalised on
+the device, loss, gradient, optimiser and EMA update) ahead of time from shapes alone, for every
+training canvas of a config at the per-device batch, with JAX's persistent compilation cache in
+`cache_dir`. `run` runs it in two fresh processes (`python -m focus_detr_jax.benchmarks.compile
+SPEC_JSON`): the first compiles ("cold"), the second loads the same programs ("warm"), as a
+restarted run would.
 """
 
 import importlib
@@ -21,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from focus_detr_jax import benchmarks, xla_options
+from focus_detr_jax.benchmarks import measure as bm
 from focus_detr_jax.data import canvas as canvas_lib
 from focus_detr_jax.convert.init import model_shapes
 from focus_detr_jax.models.focus_detr import FocusDETR
@@ -64,12 +62,9 @@ def measure(spec) -> Dict:
   rows = []
   for h, w in canvas_lib.normalize_canvases(spec.get("canvases") or config.data.canvases):
     batch = abstract_batch(spec["batch"], h, w, config.data.max_boxes)
-    t0 = time.perf_counter()
-    lowered = step.lower(state, batch)
-    t1 = time.perf_counter()
-    lowered.compile()
-    rows.append(dict(canvas=[h, w], lower_s=t1 - t0, compile_s=time.perf_counter() - t1))
-    print(f"{h}x{w}: lower {t1 - t0:.1f} s, compile {rows[-1]['compile_s']:.1f} s", flush=True,
+    _, lower_s, compile_s = bm.compile_jitted(step, state, batch)
+    rows.append(dict(canvas=[h, w], lower_s=lower_s, compile_s=compile_s))
+    print(f"{h}x{w}: lower {lower_s:.1f} s, compile {compile_s:.1f} s", flush=True,
           file=sys.stderr)
   return dict(canvases=rows, trace_s=trace_s, remat=config.model.remat,
               xla_cpu_scheduler=xla_options.user_cpu_scheduler() or "concurrency")

@@ -1,8 +1,5 @@
-"""Measurement helpers shared by the benchmarks and the profile.
-
-Timings on a shared machine are noisy: every benchmark reports a baseline measured in the same
-run and ratios against it, plus the median and minimum of several calls.
-"""
+"""Measurement helpers of the jax side: compile, time, FLOPs, memory, machine. Timings on a shared
+machine are noisy: every benchmark reports a same-run baseline, ratios, medians and minimums."""
 
 import datetime
 import functools
@@ -56,11 +53,8 @@ def cost_flops(compiled) -> Optional[float]:
 
 
 def peak_memory() -> Dict[str, Any]:
-  """Peak memory: device allocator stats when the backend has them, else the process peak RSS.
-
-  The RSS peak (`ru_maxrss`) covers the whole process lifetime: measure one configuration per
-  process to attribute it.
-  """
+  """Peak memory: device allocator stats when the backend has them, else the process peak RSS
+  (`ru_maxrss`: the whole process lifetime; measure one configuration per process)."""
   try:
     stats = jax.devices()[0].memory_stats()
   except Exception:  # pragma: no cover

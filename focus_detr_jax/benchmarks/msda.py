@@ -38,10 +38,8 @@ def make_inputs(num_queries, height=800, width=1333, batch=1, heads=8, head_dim=
 
 
 def prepare(impl, shapes, value, loc, weights, backward):
-  """Compiles forward (and value_and_grad) of one formulation; runs each once (warm-up).
-
-  Returns (row with compile times, {"fwd"/"fwdbwd": (compiled, args)}, output, grads).
-  """
+  """Compiles forward (and value_and_grad) of one formulation and runs each once (warm-up):
+  (row with compile times, {"fwd"/"fwdbwd": compiled}, output, grads)."""
   def forward(v, l, a):
     return da.ms_deform_attn(v, shapes, l, a, implementation=impl)
 
@@ -61,13 +59,9 @@ def prepare(impl, shapes, value, loc, weights, backward):
 
 
 def time_interleaved(programs, args, repeats, max_seconds):
-  """Times every (formulation, program) once per round, rotating the order each round.
-
-  Load changes on a shared machine then hit all formulations alike instead of whichever ran
-  during a busy minute. A program leaves the rounds after `repeats` calls or once its timed
-  calls exceed `max_seconds` (it always gets at least one call).
-  Returns {(impl, kind): [seconds, ...]}.
-  """
+  """{(impl, kind): [seconds, ...]}: every program once per round, in an order rotating each
+  round; a program leaves the rounds after `repeats` calls or once its timed calls exceed
+  `max_seconds` (it always gets at least one call)."""
   keys = list(programs)
   times = {k: [] for k in keys}
   for r in range(repeats):
@@ -142,10 +136,8 @@ def to_markdown(info, results, command):
            "in the same run; `vs gather` = gather median / formulation median (> 1 is "
            "faster); timed in interleaved rounds after compiling all formulations.", ""]
   for size, res in results.items():
-    lines.append(f"**{size}**: {res['num_queries']} queries over {res['num_tokens']} tokens "
-                 "(B=1, 8 heads x 32, 4 levels x 4 points)")
-    lines.append("")
     used = [c for c in cols if any(row.get(c[0]) is not None for row in res["rows"])]
-    lines.append(bm.markdown_table(res["rows"], used))
-    lines.append("")
+    lines += [f"**{size}**: {res['num_queries']} queries over {res['num_tokens']} tokens "
+              "(B=1, 8 heads x 32, 4 levels x 4 points)", "",
+              bm.markdown_table(res["rows"], used), ""]
   return "\n".join(lines)

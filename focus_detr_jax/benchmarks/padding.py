@@ -1,15 +1,6 @@
 """What padding does to the detections (issue 16, `scripts/measure_padding.py`): one model, the
 same images, other canvases, each compared with exact evaluation (each image alone at its own
 size, no padding: detrex's batch-1 evaluation).
-
-* `parity_padding`: a recorded parity set's reference model (detrex's R50, deterministic weights)
-  on its eval images, padded as detrex batches them, in our COCO evaluation canvas and in the old
-  800x1333 canvas, with our padding mask and without (detrex's eval mode). Per image: the largest
-  change of the sorted top-100 scores (beside the exact ones' spread, top 1 - top 100) and the
-  share of the exact top-20 detections found again (same label, box IoU >= 0.9, in the top 100).
-* `synthetic_padding_ap`: COCO AP of a trained model on validation images of several aspect
-  ratios (`mixed_validation_folder`): exact, in the canvases `buckets.choose_eval_canvases`
-  picks, in one square canvas (the old way).
 """
 
 import json
@@ -97,7 +88,10 @@ def _with_mask(model_config, mask: bool):
 
 
 def parity_padding(reference_dir) -> List[dict]:
-  """Rows {set, image, size, layout, canvas, fill, mask, score_change, recovered}."""
+  """A recorded parity set's reference model (detrex's R50, deterministic weights) on its eval
+  images, padded as detrex batches them, in our evaluation canvas and in the old 800x1333 one,
+  with our padding mask and without (detrex's eval mode), against exact (`compare_detections`).
+  Rows {set, image, size, layout, canvas, fill, mask, score_change, recovered, exact_spread}."""
   # pylint: disable=import-outside-toplevel
   from focus_detr_jax.parity import reference as ref_lib   # the torch-free weight rule
   reference = ref_lib.load_reference(reference_dir)
@@ -107,8 +101,11 @@ def parity_padding(reference_dir) -> List[dict]:
   models = {m: FocusDETR.from_config(_with_mask(config.model, m)) for m in (False, True)}
   num_select = int(config.model.num_select)
   crops = [images[b, :h, :w] for b, (h, w) in enumerate(sizes)]
-  exact = [_detect(models[False], variables, *_pad(im, im.shape[:2]), sizes[b:b + 1],
-                   num_select)[0] for b, im in enumerate(crops)]
+
+  def alone(mask, b, canvas):   # detections of image b alone, padded into `canvas`
+    return _detect(models[mask], variables, *_pad(crops[b], canvas), sizes[b:b + 1],
+                   num_select)[0]
+  exact = [alone(False, b, im.shape[:2]) for b, im in enumerate(crops)]
 
   found = []   # (layout, mask, per-image (canvas, detections))
   if len(crops) > 1:
@@ -119,12 +116,8 @@ def parity_padding(reference_dir) -> List[dict]:
   for layout, mask, pick in (("our eval canvas", True, lambda h, w: eval_canvas(h, w)),
                              ("old 800x1333 canvas", True, lambda h, w: OLD_COCO_CANVAS),
                              ("old 800x1333 canvas", False, lambda h, w: OLD_COCO_CANVAS)):
-    per = []
-    for b, im in enumerate(crops):
-      canvas = pick(*im.shape[:2])
-      per.append((canvas, _detect(models[mask], variables, *_pad(im, canvas), sizes[b:b + 1],
-                                  num_select)[0]))
-    found.append((layout, mask, per))
+    canvases = [pick(*im.shape[:2]) for im in crops]
+    found.append((layout, mask, [(c, alone(mask, b, c)) for b, c in enumerate(canvases)]))
 
   rows = []
   for layout, mask, per in found:
@@ -173,16 +166,16 @@ def mixed_validation_folder(root, sizes: Sequence[Tuple[int, int]] = SYNTHETIC_S
 
 def synthetic_padding_ap(model_dir, root, per_size: int = 32,
                          sizes: Sequence[Tuple[int, int]] = SYNTHETIC_SIZES) -> List[dict]:
-  """Rows {mode, canvases, fill, AP, AP50, AP75, seconds} of the model in `model_dir` (a model
-  checkpoint: `demo_output/model`) on the mixed synthetic validation folder."""
+  """COCO AP of the model in `model_dir` (a checkpoint: `demo_output/model`) on the mixed
+  synthetic validation folder: exact, in the canvases `buckets.choose_eval_canvases` picks, in one
+  square canvas (the old way). Rows {mode, canvases, fill, mask, AP, AP50, AP75, images,
+  seconds}."""
   variables, config = load_model_checkpoint(model_dir)
   images_dir, ann_path = mixed_validation_folder(Path(root) / "mixed_val", sizes, per_size)
   data = config.data
-  data.dataset = "coco_folder"
-  data.folder.train_images = data.folder.train_annotations = ""
-  data.folder.eval_images, data.folder.eval_annotations = images_dir, ann_path
-  data.folder.name = "padding_mix"
-  data.data_dir = str(Path(root) / "tfds")
+  data.update(dataset="coco_folder", data_dir=str(Path(root) / "tfds"))
+  data.folder.update(train_images="", train_annotations="", eval_images=images_dir,
+                     eval_annotations=ann_path, name="padding_mix")
   hw = np.asarray([s for s in sizes for _ in range(per_size)], np.int64)
   long_side = int(data.eval_max_size)
   modes = (("exact (batch 1, own size)", dict(eval_exact=True), True),

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import tempfile
-import time
 from typing import Dict, Iterable, Tuple
 
 import jax
@@ -42,8 +41,7 @@ def hlo_metadata(hlo_text: str) -> Dict[str, str]:
   Fusions without metadata take the most frequent op_name of their fused computation.
   """
   meta, calls, comp_ops = {}, {}, collections.defaultdict(collections.Counter)
-  conv_comps = set()
-  current = None
+  conv_comps, current = set(), None
   for line in hlo_text.splitlines():
     if not line.startswith(" ") and line.rstrip().endswith("{"):
       m = _COMP.match(line)
@@ -68,8 +66,8 @@ def hlo_metadata(hlo_text: str) -> Dict[str, str]:
     if ops and (name not in meta or "fusion" in name):
       # Backward when any fused op is a transpose: XLA fuses recomputed forward ops into the
       # backward's fusions (rematerialisation), not the other way round.
-      bwd = [o for o in ops if "transpose(" in o or "custom_bwd" in o]
-      meta[name] = (collections.Counter({o: ops[o] for o in bwd}) if bwd else ops).most_common(1)[0][0]
+      bwd = collections.Counter({o: n for o, n in ops.items() if classify(o)[0] == "bwd"})
+      meta[name] = (bwd or ops).most_common(1)[0][0]
     elif not ops and comp in conv_comps and name not in meta:
       # XLA's rewrite of a convolution's weight gradient (`convolution-window-dilated`) drops
       # the metadata; the only convolutions are the backbone's and the neck's.
@@ -77,21 +75,15 @@ def hlo_metadata(hlo_text: str) -> Dict[str, str]:
   return meta
 
 
-def _newest_xspace(trace_dir: str):
-  """The newest `*.xplane.pb` of a `jax.profiler` trace directory, parsed."""
+def _worker_events(trace_dir: str):
+  """Per XLA worker thread of the newest trace (`*.xplane.pb`) in `trace_dir`: its events (start
+  ps, end ps, name), sorted by start, enclosing events first."""
   # The xplane proto TensorFlow ships; imported here, as only a traced profile needs TensorFlow.
   from tensorflow.tsl.profiler.protobuf import xplane_pb2
-  files = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
   space = xplane_pb2.XSpace()
-  with open(files[-1], "rb") as f:
+  with open(sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1], "rb") as f:
     space.ParseFromString(f.read())
-  return space
-
-
-def _worker_events(trace_dir: str):
-  """Per XLA worker thread of the newest trace: its events (start ps, end ps, name), sorted by
-  start, enclosing events first."""
-  for plane in _newest_xspace(trace_dir).planes:
+  for plane in space.planes:
     md = plane.event_metadata
     for line in plane.lines:
       if line.name.startswith("tf_XLAEigen"):
@@ -136,12 +128,9 @@ def wall_shares(trace_dir: str) -> Dict[str, float]:
         segments.append((last, start, stack[-1][1]))
       last = start
       stack.append((end, name))
-    for start, end, name in segments:
-      boundaries.append((start, 1, name))
-      boundaries.append((end, -1, name))
+    boundaries += [b for start, end, name in segments for b in ((start, 1, name), (end, -1, name))]
   boundaries.sort(key=lambda b: (b[0], b[1]))
-  out = collections.Counter()
-  active = collections.Counter()
+  out, active = collections.Counter(), collections.Counter()
   prev = boundaries[0][0] if boundaries else 0
   for t, kind, name in boundaries:
     n = sum(active.values())
@@ -167,9 +156,7 @@ def classify(op_name: str) -> Tuple[str, str]:
   m = _MODULE.search(op_name)
   if m:
     top = m.group(1)
-    if top.startswith(("encoder_layers_", "decoder_layers_")):
-      return direction, top
-    if top in ("backbone", "neck"):
+    if top.startswith(("encoder_layers_", "decoder_layers_")) or top in ("backbone", "neck"):
       return direction, top
     if top.startswith(("enc_mask_predictor", "enc_output")):
       return direction, "selector"
@@ -209,13 +196,11 @@ def profile_table(times: Dict[str, float], meta: Dict[str, str]):
 
 def ordered_parts(by_part) -> Iterable[str]:
   """Parts in model order (backbone first, losses last)."""
-  def key(p):
-    order = ["denoising", "backbone", "neck", "selector", "cascade gather", "cascade scatter"]
-    order += [f"encoder_layers_{i}" for i in range(12)] + ["model other"]
-    order += [f"decoder_layers_{i}" for i in range(12)] + ["heads", "matcher", "losses", "other",
-                                                           "runtime"]
-    return order.index(p) if p in order else len(order)
-  return sorted({p for _, p in by_part}, key=key)
+  order = (["denoising", "backbone", "neck", "selector", "cascade gather", "cascade scatter"]
+           + [f"encoder_layers_{i}" for i in range(12)] + ["model other"]
+           + [f"decoder_layers_{i}" for i in range(12)]
+           + ["heads", "matcher", "losses", "other", "runtime"])
+  return sorted({p for _, p in by_part}, key=lambda p: order.index(p) if p in order else len(order))
 
 
 def measure(args, remat):
@@ -242,11 +227,8 @@ def measure(args, remat):
   if args.no_trace:
     return row
   trace_dir = tempfile.mkdtemp(prefix="profile_train_")
-  jax.profiler.start_trace(trace_dir)
-  t0 = time.perf_counter()
-  bm.block(compiled(*inputs))
-  row["traced_call_s"] = time.perf_counter() - t0
-  jax.profiler.stop_trace()
+  with jax.profiler.trace(trace_dir):
+    row["traced_call_s"] = bm.time_calls(compiled, *inputs, repeats=1, warmup=0)["median_s"]
   hlo_text = compiled.as_text()
   if args.save_dir:
     os.makedirs(args.save_dir, exist_ok=True)

@@ -16,8 +16,8 @@ def report(info, results, command, in_process=False):
   base = next((r for p, _, r in results if p == "baseline" and "median_s" in r), None)
   base_s = base["median_s"] if base else None
   base_spec = base["spec"] if base else {}
-  base_cfg = {"r50": "R50", "swin_t": "Swin-T"}.get(base_spec.get("config", "r50"),
-                                                    base_spec.get("config", "r50"))
+  base_cfg = base_spec.get("config", "r50")
+  base_cfg = {"r50": "R50", "swin_t": "Swin-T"}.get(base_cfg, base_cfg)
   base_size = f"{base_spec.get('height')}x{base_spec.get('width')}"
   kinds = {r["memory"]["kind"] for _, _, r in results if "memory" in r}
   if kinds == {"device_peak_bytes_in_use"}:
