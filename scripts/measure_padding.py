@@ -12,7 +12,6 @@ evaluated exact, in the chosen evaluation canvases and in one square canvas.
 Results: BENCHMARKS.md, "Padding: what it does to the detections".
 """
 
-import json
 from pathlib import Path
 
 from absl import flags
@@ -46,8 +45,7 @@ def main_with_flags(fv, positional):
   ap_rows = (padding.synthetic_padding_ap(args.model, args.root, per_size=args.per_size)
              if args.model else [])
   print(padding.markdown(parity_rows, ap_rows))
-  if args.json:
-    Path(args.json).write_text(json.dumps(dict(parity=parity_rows, ap=ap_rows), indent=1))
+  benchmarks.write_outputs(args, dict(parity=parity_rows, ap=ap_rows))
 
 
 if __name__ == "__main__":

@@ -110,8 +110,7 @@ def coco_like_folder(root, num_train, num_eval, seed=0):
   if not os.path.exists(stamp):
     testing.write_coco_folder(root, "train", images(num_train, 1), cats)
     testing.write_coco_folder(root, "val", images(num_eval, 2), cats)
-    with open(stamp, "w") as f:
-      f.write("ok")
+    Path(stamp).write_text("ok")
   ann = os.path.join(root, "annotations", "instances_{}.json")
   return ((os.path.join(root, "train"), ann.format("train")),
           (os.path.join(root, "val"), ann.format("val")))

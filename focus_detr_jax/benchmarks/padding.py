@@ -65,12 +65,9 @@ def _detect(model, variables, images, valid, sizes, num_select) -> List[Dict[str
 def _pad(image, canvas):
   """[h, w, 3] normalised -> ([1, H, W, 3] zero-padded bottom/right, [1, H, W] True on the
   image)."""
-  h, w = image.shape[:2]
-  out = np.zeros((1, *canvas, 3), np.float32)
-  out[0, :h, :w] = image
-  valid = np.zeros((1, *canvas), bool)
-  valid[0, :h, :w] = True
-  return out, valid
+  pad = ((0, canvas[0] - image.shape[0]), (0, canvas[1] - image.shape[1]))
+  return (np.pad(image, pad + ((0, 0),)).astype(np.float32)[None],
+          np.pad(np.ones(image.shape[:2], bool), pad)[None])
 
 
 def eval_canvas(h: int, w: int, canvases=common.COCO_EVAL_CANVASES) -> Tuple[int, int]:
