@@ -8,53 +8,46 @@ from focus_detr_jax.parity.reference import (build_model, config_for_reference, 
                                              forced_from, load_reference, make_batch, run_forward)
 
 
-def decoder_sensitivity(reference_dir, sigma: float = 1e-6, trials: int = 3, seed: int = 0):
-  """Diagnostic (not a pass/fail stage): how much the decoder amplifies tiny memory changes.
+def _eval_setup(reference, config):
+  """The eval batch, the record's forced indices and its encoder `memory`."""
+  ref = reference["forward_eval"]
+  images, pixel_valid, _ = make_batch(reference["inputs"])
+  forced = forced_from(ref, config.model.num_encoder_layers)
+  return ref, images, pixel_valid, forced, np.asarray(ref["memory"], np.float32)
 
-  Runs the eval forward with every index and the encoder `memory` forced to the reference's,
-  then again with N(0, sigma^2) noise added to that memory. Returns rows (name, max abs error):
-  the decoder outputs against the reference with the reference's own memory, and the change of
-  our own outputs caused by the noise. When a noise far below the reference's own thread-to-thread
-  variation of `memory` (parity READMEs) moves the outputs by more than the decoder tolerance,
-  that tolerance cannot be met reliably on that input (decisions §8: such stages keep failing and
-  the evidence goes to the notes).
+
+def decoder_sensitivity(reference_dir, sigma: float = 1e-6, trials: int = 3, seed: int = 0):
+  """Rows (name, max abs error): the decoder outputs with every index and the encoder `memory`
+  forced to the reference's, against the reference; then the change of ours when N(0, sigma^2)
+  noise is added to that memory; then `float64_rounding_rows`. When a noise far below the
+  reference's own thread-to-thread variation of `memory` (parity READMEs) moves the outputs by
+  more than the decoder tolerance, that tolerance cannot be met reliably on that input.
   """
   reference = load_reference(reference_dir)
   config = config_for_reference(reference["meta"])
-  ref = reference["forward_eval"]
-  images, pixel_valid, _ = make_batch(reference["inputs"])
+  ref, images, pixel_valid, forced, memory = _eval_setup(reference, config)
   model, variables = build_model(config, reference["dir"], train=False)
-  forced = forced_from(ref, config.model.num_encoder_layers)
-  memory = np.asarray(ref["memory"], np.float32)
   keys = ("pred_logits", "pred_boxes")
-  outputs, _ = run_forward(model, variables, images, pixel_valid, False,
-                           dict(forced, memory=memory))
+  run = lambda m: run_forward(model, variables, images, pixel_valid, False,
+                              dict(forced, memory=m))[0]
+  outputs = run(memory)
   rows = [(f"memory forced to reference: {k} vs reference",
            float(np.abs(outputs[k] - ref[k]).max())) for k in keys]
   rng = np.random.default_rng(seed)
   for t in range(trials):
-    noisy = memory + rng.normal(scale=sigma, size=memory.shape).astype(np.float32)
-    perturbed, _ = run_forward(model, variables, images, pixel_valid, False,
-                               dict(forced, memory=noisy))
+    perturbed = run(memory + rng.normal(scale=sigma, size=memory.shape).astype(np.float32))
     rows += [(f"memory + N(0, {sigma:g}) noise, trial {t}: change of our {k}",
               float(np.abs(perturbed[k] - outputs[k]).max())) for k in keys]
-  rows += float64_rounding_rows(reference, config, outputs)
-  return rows
+  return rows + float64_rounding_rows(reference, config, outputs)
 
 
 def float64_rounding_rows(reference, config, outputs32=None):
-  """Diagnostic: the float32 rounding error of each side, measured against float64.
-
-  Runs our model with `model.dtype = "float64"` (under `jax.enable_x64`) on the reference's
-  inputs, every index forced, twice: with the reference's own `memory` forced (the decoder alone)
-  and end to end. With our float64 result as the exact value of the computation, the rows give
-  |reference float32 - float64| (the reference's rounding error) next to
-  |ours float32 - float64| (ours), per decoder output. Returns rows (name, max abs difference).
+  """The float32 rounding error of each side, with our float64 model (every index forced) as the
+  exact value: |reference f32 - ours f64| next to |ours f32 - ours f64| per decoder output, with
+  the reference's `memory` forced (the decoder alone; outputs32: ours in float32 so) and end to
+  end. Returns rows (name, max abs difference).
   """
-  ref = reference["forward_eval"]
-  images, pixel_valid, _ = make_batch(reference["inputs"])
-  forced = forced_from(ref, config.model.num_encoder_layers)
-  memory = np.asarray(ref["memory"], np.float32)
+  ref, images, pixel_valid, forced, memory = _eval_setup(reference, config)
   if outputs32 is None:
     model, variables = build_model(config, reference["dir"], train=False)
     outputs32, _ = run_forward(model, variables, images, pixel_valid, False,
