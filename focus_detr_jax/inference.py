@@ -32,8 +32,8 @@ from focus_detr_jax import config_check, visualize
 from focus_detr_jax.checkpoint import (CONFIG_FILE, as_path, load_config, load_model_checkpoint,
                                        load_workdir_variables)
 from focus_detr_jax.cli import UserError
-from focus_detr_jax.data import (canvas as canvas_lib, coco_folder, coco_tfds, iterators, synthetic,
-                                 transforms)
+from focus_detr_jax.data import (canvas as canvas_lib, coco_folder, coco_tfds, datasets,
+                                 iterators, synthetic, transforms)
 from focus_detr_jax.evaluation.coco_eval import detections_to_coco
 from focus_detr_jax.predict import default_num_select, per_image, predict_on_host
 
@@ -308,7 +308,8 @@ def predict_split(model, variables, config, split: str, *, num_select: Optional[
   pixels are not kept by the pipeline); boxes are in original pixels.
   """
   _, num_select = _defaults(model, config, None, num_select)
-  iterator = iterators.make_eval_iterator(config, 0, 1, split=split)
+  iterator = iterators.make_eval_iterator(datasets.DataConfig.from_config(config), 0, 1,
+                                          split=split)
   used = 0
   for batch in iterator:
     if max_images is not None and used >= max_images:

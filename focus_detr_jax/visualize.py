@@ -13,7 +13,7 @@ The arrays come from one forward pass with the token maps (`predict.py`):
     panel = token_selection_panels(image_b, per_image(maps, b), feature_level_shapes(H, W),
                                    image_size[b])
 
-For TensorBoard, `training_images(model, variables, batch, config)` returns
+For TensorBoard, `training_images(model, variables, batch, data, num_select)` returns
 {name: uint8 [N, H, W, 3]} for clu's `writer.write_images(step, ...)`.
 
 Geometry: a token (i, j) of level l (stride s = 8 * 2**l) covers network-input pixels
@@ -357,7 +357,7 @@ def token_selection_panels(image, intermediates: Mapping[str, Any], level_shapes
 
 # ----------------------------------------------------------------------------- TensorBoard
 
-def training_images(model, variables, batch, config, max_images: int = 2,
+def training_images(model, variables, batch, data, num_select: int, max_images: int = 2,
                     class_names: Optional[Sequence[str]] = None,
                     score_threshold: float = 0.3) -> Dict[str, np.ndarray]:
   """TensorBoard images of an eval-style batch: detections and token-selection grids.
@@ -365,7 +365,8 @@ def training_images(model, variables, batch, config, max_images: int = 2,
   Args:
     batch: a batch of `iterators.make_eval_iterator` (image, pixel_valid, image_size, and
       optionally boxes/labels/box_valid ground truth and example_valid).
-    config: the full config (`data.pixel_mean/std`, `model.num_select`).
+    data: the `datasets.DataConfig` of the batch (its `pixel_mean/std`); num_select:
+      detections per image (`config.model.num_select`).
     max_images: images drawn (the first valid ones; always this many forward slots, so the
       forward compiles once per canvas).
   Returns:
@@ -382,12 +383,12 @@ def training_images(model, variables, batch, config, max_images: int = 2,
   sizes = np.asarray(batch["image_size"], np.int32)[idx]
   dets, maps = predict_on_host(model, variables, images[idx],
                                np.asarray(batch["pixel_valid"])[idx], sizes,
-                               num_select=config.model.num_select)
+                               num_select=num_select)
   canvas_hw = images.shape[1:3]
   level_shapes = feature_level_shapes(*canvas_hw, num_levels=model.num_levels)
   det_images, token_images = [], []
   for i in range(chosen.size):
-    plain = denormalize(images[idx[i]], config.data.pixel_mean, config.data.pixel_std)
+    plain = denormalize(images[idx[i]], data.pixel_mean, data.pixel_std)
     shown = plain
     h, w = (int(v) for v in sizes[i])
     if "boxes" in batch and "box_valid" in batch:

@@ -40,10 +40,9 @@ def _timed(iterator, count_fn, seconds, min_items=3):
   return (items / elapsed if elapsed > 0 else float("nan")), items
 
 
-def decode_only(config, seconds):
+def decode_only(data: datasets.DataConfig, seconds):
   """Baseline: TFDS records of the training split -> decoded uint8 images, same parallelism."""
-  data = config.data
-  builder, _ = datasets.get_builder(config)
+  builder, _ = datasets.get_builder(data)
   ds = datasets.read(builder, data.train_split, shuffle_files=False, seed=0)
   ds = ds.repeat().map(datasets.graph_fn(
       lambda ex: tf.shape(transforms.decode_image(ex["image"]))),
@@ -77,16 +76,16 @@ class _Geometry:
     return self.canvas / max(self.images, 1)
 
 
-def train_stream(config, seconds):
-  it = iterators.make_train_iterator(config, process_index=0, process_count=1,
+def train_stream(data: datasets.DataConfig, seconds):
+  it = iterators.make_train_iterator(data, process_index=0, process_count=1,
                                     normalize_on_host=False)   # as the training loop: uint8
   geo = _Geometry()
   rate, n = _timed(it, lambda b: geo.count(b, np.ones(b["image"].shape[0], bool)), seconds)
   return rate, n, geo
 
 
-def eval_stream(config, seconds):
-  it = iterators.make_eval_iterator(config, process_index=0, process_count=1)
+def eval_stream(data: datasets.DataConfig, seconds):
+  it = iterators.make_eval_iterator(data, process_index=0, process_count=1)
   geo = _Geometry()
   rate, n = _timed(it, lambda b: geo.count(b, b["example_valid"]), seconds, min_items=1)
   return rate, n, geo
@@ -168,20 +167,21 @@ def run(args):
             "COCO recipe, bucketed (default)")
     settings.append((name, coco_like_config(args, coco_root, before), True))
   for name, config, coco in settings:
+    data = datasets.DataConfig.from_config(config)
     t = time.perf_counter()
-    datasets.get_builder(config)   # generate (once) and prepare (once); not timed
+    datasets.get_builder(data)   # generate (once) and prepare (once); not timed
     print(f"[{name}] data ready in {time.perf_counter() - t:.1f} s", flush=True)
-    base, _ = decode_only(config, args.seconds)
-    train, n_train, tgeo = train_stream(config, args.seconds)
-    evaluation, n_eval, egeo = eval_stream(config, args.seconds)
-    row = dict(name=name, batch=int(config.data.batch_size), base=base, train=train,
+    base, _ = decode_only(data, args.seconds)
+    train, n_train, tgeo = train_stream(data, args.seconds)
+    evaluation, n_eval, egeo = eval_stream(data, args.seconds)
+    row = dict(name=name, batch=int(data.batch_size), base=base, train=train,
                n_train=n_train, eval=evaluation, n_eval=n_eval, tgeo=tgeo, egeo=egeo,
-               shapes=len(streams.train_shapes(config)))
+               shapes=len(streams.train_shapes(data)))
     if coco:
       d = config.data
       hw = _annotated_sizes(d.folder.train_annotations)
       row["detrex"], row["own"] = buckets.detrex_pixels_per_image(hw, d, epochs=8)
-      row["sim"] = buckets.bucketed_canvas_stats(hw, d, streams.train_schedule(config), draws=8)
+      row["sim"] = buckets.bucketed_canvas_stats(hw, d, streams.train_schedule(data), draws=8)
       row["eval_sim"] = buckets.eval_pixels_per_image(
           _annotated_sizes(d.folder.eval_annotations), d, d.eval_canvases or d.canvases)
     rows.append(row)

@@ -67,10 +67,8 @@ class DataConfig:
 
   @classmethod
   def from_config(cls, config) -> "DataConfig":
-    """From `config.data`, a whole config, or a DataConfig (returned as is); lists (a config
-    read from JSON) become tuples, the `folder` and `synthetic` sections frozen."""
-    if isinstance(config, cls):
-      return config
+    """From a whole config or its `data` section; lists (a config read from JSON) become
+    tuples, the `folder` and `synthetic` sections frozen."""
     data = config.data if "data" in config else config
     return cls(**{f.name: _frozen(data[f.name]) for f in dataclasses.fields(cls)})
 
@@ -108,9 +106,8 @@ def _folder_splits(data) -> dict:
   return splits
 
 
-def get_builder(config, prepare: bool = True):
+def get_builder(data: DataConfig, prepare: bool = True):
   """(TFDS builder, DatasetMeta) of the configured dataset; folders are prepared if needed."""
-  data = DataConfig.from_config(config)
   if data.dataset == "coco":
     builder = coco_tfds.coco_builder(data.data_dir, data.tfds_name)
     return builder, DatasetMeta(data.tfds_name, coco_tfds.COCO_CATEGORY_IDS,
@@ -136,13 +133,13 @@ def get_builder(config, prepare: bool = True):
                               tuple(builder.category_ids), tuple(builder.category_names))
 
 
-def dataset_meta(config) -> DatasetMeta:
-  return get_builder(config)[1]
+def dataset_meta(data: DataConfig) -> DatasetMeta:
+  return get_builder(data)[1]
 
 
-def label_to_category_id(config) -> np.ndarray:
+def label_to_category_id(data: DataConfig) -> np.ndarray:
   """int64 [C]: the original category id of each contiguous label (host side, for eval)."""
-  return np.asarray(dataset_meta(config).category_ids, np.int64)
+  return np.asarray(dataset_meta(data).category_ids, np.int64)
 
 
 def read(builder, split, *, shuffle_files: bool, seed: int,
@@ -178,12 +175,11 @@ def host_split(split: str, process_index: int, process_count: int):
   return tfds.even_splits(split, n=process_count)[process_index]
 
 
-def coco_ground_truth(config, split=None) -> dict:
+def coco_ground_truth(data: DataConfig, split=None) -> dict:
   """COCO-format ground truth (original ids, absolute xywh boxes, crowd flags) of a split.
 
   Built from the TFDS data the pipeline reads (all hosts' images), for pycocotools.
   """
-  data = DataConfig.from_config(config)
   builder, meta = get_builder(data)
   ds = read(builder, split or data.eval_split, shuffle_files=False, seed=0)
   ds = ds.map(graph_fn(

@@ -1,7 +1,7 @@
 """Host batches: a checkpointable iterator over the tf.data streams of `streams.py`.
 
     config = configs.common.get_base_config()      # `config.data`: configs.common.get_data_config
-    data = datasets.DataConfig.from_config(config) # read once (a whole config also works)
+    data = datasets.DataConfig.from_config(config) # read once, at the script boundary
     it = make_train_iterator(data)                 # infinite, checkpointable
     batch = next(it)                               # dict of numpy arrays, shapes below
     it.save(path); it2 = make_train_iterator(data); it2.restore(path)     # exact resume
@@ -153,25 +153,23 @@ class DataIterator:
     self._after = self._after_var.numpy().copy()
 
 
-def make_train_iterator(config, process_index=None, process_count=None,
+def make_train_iterator(data: datasets.DataConfig, process_index=None, process_count=None,
                         normalize_on_host=True) -> DataIterator:
   """Infinite, checkpointable iterator of training batches for this host.
 
   `normalize_on_host=False`: uint8 images, normalised inside the step (see DataIterator)."""
-  data = datasets.DataConfig.from_config(config)
   ds, meta, num_groups = streams.make_train_dataset(data, process_index, process_count)
   return DataIterator(ds, data, meta, num_groups, training=True,
                       normalize_on_host=normalize_on_host)
 
 
-def make_eval_iterator(config, process_index=None, process_count=None,
+def make_eval_iterator(data: datasets.DataConfig, process_index=None, process_count=None,
                        split=None) -> DataIterator:
   """Every image of the host's share of the eval split exactly once, canvas by canvas.
 
   The last batch of each canvas is padded with `example_valid=False`; on several hosts each
   canvas gets the same number of batches everywhere.
   """
-  data = datasets.DataConfig.from_config(config)
   ds, meta, num_canvases, expected = streams.make_eval_dataset(data, process_index,
                                                               process_count, split)
   return DataIterator(ds, data, meta, num_canvases, training=False, expected_examples=expected)

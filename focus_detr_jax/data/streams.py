@@ -127,10 +127,9 @@ def measured_group_weights(data: datasets.DataConfig, group_bounds) -> tuple[flo
   return tuple(float(v) for v in buckets.group_shares(hw, data, group_bounds, int(data.seed)))
 
 
-def train_schedule(config) -> buckets.Schedule:
-  """The training-step schedule of `config` (`buckets.Schedule`): canvases, aspect groups and
-  their weights (`canvas_weights`, or measured from the data: each image equally often)."""
-  data = datasets.DataConfig.from_config(config)
+def train_schedule(data: datasets.DataConfig) -> buckets.Schedule:
+  """The training-step schedule (`buckets.Schedule`): canvases, aspect groups and their
+  weights (`canvas_weights`, or measured from the data: each image equally often)."""
   if data not in _SCHEDULES:
     canvases = canvas_lib.normalize_canvases(data.canvases)
     if len(canvases) == 1:        # one shape (e.g. --config.data.canvases='((512, 512),)')
@@ -196,10 +195,9 @@ def _train_group(builder, split, g, schedule, data, batch, process_index):
   return ds.batch(batch, drop_remainder=True)
 
 
-def make_train_dataset(config, process_index=None, process_count=None):
+def make_train_dataset(data: datasets.DataConfig, process_index=None, process_count=None):
   """(tf.data training stream (uint8 images, counters), DatasetMeta, number of aspect groups);
   use `make_train_iterator`."""
-  data = datasets.DataConfig.from_config(config)
   process_index, process_count = _processes(process_index, process_count)
   batch = _per_host(int(data.batch_size), process_count, "batch_size")
   builder, meta = datasets.get_builder(data)
@@ -215,9 +213,9 @@ def make_train_dataset(config, process_index=None, process_count=None):
   return ds.with_options(_options()), meta, schedule.num_groups
 
 
-def train_shapes(config) -> tuple[tuple[int, int], ...]:
+def train_shapes(data: datasets.DataConfig) -> tuple[tuple[int, int], ...]:
   """The distinct training canvases (one compile each)."""
-  return tuple(dict.fromkeys(train_schedule(config).canvases))
+  return tuple(dict.fromkeys(train_schedule(data).canvases))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -243,10 +241,10 @@ def _padding_element(spec) -> dict:
   return tf.nest.map_structure(zeros, spec)
 
 
-def make_eval_dataset(config, process_index=None, process_count=None, split=None):
+def make_eval_dataset(data: datasets.DataConfig, process_index=None, process_count=None,
+                      split=None):
   """(tf.data eval stream, DatasetMeta, number of canvases, expected number of images on this
   host or None)."""
-  data = datasets.DataConfig.from_config(config)
   process_index, process_count = _processes(process_index, process_count)
   split = split or data.eval_split
   builder, meta = datasets.get_builder(data)
