@@ -33,62 +33,49 @@ decoder part, for FLOPs and (approximately) for latency.
 
 import sys
 
-from absl import flags
-
-from focus_detr_jax import cli, xla_options
+from focus_detr_jax import benchmarks, cli
 from focus_detr_jax.benchmarks import runner, tasks
 
 
-def define_flags(fv, argv):
-  del argv
-  s, i, b = flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_bool
+def define_flags(fv, _argv):
+  s, i, b, _, e = benchmarks.flag_definers(fv)
   s("parts", "eval,flops,train,sweep", "comma list of eval,flops,train,sweep,bf16 (baseline "
-    "always runs)", flag_values=fv)
-  s("configs", "r50,swin_t", f"of {sorted(tasks.CONFIGS)}", flag_values=fv)
-  s("eval-sizes", "800x1333,512x768", "eval canvas sizes", flag_values=fv)
-  s("eval-batches", "1", "eval batch sizes; 8 at 800x1333 takes ~1.5 min per config here",
-    flag_values=fv)
+    "always runs)")
+  s("configs", "r50,swin_t", f"of {sorted(tasks.CONFIGS)}")
+  s("eval-sizes", "800x1333,512x768", "eval canvas sizes")
+  s("eval-batches", "1", "eval batch sizes; 8 at 800x1333 takes ~1.5 min per config here")
   s("eval-cells", None, "explicit eval SIZE:BATCH list (e.g. 800x1333:1,512x768:8), instead of "
-    "--eval-sizes x --eval-batches", flag_values=fv)
-  s("flops-size", "800x1333", "", flag_values=fv)
-  s("baseline-size", "800x1333", "", flag_values=fv)
-  s("train-configs", "r50", "", flag_values=fv)
-  s("train-size", "512x768", "", flag_values=fv)
-  i("train-batch", 2, "", flag_values=fv)
-  s("train-msda", "gather,auto", "deformable attention formulations to time the train step with",
-    flag_values=fv)
-  s("sweep-size", "800x1333", "", flag_values=fv)
-  s("sweep-config", "r50", "", flag_values=fv)
+    "--eval-sizes x --eval-batches")
+  s("flops-size", "800x1333", "")
+  s("baseline-size", "800x1333", "")
+  s("train-configs", "r50", "")
+  s("train-size", "512x768", "")
+  i("train-batch", 2, "")
+  s("train-msda", "gather,auto", "deformable attention formulations to time the train step with")
+  s("sweep-size", "800x1333", "")
+  s("sweep-config", "r50", "")
   s("sweep-settings", ",".join(str(k) for k in range(len(runner.SWEEP))), "indices into SWEEP (" +
-    "; ".join(f"{k}: {n}" for k, (n, _, _) in enumerate(runner.SWEEP)) + "); starts with 0",
-    flag_values=fv)
-  s("model-overrides", "{}", "JSON dict of config.model fields set in every measurement",
-    flag_values=fv)
-  s("bf16-size", "512x768", "", flag_values=fv)
-  s("bf16-config", "r50", "", flag_values=fv)
-  s("baseline-config", "r50", "", flag_values=fv)
-  i("repeats", 3, "", flag_values=fv)
-  flags.DEFINE_enum("xla-cpu-scheduler", "memory", sorted(xla_options.CPU_SCHEDULERS),
-                    "XLA:CPU scheduler of our side (config.train.xla_cpu_scheduler's default: "
-                    "memory); an explicit flag in XLA_FLAGS wins", flag_values=fv)
-  i("timeout", 900, "per measurement, seconds", flag_values=fv)
-  s("json", None, "write raw results here", flag_values=fv)
-  s("markdown", None, "write the markdown report here", flag_values=fv)
-  b("dry-run", False, "list the measurements and exit", flag_values=fv)
-  s("report-from", None, "re-render the markdown of a --json file and exit", flag_values=fv)
+    "; ".join(f"{k}: {n}" for k, (n, _) in enumerate(runner.SWEEP)) + "); starts with 0")
+  s("model-overrides", "{}", "JSON dict of config.model fields set in every measurement")
+  s("bf16-size", "512x768", "")
+  s("bf16-config", "r50", "")
+  s("baseline-config", "r50", "")
+  i("repeats", 3, "")
+  e(*benchmarks.SCHEDULER_FLAG)
+  i("timeout", 900, "per measurement, seconds")
+  s("json", None, "write raw results here")
+  s("markdown", None, "write the markdown report here")
+  b("dry-run", False, "list the measurements and exit")
+  s("report-from", None, "re-render the markdown of a --json file and exit")
   b("in-process", False, "run the measurements in this process (peak RSS is then the whole "
-    "run's)", flag_values=fv)
+    "run's)")
   b("smoke", False, "quick check (configs/tiny.py, R26, 1 decoder layer, 64x64, 1 rep, in this "
     "process): baseline, eval with FLOPs split, 2-row sweep; sets every option left at its "
-    "default (see SMOKE)", flag_values=fv)
+    "default (see SMOKE)")
 
 
 def run(fv, positional):
-  if positional:
-    raise cli.UsageError(f"unexpected arguments {positional}")
-  args = cli.namespace(fv, [n for n in fv if n != "debug"])
-  # Before JAX starts its backends; worker processes inherit it through XLA_FLAGS.
-  xla_options.configure_cpu_scheduler(args.xla_cpu_scheduler)
+  args = benchmarks.script_args(fv, positional)
   if args.smoke:   # smoke values for every option left at its default
     for key, value in runner.SMOKE.items():
       if getattr(args, key) == fv[key.replace("_", "-")].default:
@@ -97,9 +84,5 @@ def run(fv, positional):
   runner.run(args, command.strip())
 
 
-def main(argv=None):
-  return cli.main(__doc__, define_flags, run, argv)
-
-
 if __name__ == "__main__":
-  cli.exit_with(main())
+  cli.exit_with(cli.main(__doc__, define_flags, run))

@@ -11,25 +11,18 @@ Results: BENCHMARKS.md, "Compile time per training canvas".
 
 import tempfile
 
-from absl import flags
-
-from focus_detr_jax import cli
+from focus_detr_jax import benchmarks, cli
 
 
-def define_flags(fv, argv):
-  del argv
-  flags.DEFINE_string("config", "focus_detr_r50_4scale_12ep", "config module under configs/",
-                      flag_values=fv)
-  flags.DEFINE_integer("batch", 2, "images per device (the COCO recipe: 16 on 8 devices)",
-                       flag_values=fv)
-  flags.DEFINE_string("canvases", "", "HxW,HxW,... (default: the config's training canvases)",
-                      flag_values=fv)
+def define_flags(fv, _argv):
+  s, i, _, _, _ = benchmarks.flag_definers(fv)
+  s("config", "focus_detr_r50_4scale_12ep", "config module under configs/")
+  i("batch", 2, "images per device (the COCO recipe: 16 on 8 devices)")
+  s("canvases", "", "HxW,HxW,... (default: the config's training canvases)")
 
 
 def main_with_flags(fv, positional):
-  if positional:
-    raise cli.UsageError(f"unexpected arguments {positional}")
-  args = cli.namespace(fv, [n for n in fv if n != "debug"])
+  args = benchmarks.script_args(fv, positional)
   try:
     canvases = [tuple(int(x) for x in c.split("x")) for c in args.canvases.split(",")
                 if c] or None
@@ -41,9 +34,5 @@ def main_with_flags(fv, positional):
   print(bench.markdown(result))
 
 
-def main(argv=None):
-  return cli.main(__doc__, define_flags, main_with_flags, argv)
-
-
 if __name__ == "__main__":
-  cli.exit_with(main())
+  cli.exit_with(cli.main(__doc__, define_flags, main_with_flags))

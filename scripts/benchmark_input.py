@@ -30,34 +30,27 @@ import shlex
 import sys
 from pathlib import Path
 
-from absl import flags
-
-from focus_detr_jax import cli
+from focus_detr_jax import benchmarks, cli
 from focus_detr_jax.benchmarks import input as bench_input
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def define_flags(fv, argv):
-  del argv
-  flags.DEFINE_float("seconds", 10.0, "time per measurement", flag_values=fv)
-  flags.DEFINE_integer("coco-images", 200, "COCO-like training images", flag_values=fv)
-  flags.DEFINE_integer("coco-eval-images", 48, "COCO-like evaluation images", flag_values=fv)
-  flags.DEFINE_string("coco-root", "", "where the COCO-like folder is generated", flag_values=fv)
-  flags.DEFINE_string("synthetic-root", "", "synthetic cache (default: "
-                      "$FOCUS_DETR_DATA_DIR/synthetic or ~/.cache/focus_detr_jax/synthetic)",
-                      flag_values=fv)
-  flags.DEFINE_bool("write", False, "update BENCHMARKS.md", flag_values=fv)
-  flags.DEFINE_bool("choose", False, "choose the COCO canvases on the size mix and print them",
-                    flag_values=fv)
-  flags.DEFINE_string("benchmarks-file", str(REPO / "BENCHMARKS.md"), "the file --write updates",
-                      flag_values=fv)
+def define_flags(fv, _argv):
+  s, i, b, f, _ = benchmarks.flag_definers(fv)
+  f("seconds", 10.0, "time per measurement")
+  i("coco-images", 200, "COCO-like training images")
+  i("coco-eval-images", 48, "COCO-like evaluation images")
+  s("coco-root", "", "where the COCO-like folder is generated")
+  s("synthetic-root", "", "synthetic cache (default: $FOCUS_DETR_DATA_DIR/synthetic or "
+    "~/.cache/focus_detr_jax/synthetic)")
+  b("write", False, "update BENCHMARKS.md")
+  b("choose", False, "choose the COCO canvases on the size mix and print them")
+  s("benchmarks-file", str(REPO / "BENCHMARKS.md"), "the file --write updates")
 
 
 def main_with_flags(fv, positional):
-  if positional:
-    raise cli.UsageError(f"unexpected arguments {positional}")
-  args = cli.namespace(fv, [n for n in fv if n != "debug"])
+  args = benchmarks.script_args(fv, positional)
   if args.choose:
     bench_input.choose()
     return
@@ -71,9 +64,5 @@ def main_with_flags(fv, positional):
     print(f"wrote {bench_input.SECTION!r} to {args.benchmarks_file}")
 
 
-def main(argv=None):
-  return cli.main(__doc__, define_flags, main_with_flags, argv)
-
-
 if __name__ == "__main__":
-  cli.exit_with(main())
+  cli.exit_with(cli.main(__doc__, define_flags, main_with_flags))

@@ -20,46 +20,24 @@ weights for ours (timing does not depend on the values: static shapes, all token
 """
 
 
-from absl import flags
-
-from focus_detr_jax import cli, xla_options
+from focus_detr_jax import benchmarks, cli
 from focus_detr_jax.benchmarks import detrex
 
 
-def define_flags(fv, argv):
-  del argv
-  s, i = flags.DEFINE_string, flags.DEFINE_integer
+def define_flags(fv, _argv):
+  s, i, _, _, e = benchmarks.flag_definers(fv)
   detrex.define_detrex_flags(fv)
-  s("parts", "eval,train", "comma list of eval,train", flag_values=fv)
-  s("eval-sizes", "800x1333,512x768", "", flag_values=fv)
-  s("train-size", "512x768", "", flag_values=fv)
-  i("train-batch", 2, "", flag_values=fv)
-  i("boxes", 8, "ground-truth boxes per image", flag_values=fv)
-  s("model-overrides", "{}", "JSON config.model overrides for ours, e.g. "
-    "'{\"remat\": \"none\"}'", flag_values=fv)
-  i("threads", 2, "CPU threads of each side", flag_values=fv)
-  flags.DEFINE_enum("xla-cpu-scheduler", "memory", sorted(xla_options.CPU_SCHEDULERS),
-                    "XLA:CPU scheduler of our side (config.train.xla_cpu_scheduler's default: "
-                    "memory); an explicit flag in XLA_FLAGS wins", flag_values=fv)
-  i("repeats", 3, "timed calls after the warm-up", flag_values=fv)
-  i("timeout", 1200, "per worker process, seconds", flag_values=fv)
-  s("json", None, "write the results here", flag_values=fv)
+  s("parts", "eval,train", "comma list of eval,train")
+  s("eval-sizes", "800x1333,512x768", "")
+  s("model-overrides", "{}", "JSON config.model overrides for ours, e.g. '{\"remat\": \"none\"}'")
+  e(*benchmarks.SCHEDULER_FLAG)
+  i("repeats", 3, "timed calls after the warm-up")
 
 
 def run(fv, positional):
-  if positional:
-    raise cli.UsageError(f"unexpected arguments {positional}")
-  args = cli.namespace(fv, [n for n in fv if n != "debug"])
-  # Before JAX starts its backends; worker processes inherit it through XLA_FLAGS.
-  xla_options.configure_cpu_scheduler(args.xla_cpu_scheduler)
-  if not args.detrex_python or not args.detrex_root:
-    raise cli.UsageError("--detrex-python and --detrex-root (or DETREX_ROOT) are required")
+  args = detrex.detrex_args(fv, positional)
   detrex.compare(args)
 
 
-def main(argv=None):
-  return cli.main(__doc__, define_flags, run, argv)
-
-
 if __name__ == "__main__":
-  cli.exit_with(main())
+  cli.exit_with(cli.main(__doc__, define_flags, run))

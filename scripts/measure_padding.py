@@ -12,30 +12,26 @@ evaluated exact, in the chosen evaluation canvases and in one square canvas.
 Results: BENCHMARKS.md, "Padding: what it does to the detections".
 """
 
-import json
 from pathlib import Path
 
 from absl import flags
 
-from focus_detr_jax import cli
+from focus_detr_jax import benchmarks, cli
 
 
-def define_flags(fv, argv):
-  del argv
+def define_flags(fv, _argv):
+  s, i, _, _, _ = benchmarks.flag_definers(fv)
   flags.DEFINE_multi_string("parity-dir", [], "recorded parity set(s) to measure",
                             flag_values=fv)
-  flags.DEFINE_string("model", "", "model checkpoint for the AP measurement (demo_output/model)",
-                      flag_values=fv)
-  flags.DEFINE_string("root", "/tmp/focus_detr_padding", "where the mixed validation set and "
-                      "its TFDS copy are written", flag_values=fv)
-  flags.DEFINE_integer("per-size", 32, "validation images per size", flag_values=fv)
-  flags.DEFINE_string("json", "", "also write the rows here", flag_values=fv)
+  s("model", "", "model checkpoint for the AP measurement (demo_output/model)")
+  s("root", "/tmp/focus_detr_padding", "where the mixed validation set and its TFDS copy are "
+    "written")
+  i("per-size", 32, "validation images per size")
+  s("json", "", "also write the rows here")
 
 
 def main_with_flags(fv, positional):
-  if positional:
-    raise cli.UsageError(f"unexpected arguments {positional}")
-  args = cli.namespace(fv, [n for n in fv if n != "debug"])
+  args = benchmarks.script_args(fv, positional)
   if not args.parity_dir and not args.model:
     raise cli.UsageError("nothing to measure: give --parity-dir and/or --model")
   for d in args.parity_dir:
@@ -49,13 +45,8 @@ def main_with_flags(fv, positional):
   ap_rows = (padding.synthetic_padding_ap(args.model, args.root, per_size=args.per_size)
              if args.model else [])
   print(padding.markdown(parity_rows, ap_rows))
-  if args.json:
-    Path(args.json).write_text(json.dumps(dict(parity=parity_rows, ap=ap_rows), indent=1))
-
-
-def main(argv=None):
-  return cli.main(__doc__, define_flags, main_with_flags, argv)
+  benchmarks.write_outputs(args, dict(parity=parity_rows, ap=ap_rows))
 
 
 if __name__ == "__main__":
-  cli.exit_with(main())
+  cli.exit_with(cli.main(__doc__, define_flags, main_with_flags))

@@ -10,7 +10,6 @@ and tolerance, then every failing stage in full.
 
 import json
 import re
-import types
 from pathlib import Path
 
 from focus_detr_jax import cli
@@ -56,8 +55,7 @@ def run(fv, json_files):
   del fv
   if not json_files:
     raise cli.UsageError("give one or more JSON files written by check_parity.py --json")
-  args = types.SimpleNamespace(json_files=[Path(p) for p in json_files])
-  for path in args.json_files:
+  for path in map(Path, json_files):
     print(summarize(path.stem, json.loads(path.read_text())))
   return 0
 

@@ -21,63 +21,44 @@ worker threads at that instant (they add up to the call's wall time, minus the t
 were idle); *thread-s* are self times summed over the worker threads (2 busy cores count twice).
 """
 
-import json
 import sys
 
 import jax
-from absl import flags
 
-from focus_detr_jax import cli, xla_options
+from focus_detr_jax import benchmarks, cli, xla_options
 from focus_detr_jax.benchmarks import profiling, tasks
 
 
-def define_flags(fv, argv):
-  del argv
-  flags.DEFINE_string("config", "r50", f"of {sorted(tasks.CONFIGS)}", flag_values=fv)
-  flags.DEFINE_string("size", "512x768", "image size HxW", flag_values=fv)
-  flags.DEFINE_integer("batch", 2, "batch size", flag_values=fv)
-  flags.DEFINE_enum("program", "train", ["train", "fwd", "eval"], "program to profile",
-                    flag_values=fv)
-  flags.DEFINE_string("remat", None, "comma-separated model.remat policies, one measurement each "
-                      "(default: the config's)", flag_values=fv)
-  flags.DEFINE_enum("xla-cpu-scheduler", "memory", sorted(xla_options.CPU_SCHEDULERS),
-                    "XLA:CPU scheduler (config.train.xla_cpu_scheduler; its default is memory); "
-                    "an explicit flag in XLA_FLAGS wins", flag_values=fv)
-  flags.DEFINE_boolean("compile-only", False, "stop after XLA's memory and cost analysis",
-                       flag_values=fv)
-  flags.DEFINE_boolean("no-trace", False, "skip the profiler trace", flag_values=fv)
-  flags.DEFINE_integer("repeats", 2, "timed calls after the warm-up call", flag_values=fv)
-  flags.DEFINE_integer("top", 30, "top instructions to list", flag_values=fv)
-  flags.DEFINE_string("save-dir", None, "also write the optimised HLO text here", flag_values=fv)
-  flags.DEFINE_string("json", None, "write the rows as JSON here", flag_values=fv)
-  flags.DEFINE_string("markdown", None, "write the Markdown tables here", flag_values=fv)
+def define_flags(fv, _argv):
+  s, i, b, _, e = benchmarks.flag_definers(fv)
+  s("config", "r50", f"of {sorted(tasks.CONFIGS)}")
+  s("size", "512x768", "image size HxW")
+  i("batch", 2, "batch size")
+  e("program", "train", ["train", "fwd", "eval"], "program to profile")
+  s("remat", None, "comma-separated model.remat policies, one measurement each (default: the "
+    "config's)")
+  e(*benchmarks.SCHEDULER_FLAG)
+  b("compile-only", False, "stop after XLA's memory and cost analysis")
+  b("no-trace", False, "skip the profiler trace")
+  i("repeats", 2, "timed calls after the warm-up call")
+  i("top", 30, "top instructions to list")
+  s("save-dir", None, "also write the optimised HLO text here")
+  s("json", None, "write the rows as JSON here")
+  s("markdown", None, "write the Markdown tables here")
 
 
 def run(fv, positional):
-  if positional:
-    raise cli.UsageError(f"unexpected arguments {positional}")
-  args = cli.namespace(fv, [n for n in fv if n != "debug"])
-  xla_options.configure_cpu_scheduler(args.xla_cpu_scheduler)   # before JAX starts its backends
+  args = benchmarks.script_args(fv, positional)
   scheduler = xla_options.user_cpu_scheduler() or "concurrency"
   print(f"XLA:CPU scheduler: {scheduler}")
   jax.config.update("jax_enable_compilation_cache", False)
-  rows = []
-  for remat in (args.remat.split(",") if args.remat else [None]):
-    rows.append(dict(profiling.measure(args, remat), xla_cpu_scheduler=scheduler))
+  rows = [dict(profiling.measure(args, remat), xla_cpu_scheduler=scheduler)
+          for remat in (args.remat.split(",") if args.remat else [None])]
   md = profiling.markdown(rows)
   print(md)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(command=" ".join(sys.argv), rows=rows), f, indent=1)
-  if args.markdown:
-    with open(args.markdown, "w") as f:
-      f.write(md)
+  benchmarks.write_outputs(args, dict(command=" ".join(sys.argv), rows=rows), md)
   return 0
 
 
-def main(argv=None) -> int:
-  return cli.main(__doc__, define_flags, run, argv)
-
-
 if __name__ == "__main__":
-  cli.exit_with(main())
+  cli.exit_with(cli.main(__doc__, define_flags, run))

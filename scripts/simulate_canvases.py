@@ -7,10 +7,8 @@ image decoded), 4000 image sizes of each size mix, the COCO recipe. Prints the M
 BENCHMARKS.md, section "Canvases: padded pixels per image vs detrex (simulation)".
 """
 
-
-
 from configs import common
-from focus_detr_jax import cli
+from focus_detr_jax import benchmarks, cli
 from focus_detr_jax.data import buckets
 
 OLD_CANVASES = ((800, 1333), (1333, 800))
@@ -37,9 +35,7 @@ def row(name, mix, data):
 
 
 def run(fv, positional):
-  del fv
-  if positional:
-    raise cli.UsageError(f"unexpected arguments {positional}")
+  benchmarks.script_args(fv, positional)
   data = common.get_data_config("coco")
   print(row("COCO-like (`COCO_LIKE_SIZE_MIX`)", buckets.COCO_LIKE_SIZE_MIX, data))
   print(row("more portrait / 3:2 / 16:9 (`ALTERNATIVE_SIZE_MIX`)", buckets.ALTERNATIVE_SIZE_MIX,
@@ -47,9 +43,5 @@ def run(fv, positional):
   return 0
 
 
-def main(argv=None) -> int:
-  return cli.main(__doc__, lambda fv, argv: None, run, argv)
-
-
 if __name__ == "__main__":
-  cli.exit_with(main())
+  cli.exit_with(cli.main(__doc__, lambda fv, argv: None, run))

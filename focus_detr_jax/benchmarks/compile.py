@@ -1,19 +1,15 @@
 """Compile time of the training step per canvas, cold and from the persistent cache (issue 16).
 
-Each training canvas is one XLA program of the loop's step (`loop.make_train_step`: uint8 batch,
-normalised on the device, loss, gradient, optimiser and EMA update). `measure` lowers and compiles
-it ahead of time from shapes alone (no weights, no data) for every canvas of a config, at the
-per-device batch, with JAX's persistent compilation cache in `cache_dir`: a first process compiles
-("cold"), a second one loads the same programs ("warm"), as a restarted or second run would.
-
-    python -m focus_detr_jax.benchmarks.compile '{"config": "focus_detr_r50_4scale_12ep", ...}'
-
-prints `RESULT <json>` (one phase in this process); `run` starts the two phases.
+`measure` lowers and compiles the loop's step (`loop.make_train_step`: uint8 batch normalised on
+the device, loss, gradient, optimiser and EMA update) ahead of time from shapes alone, for every
+training canvas of a config at the per-device batch, with JAX's persistent compilation cache in
+`cache_dir`. `run` runs it in two fresh processes (`python -m focus_detr_jax.benchmarks.compile
+SPEC_JSON`): the first compiles ("cold"), the second loads the same programs ("warm"), as a
+restarted run would.
 """
 
 import importlib
 import json
-import subprocess
 import sys
 import time
 from typing import Dict, List
@@ -21,8 +17,9 @@ from typing import Dict, List
 import jax
 import jax.numpy as jnp
 
+from focus_detr_jax import benchmarks, xla_options
+from focus_detr_jax.benchmarks import measure as bm
 from focus_detr_jax.data import canvas as canvas_lib
-from focus_detr_jax import xla_options
 from focus_detr_jax.convert.init import model_shapes
 from focus_detr_jax.data.datasets import DataConfig
 from focus_detr_jax.models.focus_detr import FocusDETR
@@ -31,7 +28,8 @@ from focus_detr_jax.train.objective import Objective
 from focus_detr_jax.train.state import create_train_state
 
 
-def abstract_batch(batch: int, height: int, width: int, max_boxes: int) -> Dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(batch: int, height: int, width: int,
+                   max_boxes: int) -> Dict[str, jax.ShapeDtypeStruct]:
   """The shapes of one training batch as the loop feeds it (uint8 images, no pixel mask)."""
   s = jax.ShapeDtypeStruct
   return dict(image=s((batch, height, width, 3), jnp.uint8),
@@ -67,12 +65,9 @@ def measure(spec) -> Dict:
   rows = []
   for h, w in canvas_lib.normalize_canvases(spec.get("canvases") or config.data.canvases):
     batch = abstract_batch(spec["batch"], h, w, config.data.max_boxes)
-    t0 = time.perf_counter()
-    lowered = step.lower(state, batch)
-    t1 = time.perf_counter()
-    lowered.compile()
-    rows.append(dict(canvas=[h, w], lower_s=t1 - t0, compile_s=time.perf_counter() - t1))
-    print(f"{h}x{w}: lower {t1 - t0:.1f} s, compile {rows[-1]['compile_s']:.1f} s", flush=True,
+    _, lower_s, compile_s = bm.compile_jitted(step, state, batch)
+    rows.append(dict(canvas=[h, w], lower_s=lower_s, compile_s=compile_s))
+    print(f"{h}x{w}: lower {lower_s:.1f} s, compile {compile_s:.1f} s", flush=True,
           file=sys.stderr)
   return dict(canvases=rows, trace_s=trace_s, remat=config.model.remat,
               xla_cpu_scheduler=xla_options.user_cpu_scheduler() or "concurrency")
@@ -83,26 +78,26 @@ def run(config: str, batch: int, cache_dir: str, canvases=None) -> Dict[str, Lis
   out = {}
   for phase in ("cold", "warm"):
     spec = dict(config=config, batch=batch, cache_dir=cache_dir, canvases=canvases)
-    proc = subprocess.run([sys.executable, "-m", __name__, json.dumps(spec)], check=True,
-                          stdout=subprocess.PIPE, text=True)
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    out[phase] = json.loads(line[len("RESULT "):])
+    out[phase], error = benchmarks.run_worker([sys.executable, "-m", __name__, json.dumps(spec)],
+                                              stderr=None)   # its progress lines: shown
+    if error is not None:
+      raise RuntimeError(f"{phase} compile worker failed:\n{error}")
   return out
 
 
 def markdown(result) -> str:
-  rows = ["| canvas | cold: lower s | cold: compile s | from the cache: lower s | load s |",
-          "|---|---|---|---|---|"]
-  for cold, warm in zip(result["cold"]["canvases"], result["warm"]["canvases"]):
-    rows.append(f"| {cold['canvas'][0]}x{cold['canvas'][1]} | {cold['lower_s']:.1f} | "
-                f"{cold['compile_s']:.1f} | {warm['lower_s']:.1f} | {warm['compile_s']:.1f} |")
-  total = lambda p: sum(r["lower_s"] + r["compile_s"] for r in result[p]["canvases"])  # noqa: E731
-  rows.append(f"| **all {len(result['cold']['canvases'])}** | | **{total('cold'):.0f}** (lower + "
-              f"compile) | | **{total('warm'):.0f}** (lower + load) |")
-  rows.append(f"\nmodel.remat={result['cold']['remat']}, XLA:CPU scheduler "
-              f"{result['cold']['xla_cpu_scheduler']}")
+  cold, warm = result["cold"], result["warm"]
+  total = lambda p: sum(r["lower_s"] + r["compile_s"] for r in p["canvases"])  # noqa: E731
+  rows = benchmarks.table(
+      ["canvas", "cold: lower s", "cold: compile s", "from the cache: lower s", "load s"],
+      [[f"{c['canvas'][0]}x{c['canvas'][1]}", f"{c['lower_s']:.1f}", f"{c['compile_s']:.1f}",
+        f"{w['lower_s']:.1f}", f"{w['compile_s']:.1f}"]
+       for c, w in zip(cold["canvases"], warm["canvases"])])
+  rows.append(f"| **all {len(cold['canvases'])}** | | **{total(cold):.0f}** (lower + compile) | "
+              f"| **{total(warm):.0f}** (lower + load) |")
+  rows.append(f"\nmodel.remat={cold['remat']}, XLA:CPU scheduler {cold['xla_cpu_scheduler']}")
   return "\n".join(rows)
 
 
 if __name__ == "__main__":
-  print("RESULT " + json.dumps(measure(json.loads(sys.argv[1]))), flush=True)
+  benchmarks.print_result(measure(json.loads(sys.argv[1])))

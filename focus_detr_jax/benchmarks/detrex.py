@@ -5,12 +5,12 @@ step (`scripts/profile_detrex.py`, `detrex_profile`)."""
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import focus_detr_jax
+from focus_detr_jax import benchmarks
 from focus_detr_jax.benchmarks import detrex_profile
 from focus_detr_jax.benchmarks import measure as bm
 from focus_detr_jax.benchmarks import runner
@@ -22,26 +22,36 @@ DEFAULT_CONFIG = "projects/focus_detr/configs/focus_detr_resnet/focus_detr_r50_4
 
 
 def define_detrex_flags(fv):
-  """The flags that locate detrex: --detrex-python, --detrex-root, --config."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  flags.DEFINE_string("detrex-python", None, "python of an environment with detrex installed",
-                      flag_values=fv)
-  flags.DEFINE_string("detrex-root", os.environ.get("DETREX_ROOT"), "detrex source tree (holds "
-                      "projects/focus_detr); env DETREX_ROOT", flag_values=fv)
-  flags.DEFINE_string("config", DEFAULT_CONFIG, "detrex config, relative to --detrex-root",
-                      flag_values=fv)
+  """The flags that locate detrex, and those both detrex scripts share."""
+  s, i, _, _, _ = benchmarks.flag_definers(fv)
+  s("detrex-python", None, "python of an environment with detrex installed")
+  s("detrex-root", os.environ.get("DETREX_ROOT"), "detrex source tree (holds projects/focus_detr); "
+    "env DETREX_ROOT")
+  s("config", DEFAULT_CONFIG, "detrex config, relative to --detrex-root")
+  s("train-size", "512x768", "image size HxW")
+  i("train-batch", 2, "")
+  i("boxes", 8, "ground-truth boxes per image")
+  i("threads", 2, "CPU threads (of each side, in compare_detrex)")
+  i("timeout", 1200, "per worker process, seconds")
+  s("json", None, "write the results here")
+
+
+def detrex_args(fv, positional):
+  args = benchmarks.script_args(fv, positional)
+  if not args.detrex_python or not args.detrex_root:
+    from focus_detr_jax import cli   # pylint: disable=import-outside-toplevel
+    raise cli.UsageError("--detrex-python and --detrex-root (or DETREX_ROOT) are required")
+  return args
 
 
 def run_detrex(args, spec):
   """One detrex worker process under `args.detrex_python`; its results."""
-  env = dict(os.environ, PYTHONPATH=SOURCE_ROOT, OMP_NUM_THREADS=str(args.threads))
-  proc = subprocess.run([args.detrex_python, "-m", WORKER, json.dumps(spec)],
-                        capture_output=True, text=True, env=env, cwd=SOURCE_ROOT,
-                        timeout=args.timeout)
-  for line in proc.stdout.splitlines():
-    if line.startswith("RESULT "):
-      return json.loads(line[len("RESULT "):])
-  raise RuntimeError(f"detrex worker failed:\n{(proc.stderr or proc.stdout)[-3000:]}")
+  result, error = benchmarks.run_worker(
+      [args.detrex_python, "-m", WORKER, json.dumps(spec)], timeout=args.timeout, cwd=SOURCE_ROOT,
+      env=dict(os.environ, PYTHONPATH=SOURCE_ROOT, OMP_NUM_THREADS=str(args.threads)))
+  if result is None:
+    raise RuntimeError(f"detrex worker failed:\n{error}")
+  return result
 
 
 def run_ours(args):
@@ -65,38 +75,39 @@ def run_ours(args):
   return out
 
 
+def _worker_spec(args, eval_sizes, train, **extra):
+  return dict(config=args.config, detrex_root=args.detrex_root, threads=args.threads,
+              repeats=args.repeats, eval_sizes=eval_sizes, train=train,
+              train_size=bm.parse_size(args.train_size), train_batch=args.train_batch,
+              boxes=args.boxes, **extra)
+
+
 def compare(args):
   """detrex, ours, detrex again; prints the table and writes `args.json`."""
   if "eval" not in args.parts:
     args.eval_sizes = ""
-  spec = dict(config=args.config, detrex_root=args.detrex_root, threads=args.threads,
-              repeats=args.repeats,
-              eval_sizes=[bm.parse_size(s) for s in args.eval_sizes.split(",") if s],
-              train="train" in args.parts, train_size=bm.parse_size(args.train_size),
-              train_batch=args.train_batch, boxes=args.boxes)
-  started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-  t0 = time.perf_counter()
+  spec = _worker_spec(args, [bm.parse_size(s) for s in args.eval_sizes.split(",") if s],
+                      "train" in args.parts)
+  started, t0 = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), time.perf_counter()
   detrex_a = run_detrex(args, spec)
   print("detrex (before):", json.dumps(detrex_a), flush=True)
   ours = run_ours(args)
   print("ours:", json.dumps(ours), flush=True)
   detrex_b = run_detrex(args, spec)
   print("detrex (after):", json.dumps(detrex_b), flush=True)
-  rows = []
+  rows = [dict(name=name, detrex_before_s=detrex_a[name]["median_s"], ours_s=mine["median_s"],
+               detrex_after_s=detrex_b[name]["median_s"],
+               ratio=min(detrex_a[name]["median_s"], detrex_b[name]["median_s"])
+               / mine["median_s"]) for name, mine in ours.items()]
   print(f"\nstarted {started}, {time.perf_counter() - t0:.0f} s, {os.cpu_count()} CPUs, "
         f"{args.threads} threads each side")
-  print("| measurement | detrex before s | ours s | detrex after s | min(detrex) / ours |")
-  print("|---|---|---|---|---|")
-  for name, mine in ours.items():
-    a, b = detrex_a[name]["median_s"], detrex_b[name]["median_s"]
-    ratio = min(a, b) / mine["median_s"]
-    rows.append(dict(name=name, detrex_before_s=a, ours_s=mine["median_s"], detrex_after_s=b,
-                     ratio=ratio))
-    print(f"| {name} | {a:.2f} | {mine['median_s']:.2f} | {b:.2f} | {ratio:.2f}x |")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(command=" ".join(sys.argv), started=started, detrex_before=detrex_a,
-                     ours=ours, detrex_after=detrex_b, rows=rows), f, indent=1)
+  print("\n".join(benchmarks.table(
+      ["measurement", "detrex before s", "ours s", "detrex after s", "min(detrex) / ours"],
+      [[r["name"], f"{r['detrex_before_s']:.2f}", f"{r['ours_s']:.2f}",
+        f"{r['detrex_after_s']:.2f}", f"{r['ratio']:.2f}x"] for r in rows])))
+  benchmarks.write_outputs(args, dict(command=" ".join(sys.argv), started=started,
+                                      detrex_before=detrex_a, ours=ours, detrex_after=detrex_b,
+                                      rows=rows))
 
 
 def profile(args):
@@ -104,10 +115,7 @@ def profile(args):
   the torch profiler split per part; prints the markdown (next to ours when `args.ours_json`
   names a `scripts/profile_train.py --json` file: its first row) and writes `args.json` /
   `args.markdown`. Returns the worker's results."""
-  spec = dict(config=args.config, detrex_root=args.detrex_root, threads=args.threads,
-              repeats=args.repeats, eval_sizes=[], train=True,
-              train_size=bm.parse_size(args.train_size), train_batch=args.train_batch,
-              boxes=args.boxes, profile=True)
+  spec = _worker_spec(args, [], True, profile=True)
   started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
   result = run_detrex(args, spec)
   ours = None
@@ -119,11 +127,6 @@ def profile(args):
         f"{result[name]['median_s']:.2f} s unprofiled\n\n"
         + detrex_profile.markdown(result["profile"], ours))
   print(md)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(command=" ".join(sys.argv), started=started, detrex=result,
-                     ours_json=args.ours_json), f, indent=1)
-  if args.markdown:
-    with open(args.markdown, "w") as f:
-      f.write(md)
+  benchmarks.write_outputs(args, dict(command=" ".join(sys.argv), started=started,
+                                      detrex=result, ours_json=args.ours_json), md)
   return result

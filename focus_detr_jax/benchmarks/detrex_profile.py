@@ -29,8 +29,11 @@ encoder's score head `enhance_MCSP`, the decoder's reference-point MLP and final
 
 import bisect
 import collections
+import itertools
 import re
 import time
+
+from focus_detr_jax.benchmarks import table
 
 BACKWARD_NODE = "autograd::engine::evaluate_function:"
 # Rows of the comparison table, in model order; per-layer parts fold into their stack's row.
@@ -198,21 +201,11 @@ def markdown(detrex, ours=None):
   """The comparison table (detrex's `attribute` dict plus profiled_step_s; ours: a row of
   profile_train.py's JSON with wall_by_part / idle_s, or None), then the per-layer split."""
   cols = ["detrex fwd s", "detrex bwd s"] + (["ours fwd s", "ours bwd s"] if ours else [])
-
-  def header(first):
-    return [f"| {first} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-
-  def row(name, cells, fmt):
-    return f"| {name} | " + " | ".join(format(v, fmt) for v in cells) + " |"
-
-  d = grouped(detrex["seconds"])
-  o = grouped(ours["wall_by_part"]) if ours else collections.Counter()
-  out = header("part")
-  for g in GROUPS:
-    out.append(row(g, [d[("fwd", g)], d[("bwd", g)]]
-                   + ([o[("fwd", g)], o[("bwd", g)]] if ours else []), ".2f"))
-  tot = [sum(v for (k, _), v in side.items() if k == x)
-         for side in ([d, o] if ours else [d]) for x in ("fwd", "bwd")]
+  sides = [detrex["seconds"]] + ([ours["wall_by_part"]] if ours else [])
+  groups = [grouped(side) for side in sides]
+  out = table(["part"] + cols, [[g] + [f"{side[(d, g)]:.2f}" for side in groups
+                                       for d in ("fwd", "bwd")] for g in GROUPS])
+  tot = [sum(v for (k, _), v in side.items() if k == d) for side in groups for d in ("fwd", "bwd")]
   out.append("| **parts total** | " + " | ".join(f"**{v:.2f}**" for v in tot) + " |")
   if ours:  # all XLA worker threads idle: wall time that no part owns, in neither direction
     out.append(f"| all XLA workers idle | | | {ours['idle_s']:.2f} | |")
@@ -222,13 +215,10 @@ def markdown(detrex, ours=None):
           f"{detrex['total_s']:.2f} s attributed; backward nodes placed by the nearest lower "
           f"sequence number {detrex['nearest_bwd_s']:.3f} s, with no forward op "
           f"{detrex['unmatched_bwd_s']:.3f} s; seconds per thread {detrex['thread_s']}", ""]
-  out += header("layer")
-  s, w = detrex["seconds"], ours["wall_by_part"] if ours else {}
+  layers = []   # each stack's layers 0, 1, ... as far as detrex's forward has them
   for stack in ("encoder", "decoder"):
-    i = 0
-    while f"fwd {stack}_layers_{i}" in s:
-      k = f"{stack}_layers_{i}"
-      out.append(row(k, [s[f"fwd {k}"], s.get(f"bwd {k}", 0.0)]
-                     + ([w.get(f"fwd {k}", 0.0), w.get(f"bwd {k}", 0.0)] if ours else []), ".3f"))
-      i += 1
+    layers += itertools.takewhile(lambda k: f"fwd {k}" in sides[0],
+                                  (f"{stack}_layers_{i}" for i in itertools.count()))
+  out += table(["layer"] + cols, [[k] + [f"{side.get(f'{d} {k}', 0.0):.3f}" for side in sides
+                                         for d in ("fwd", "bwd")] for k in layers])
   return "\n".join(out) + "\n"

@@ -1,21 +1,18 @@
-"""The detrex side of `scripts/compare_detrex.py`: runs under detrex's own Python (torch,
-detectron2, detrex; no jax), started by `detrex.run_detrex` as
-
-    DETREX_PYTHON -m focus_detr_jax.benchmarks.detrex_worker SPEC_JSON
-
-with this repository on PYTHONPATH. Imports only numpy, the recorder (which imports torch
-after configuring the CPU threads, `recorder.configure_cpu`) and `detrex_profile` (no torch).
+"""The detrex side of `scripts/compare_detrex.py` and `profile_detrex.py`, under detrex's own
+Python (torch, detectron2, detrex; no jax): `DETREX_PYTHON -m
+focus_detr_jax.benchmarks.detrex_worker SPEC_JSON`, with this repository on PYTHONPATH
+(`detrex.run_detrex`). The recorder imports torch after configuring the CPU threads.
 """
 
 import contextlib
+import functools
 import json
 import resource
-import statistics
 import sys
-import time
 
 import numpy as np
 
+from focus_detr_jax import benchmarks
 from focus_detr_jax.benchmarks import detrex_profile
 from focus_detr_jax.reference import recorder
 
@@ -30,16 +27,8 @@ def detrex_worker(spec):
   recorder.apply_weight_rule(model, recorder.manifest_rows(model), seed=0)
   rng = np.random.default_rng(0)
   results = {}
-
-  def timed(fn, repeats):
-    for _ in range(2):  # warm-up: a single call left torch's first timed calls 2-4x slower
-      fn()
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      fn()
-      times.append(time.perf_counter() - t0)
-    return dict(median_s=statistics.median(times), min_s=min(times), calls=len(times))
+  # Two warm-up calls: after a single one, torch's first timed calls were 2-4x slower.
+  timed = functools.partial(benchmarks.time_calls, warmup=2)
 
   with recorder.cpu_device_shim():
     for h, w in spec["eval_sizes"]:
@@ -50,7 +39,7 @@ def detrex_worker(spec):
       def run_eval():
         with torch.no_grad():
           model(batch)
-      results[f"eval {h}x{w} b1"] = timed(run_eval, spec["repeats"])
+      results[f"eval {h}x{w} b1"] = timed(run_eval, repeats=spec["repeats"])
     if spec["train"]:
       # Imported here: torch (under detectron2) must load after `recorder.configure_cpu`.
       from detectron2.structures import Boxes, Instances
@@ -71,11 +60,11 @@ def detrex_worker(spec):
           loss = sum(model(batch).values())
         with scope("step:backward"):
           loss.backward()
-      results[f"train {h}x{w} b{spec['train_batch']}"] = timed(run_train, spec["repeats"])
+      results[f"train {h}x{w} b{spec['train_batch']}"] = timed(run_train, repeats=spec["repeats"])
       if spec.get("profile"):
         results["profile"] = detrex_profile.profile_step(torch, model, run_train)
   results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-  print("RESULT " + json.dumps(results), flush=True)
+  benchmarks.print_result(results)
 
 
 if __name__ == "__main__":

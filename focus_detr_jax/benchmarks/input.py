@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from configs import common, demo_synthetic
+from focus_detr_jax import benchmarks
 from focus_detr_jax.benchmarks import measure as bm
 from focus_detr_jax.data import buckets, datasets, iterators, streams, testing, transforms
 
@@ -24,12 +25,9 @@ SECTION = "## Input pipeline"
 
 def _timed(iterator, count_fn, seconds, min_items=3):
   """(items/s, items) after one untimed warm-up element, for `seconds` or until exhausted."""
-  try:
-    next(iterator)
-  except StopIteration:
+  if next(iterator, None) is None:
     return float("nan"), 0
-  n = 0
-  items = 0
+  n = items = 0
   start = time.perf_counter()
   for el in iterator:
     items += count_fn(el)
@@ -52,16 +50,14 @@ def decode_only(data: datasets.DataConfig, seconds):
 
 
 class _Geometry:
-  """Accumulates canvas pixels, image pixels and shapes of the batches it counts."""
+  """Accumulates canvas pixels, image pixels and images of the batches it counts."""
 
   def __init__(self):
     self.canvas = self.image = self.images = 0
-    self.shapes = set()
 
   def count(self, b, valid):
     h, w = b["image"].shape[1:3]
     n = int(valid.sum())
-    self.shapes.add((h, w))
     self.canvas += h * w * n
     self.image += int((b["image_size"][valid, 0] * b["image_size"][valid, 1]).sum())
     self.images += n
@@ -76,26 +72,16 @@ class _Geometry:
     return self.canvas / max(self.images, 1)
 
 
-def train_stream(data: datasets.DataConfig, seconds):
-  it = iterators.make_train_iterator(data, process_index=0, process_count=1,
-                                    normalize_on_host=False)   # as the training loop: uint8
+def stream(data: datasets.DataConfig, seconds, train):
+  """(images/s, images, `_Geometry`) of the training stream (uint8, as the training loop
+  reads it) or of the evaluation stream."""
   geo = _Geometry()
-  rate, n = _timed(it, lambda b: geo.count(b, np.ones(b["image"].shape[0], bool)), seconds)
-  return rate, n, geo
-
-
-def eval_stream(data: datasets.DataConfig, seconds):
+  if train:
+    it = iterators.make_train_iterator(data, process_index=0, process_count=1,
+                                       normalize_on_host=False)
+    return (*_timed(it, lambda b: geo.count(b, np.ones(b["image"].shape[0], bool)), seconds), geo)
   it = iterators.make_eval_iterator(data, process_index=0, process_count=1)
-  geo = _Geometry()
-  rate, n = _timed(it, lambda b: geo.count(b, b["example_valid"]), seconds, min_items=1)
-  return rate, n, geo
-
-
-def demo_config(args):
-  config = demo_synthetic.get_config()
-  if args.synthetic_root:
-    config.data.synthetic.root = args.synthetic_root
-  return config
+  return (*_timed(it, lambda b: geo.count(b, b["example_valid"]), seconds, min_items=1), geo)
 
 
 def coco_like_folder(root, num_train, num_eval, seed=0):
@@ -123,8 +109,7 @@ def coco_like_folder(root, num_train, num_eval, seed=0):
   if not os.path.exists(stamp):
     testing.write_coco_folder(root, "train", images(num_train, 1), cats)
     testing.write_coco_folder(root, "val", images(num_eval, 2), cats)
-    with open(stamp, "w") as f:
-      f.write("ok")
+    Path(stamp).write_text("ok")
   ann = os.path.join(root, "annotations", "instances_{}.json")
   return ((os.path.join(root, "train"), ann.format("train")),
           (os.path.join(root, "val"), ann.format("val")))
@@ -136,17 +121,12 @@ def coco_like_config(args, root, before: bool):
   (data.folder.train_images, data.folder.train_annotations), (
       data.folder.eval_images, data.folder.eval_annotations) = coco_like_folder(
           root, args.coco_images, args.coco_eval_images)
-  data.dataset = "coco_folder"
-  data.data_dir = os.path.join(root, "tfds")
   data.folder.name = "coco_like"
-  data.batch_size = 16
-  data.eval_batch_size = 8
+  data.update(dataset="coco_folder", data_dir=os.path.join(root, "tfds"), batch_size=16,
+              eval_batch_size=8)
   if before:                                       # the single canvas pair of before
-    data.group_bounds = (1.0,)
-    data.scale_buckets = None
-    data.canvases = ((800, 1333), (1333, 800))
-    data.canvas_weights = (1.0, 1.0)
-    data.eval_canvases = None
+    data.update(group_bounds=(1.0,), scale_buckets=None, canvases=((800, 1333), (1333, 800)),
+                canvas_weights=(1.0, 1.0), eval_canvases=None)
   return config
 
 
@@ -160,20 +140,21 @@ def run(args):
   """The three settings' rows (`args`: the script's flags as attributes)."""
   run.load = os.getloadavg()
   rows = []
-  settings = [("demo (synthetic 256x256, configs/demo_synthetic.py)", demo_config(args), False)]
+  demo = demo_synthetic.get_config()
+  demo.data.synthetic.root = args.synthetic_root or demo.data.synthetic.root
+  settings = [("demo (synthetic 256x256, configs/demo_synthetic.py)", demo, False)]
   coco_root = args.coco_root or os.path.join(tempfile.gettempdir(), "focus_detr_bench_coco_like")
-  for before in (True, False):
-    name = ("COCO recipe, before: 800x1333 / 1333x800, 50/50" if before else
-            "COCO recipe, bucketed (default)")
-    settings.append((name, coco_like_config(args, coco_root, before), True))
+  settings += [(name, coco_like_config(args, coco_root, before), True) for name, before in (
+      ("COCO recipe, before: 800x1333 / 1333x800, 50/50", True),
+      ("COCO recipe, bucketed (default)", False))]
   for name, config, coco in settings:
     data = datasets.DataConfig.from_config(config)
     t = time.perf_counter()
     datasets.get_builder(data)   # generate (once) and prepare (once); not timed
     print(f"[{name}] data ready in {time.perf_counter() - t:.1f} s", flush=True)
     base, _ = decode_only(data, args.seconds)
-    train, n_train, tgeo = train_stream(data, args.seconds)
-    evaluation, n_eval, egeo = eval_stream(data, args.seconds)
+    train, n_train, tgeo = stream(data, args.seconds, train=True)
+    evaluation, n_eval, egeo = stream(data, args.seconds, train=False)
     row = dict(name=name, batch=int(data.batch_size), base=base, train=train,
                n_train=n_train, eval=evaluation, n_eval=n_eval, tgeo=tgeo, egeo=egeo,
                shapes=len(streams.train_shapes(data)))
@@ -193,30 +174,26 @@ def run(args):
 
 def table(rows) -> str:
   """Throughput table, then (COCO settings) the pixel-work table."""
-  lines = ["| setting | batch | training shapes | decode-only | training stream | "
-           "evaluation stream |",
-           "|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(
-        f"| {r['name']} | {r['batch']} | {r['shapes']} | {r['base']:.1f} img/s | "
-        f"{r['train']:.1f} img/s ({r['n_train']} images) | {r['eval']:.1f} img/s "
-        f"({r['n_eval']} images) |")
+  lines = benchmarks.table(
+      ["setting", "batch", "training shapes", "decode-only", "training stream",
+       "evaluation stream"],
+      [[r["name"], str(r["batch"]), str(r["shapes"]), f"{r['base']:.1f} img/s",
+        f"{r['train']:.1f} img/s ({r['n_train']} images)",
+        f"{r['eval']:.1f} img/s ({r['n_eval']} images)"] for r in rows])
   coco = [r for r in rows if "detrex" in r]
   if coco:
-    lines += ["", "| COCO recipe | train canvas fill (measured) | canvas px per train image "
-              "(measured) | same, simulated (8 draws per image) | detrex px per image "
-              "(simulated) | ours / detrex | rescaled to fit (simulated: plain, crop branch) | "
-              "eval canvas px / detrex's (each image at its own size) |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in coco:
-      sim, (epx, own, _) = r["sim"], r["eval_sim"]
-      lines.append(
-          f"| {r['name']} | {r['tgeo'].fill:.2f} | {r['tgeo'].per_image / 1e6:.3f} M | "
-          f"{sim.pixels_per_image / 1e6:.3f} M | {r['detrex'] / 1e6:.3f} M | "
-          f"**{sim.pixels_per_image / r['detrex']:.2f}x** (measured "
-          f"{r['tgeo'].per_image / r['detrex']:.2f}x) | {100 * sim.rescaled_plain:.1f}%, "
-          f"{100 * sim.rescaled_crop:.1f}% | {epx / own:.2f}x (measured fill "
-          f"{r['egeo'].fill:.2f}) |")
+    lines += [""] + benchmarks.table(
+        ["COCO recipe", "train canvas fill (measured)", "canvas px per train image (measured)",
+         "same, simulated (8 draws per image)", "detrex px per image (simulated)",
+         "ours / detrex", "rescaled to fit (simulated: plain, crop branch)",
+         "eval canvas px / detrex's (each image at its own size)"],
+        [[r["name"], f"{r['tgeo'].fill:.2f}", f"{r['tgeo'].per_image / 1e6:.3f} M",
+          f"{r['sim'].pixels_per_image / 1e6:.3f} M", f"{r['detrex'] / 1e6:.3f} M",
+          f"**{r['sim'].pixels_per_image / r['detrex']:.2f}x** (measured "
+          f"{r['tgeo'].per_image / r['detrex']:.2f}x)",
+          f"{100 * r['sim'].rescaled_plain:.1f}%, {100 * r['sim'].rescaled_crop:.1f}%",
+          f"{r['eval_sim'][0] / r['eval_sim'][1]:.2f}x (measured fill {r['egeo'].fill:.2f})"]
+         for r in coco])
   return "\n".join(lines)
 
 

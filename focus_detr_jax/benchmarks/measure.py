@@ -1,14 +1,11 @@
-"""Measurement helpers shared by the benchmarks and the profile.
-
-Timings on a shared machine are noisy: every benchmark reports a baseline measured in the same
-run and ratios against it, plus the median and minimum of several calls.
-"""
+"""Measurement helpers of the jax side: compile, time, FLOPs, memory, machine. Timings on a shared
+machine are noisy: every benchmark reports a same-run baseline, ratios, medians and minimums."""
 
 import datetime
+import functools
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -16,6 +13,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import flax
 import jax
 import numpy as np
+
+from focus_detr_jax import benchmarks
 
 
 def block(tree):
@@ -37,23 +36,8 @@ def compile_jitted(fn: Callable, *args, **kwargs):
   return compiled, t1 - t0, t2 - t1
 
 
-def time_calls(fn: Callable, *args, repeats: int = 3, warmup: int = 1,
-               max_seconds: Optional[float] = None) -> Dict[str, float]:
-  """Median / min wall time of `fn(*args)` (outputs blocked) over `repeats` calls after warmup.
-
-  `max_seconds` stops early (after at least one timed call) once the timed calls exceed it.
-  """
-  for _ in range(warmup):
-    block(fn(*args))
-  times = []
-  start = time.perf_counter()
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    block(fn(*args))
-    times.append(time.perf_counter() - t0)
-    if max_seconds is not None and time.perf_counter() - start > max_seconds:
-      break
-  return dict(median_s=statistics.median(times), min_s=min(times), calls=len(times))
+# Outputs blocked, so that a call's time includes its asynchronous work.
+time_calls = functools.partial(benchmarks.time_calls, wait=block)
 
 
 def cost_flops(compiled) -> Optional[float]:
@@ -64,19 +48,13 @@ def cost_flops(compiled) -> Optional[float]:
     return None
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else None
-  if not analysis:
-    return None
-  flops = analysis.get("flops")
-  return float(flops) if flops is not None else None
+  flops = (analysis or {}).get("flops")
+  return None if flops is None else float(flops)
 
 
 def peak_memory() -> Dict[str, Any]:
-  """Peak memory: device allocator stats when the backend has them, else the process peak RSS.
-
-  The RSS peak (`ru_maxrss`) covers the whole process lifetime: measure one configuration per
-  process to attribute it.
-  """
-  stats = None
+  """Peak memory: device allocator stats when the backend has them, else the process peak RSS
+  (`ru_maxrss`: the whole process lifetime; measure one configuration per process)."""
   try:
     stats = jax.devices()[0].memory_stats()
   except Exception:  # pragma: no cover
@@ -101,12 +79,12 @@ def cpu_model(default: str = "unknown") -> str:
 
 def machine_info() -> Dict[str, Any]:
   """Date, CPU model, core count, backend and versions for a BENCHMARKS.md section header."""
-  cpu = cpu_model()
   try:
     nproc = int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip())
   except Exception:  # pragma: no cover
     nproc = os.cpu_count()
-  return dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), cpu=cpu, nproc=nproc,
+  return dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), cpu=cpu_model(),
+              nproc=nproc,
               backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
               jax=jax.__version__, flax=flax.__version__, python=platform.python_version())
 
@@ -118,22 +96,11 @@ def parse_size(text: str) -> Tuple[int, int]:
 
 
 def markdown_table(rows, columns) -> str:
-  """rows: list of dicts; columns: list of (key, header, format)."""
-  head = "| " + " | ".join(h for _, h, _ in columns) + " |"
-  sep = "|" + "|".join("---" for _ in columns) + "|"
-  lines = [head, sep]
-  for row in rows:
-    cells = []
-    for key, _, fmt in columns:
-      value = row.get(key)
-      if value is None:
-        cells.append("-")
-      elif isinstance(value, str):
-        cells.append(value)
-      else:
-        cells.append(format(value, fmt))
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  """rows: list of dicts; columns: list of (key, header, format); a missing value is "-"."""
+  def cell(value, fmt):
+    return "-" if value is None else value if isinstance(value, str) else format(value, fmt)
+  return "\n".join(benchmarks.table([h for _, h, _ in columns],
+                                    [[cell(row.get(k), f) for k, _, f in columns] for row in rows]))
 
 
 def relative_max_diff(a, b) -> float:

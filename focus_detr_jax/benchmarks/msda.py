@@ -38,10 +38,8 @@ def make_inputs(num_queries, height=800, width=1333, batch=1, heads=8, head_dim=
 
 
 def prepare(impl, shapes, value, loc, weights, backward):
-  """Compiles forward (and value_and_grad) of one formulation; runs each once (warm-up).
-
-  Returns (row with compile times, {"fwd"/"fwdbwd": (compiled, args)}, output, grads).
-  """
+  """Compiles forward (and value_and_grad) of one formulation and runs each once (warm-up):
+  (row with compile times, {"fwd"/"fwdbwd": compiled}, output, grads)."""
   def forward(v, l, a):
     return da.ms_deform_attn(v, shapes, l, a, implementation=impl)
 
@@ -51,30 +49,19 @@ def prepare(impl, shapes, value, loc, weights, backward):
   def loss(v, l, a):
     return jnp.sum(forward(v, l, a) * cot)
 
-  row = dict(implementation=impl)
-  programs = {}
-  compiled, lower_s, compile_s = bm.compile_jitted(jax.jit(forward), value, loc, weights)
-  row["fwd_compile_s"] = lower_s + compile_s
-  programs["fwd"] = compiled
-  out = bm.block(compiled(value, loc, weights))
-  grads = None
-  if backward:
-    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-    compiled_b, lower_s, compile_s = bm.compile_jitted(grad_fn, value, loc, weights)
-    row["bwd_compile_s"] = lower_s + compile_s
-    programs["fwdbwd"] = compiled_b
-    grads = bm.block(compiled_b(value, loc, weights))[1]
-  return row, programs, out, grads
+  row, programs, outputs = dict(implementation=impl), {}, {}
+  fns = dict(fwd=forward, fwdbwd=jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  for kind in ["fwd", "fwdbwd"][:2 if backward else 1]:
+    programs[kind], lower_s, compile_s = bm.compile_jitted(jax.jit(fns[kind]), value, loc, weights)
+    row[f"{kind[-3:]}_compile_s"] = lower_s + compile_s
+    outputs[kind] = bm.block(programs[kind](value, loc, weights))
+  return row, programs, outputs["fwd"], outputs["fwdbwd"][1] if backward else None
 
 
 def time_interleaved(programs, args, repeats, max_seconds):
-  """Times every (formulation, program) once per round, rotating the order each round.
-
-  Load changes on a shared machine then hit all formulations alike instead of whichever ran
-  during a busy minute. A program leaves the rounds after `repeats` calls or once its timed
-  calls exceed `max_seconds` (it always gets at least one call).
-  Returns {(impl, kind): [seconds, ...]}.
-  """
+  """{(impl, kind): [seconds, ...]}: every program once per round, in an order rotating each
+  round; a program leaves the rounds after `repeats` calls or once its timed calls exceed
+  `max_seconds` (it always gets at least one call)."""
   keys = list(programs)
   times = {k: [] for k in keys}
   for r in range(repeats):
@@ -127,11 +114,9 @@ def run(args):
           row.update({f"{kind}_median_s": float(np.median(ts)), f"{kind}_min_s": min(ts),
                       f"{kind}_calls": len(ts)})
       print(f"[{size} Q={q}] {json.dumps(row)}", flush=True)
-    base = rows[0]
-    for row in rows:
-      for key in ("fwd_median_s", "fwdbwd_median_s"):
-        if row.get(key) and base.get(key):
-          row[key.replace("median_s", "speedup")] = base[key] / row[key]
+      for kind in ("fwd", "fwdbwd"):   # rows[0], gather, has its medians by now
+        if row.get(f"{kind}_median_s") and rows[0].get(f"{kind}_median_s"):
+          row[f"{kind}_speedup"] = rows[0][f"{kind}_median_s"] / row[f"{kind}_median_s"]
     results[size] = dict(num_queries=q, num_tokens=int(value.shape[1]), rows=rows,
                          wall_s=time.perf_counter() - t_size)
   return info, results
@@ -151,10 +136,8 @@ def to_markdown(info, results, command):
            "in the same run; `vs gather` = gather median / formulation median (> 1 is "
            "faster); timed in interleaved rounds after compiling all formulations.", ""]
   for size, res in results.items():
-    lines.append(f"**{size}**: {res['num_queries']} queries over {res['num_tokens']} tokens "
-                 "(B=1, 8 heads x 32, 4 levels x 4 points)")
-    lines.append("")
     used = [c for c in cols if any(row.get(c[0]) is not None for row in res["rows"])]
-    lines.append(bm.markdown_table(res["rows"], used))
-    lines.append("")
+    lines += [f"**{size}**: {res['num_queries']} queries over {res['num_tokens']} tokens "
+              "(B=1, 8 heads x 32, 4 levels x 4 points)", "",
+              bm.markdown_table(res["rows"], used), ""]
   return "\n".join(lines)

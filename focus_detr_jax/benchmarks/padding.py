@@ -1,18 +1,6 @@
-"""What padding does to the detections (issue 16): one model, the same images, other canvases.
-
-Both measurements compare with exact evaluation (each image alone at its own size, no padding:
-detrex's batch-1 evaluation).
-
-* `parity_padding`: the reference model of a recorded parity set (`shared/parity/...`: detrex's
-  R50 on deterministic weights) on the set's eval images, padded as detrex batches them, in the
-  COCO evaluation canvas our evaluation picks, and in the old single 800x1333 canvas; each with
-  our padding mask (our default evaluation) and without it (detrex's eval mode, which has no
-  mask). Per image: the largest change of the sorted top-100 scores (beside the exact top-100
-  scores' spread, top 1 minus top 100, for scale), and the share of the exact top-20 detections
-  found again (same label, box IoU >= 0.9, among the top 100).
-* `synthetic_padding_ap`: COCO AP of a trained model (the demo's) on validation images of several
-  aspect ratios (`mixed_validation_folder`), evaluated exact, in the canvases
-  `buckets.choose_eval_canvases` picks for them, and in one square canvas (the old way).
+"""What padding does to the detections (issue 16, `scripts/measure_padding.py`): one model, the
+same images, other canvases, each compared with exact evaluation (each image alone at its own
+size, no padding: detrex's batch-1 evaluation).
 """
 
 import json
@@ -26,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from configs import common
+from focus_detr_jax.benchmarks import table
 from focus_detr_jax.checkpoint import load_model_checkpoint
 from focus_detr_jax.data import buckets, synthetic
 from focus_detr_jax.data.datasets import DataConfig
@@ -77,12 +66,9 @@ def _detect(model, variables, images, valid, sizes, num_select) -> List[Dict[str
 def _pad(image, canvas):
   """[h, w, 3] normalised -> ([1, H, W, 3] zero-padded bottom/right, [1, H, W] True on the
   image)."""
-  h, w = image.shape[:2]
-  out = np.zeros((1, *canvas, 3), np.float32)
-  out[0, :h, :w] = image
-  valid = np.zeros((1, *canvas), bool)
-  valid[0, :h, :w] = True
-  return out, valid
+  pad = ((0, canvas[0] - image.shape[0]), (0, canvas[1] - image.shape[1]))
+  return (np.pad(image, pad + ((0, 0),)).astype(np.float32)[None],
+          np.pad(np.ones(image.shape[:2], bool), pad)[None])
 
 
 def eval_canvas(h: int, w: int, canvases=common.COCO_EVAL_CANVASES) -> Tuple[int, int]:
@@ -100,7 +86,10 @@ def _with_mask(model_config, mask: bool):
 
 
 def parity_padding(reference_dir) -> List[dict]:
-  """Rows {set, image, size, layout, canvas, fill, mask, score_change, recovered}."""
+  """A recorded parity set's reference model (detrex's R50, deterministic weights) on its eval
+  images, padded as detrex batches them, in our evaluation canvas and in the old 800x1333 one,
+  with our padding mask and without (detrex's eval mode), against exact (`compare_detections`).
+  Rows {set, image, size, layout, canvas, fill, mask, score_change, recovered, exact_spread}."""
   # pylint: disable=import-outside-toplevel
   from focus_detr_jax.parity import reference as ref_lib   # the torch-free weight rule
   reference = ref_lib.load_reference(reference_dir)
@@ -110,8 +99,11 @@ def parity_padding(reference_dir) -> List[dict]:
   models = {m: FocusDETR.from_config(_with_mask(config.model, m)) for m in (False, True)}
   num_select = int(config.model.num_select)
   crops = [images[b, :h, :w] for b, (h, w) in enumerate(sizes)]
-  exact = [_detect(models[False], variables, *_pad(im, im.shape[:2]), sizes[b:b + 1],
-                   num_select)[0] for b, im in enumerate(crops)]
+
+  def alone(mask, b, canvas):   # detections of image b alone, padded into `canvas`
+    return _detect(models[mask], variables, *_pad(crops[b], canvas), sizes[b:b + 1],
+                   num_select)[0]
+  exact = [alone(False, b, im.shape[:2]) for b, im in enumerate(crops)]
 
   found = []   # (layout, mask, per-image (canvas, detections))
   if len(crops) > 1:
@@ -122,12 +114,8 @@ def parity_padding(reference_dir) -> List[dict]:
   for layout, mask, pick in (("our eval canvas", True, lambda h, w: eval_canvas(h, w)),
                              ("old 800x1333 canvas", True, lambda h, w: OLD_COCO_CANVAS),
                              ("old 800x1333 canvas", False, lambda h, w: OLD_COCO_CANVAS)):
-    per = []
-    for b, im in enumerate(crops):
-      canvas = pick(*im.shape[:2])
-      per.append((canvas, _detect(models[mask], variables, *_pad(im, canvas), sizes[b:b + 1],
-                                  num_select)[0]))
-    found.append((layout, mask, per))
+    canvases = [pick(*im.shape[:2]) for im in crops]
+    found.append((layout, mask, [(c, alone(mask, b, c)) for b, c in enumerate(canvases)]))
 
   rows = []
   for layout, mask, per in found:
@@ -176,16 +164,16 @@ def mixed_validation_folder(root, sizes: Sequence[Tuple[int, int]] = SYNTHETIC_S
 
 def synthetic_padding_ap(model_dir, root, per_size: int = 32,
                          sizes: Sequence[Tuple[int, int]] = SYNTHETIC_SIZES) -> List[dict]:
-  """Rows {mode, canvases, fill, AP, AP50, AP75, seconds} of the model in `model_dir` (a model
-  checkpoint: `demo_output/model`) on the mixed synthetic validation folder."""
+  """COCO AP of the model in `model_dir` (a checkpoint: `demo_output/model`) on the mixed
+  synthetic validation folder: exact, in the canvases `buckets.choose_eval_canvases` picks, in one
+  square canvas (the old way). Rows {mode, canvases, fill, mask, AP, AP50, AP75, images,
+  seconds}."""
   variables, config = load_model_checkpoint(model_dir)
   images_dir, ann_path = mixed_validation_folder(Path(root) / "mixed_val", sizes, per_size)
   data = config.data
-  data.dataset = "coco_folder"
-  data.folder.train_images = data.folder.train_annotations = ""
-  data.folder.eval_images, data.folder.eval_annotations = images_dir, ann_path
-  data.folder.name = "padding_mix"
-  data.data_dir = str(Path(root) / "tfds")
+  data.update(dataset="coco_folder", data_dir=str(Path(root) / "tfds"))
+  data.folder.update(train_images="", train_annotations="", eval_images=images_dir,
+                     eval_annotations=ann_path, name="padding_mix")
   hw = np.asarray([s for s in sizes for _ in range(per_size)], np.int64)
   long_side = int(data.eval_max_size)
   modes = (("exact (batch 1, own size)", dict(eval_exact=True), True),
@@ -217,22 +205,18 @@ def synthetic_padding_ap(model_dir, root, per_size: int = 32,
 def markdown(parity_rows: Optional[List[dict]], ap_rows: Optional[List[dict]]) -> str:
   out = []
   if parity_rows:
-    out += ["| set | image (h x w) | layout | canvas | fill | padding mask | largest top-100 "
-            "score change | exact top-100 score spread | exact top-20 found again |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for r in parity_rows:
-      out.append(f"| {r['set']} | {r['image']} ({r['size'][0]}x{r['size'][1]}) | {r['layout']} | "
-                 f"{r['canvas'][0]}x{r['canvas'][1]} | {r['fill']:.2f} | "
-                 f"{'ours' if r['mask'] else 'none (detrex eval)'} | {r['score_change']:.2e} | "
-                 f"{r['exact_spread']:.2e} | "
-                 f"{100 * r['recovered']:.0f}% |")
-    out.append("")
+    out += table(["set", "image (h x w)", "layout", "canvas", "fill", "padding mask",
+                  "largest top-100 score change", "exact top-100 score spread",
+                  "exact top-20 found again"],
+                 [[str(r["set"]), f"{r['image']} ({r['size'][0]}x{r['size'][1]})", r["layout"],
+                   f"{r['canvas'][0]}x{r['canvas'][1]}", f"{r['fill']:.2f}",
+                   "ours" if r["mask"] else "none (detrex eval)", f"{r['score_change']:.2e}",
+                   f"{r['exact_spread']:.2e}", f"{100 * r['recovered']:.0f}%"]
+                  for r in parity_rows]) + [""]
   if ap_rows:
-    out += ["| evaluation | canvases | fill | AP | AP50 | AP75 | images | s |",
-            "|---|---|---|---|---|---|---|---|"]
-    for r in ap_rows:
-      canv = "own size" if r["canvases"] is None else ", ".join(f"{h}x{w}" for h, w in r["canvases"])
-      out.append(f"| {r['mode']} | {canv} | {r['fill']:.2f} | {100 * r['AP']:.1f} | "
-                 f"{100 * r['AP50']:.1f} | {100 * r['AP75']:.1f} | {r['images']} | "
-                 f"{r['seconds']:.0f} |")
+    out += table(["evaluation", "canvases", "fill", "AP", "AP50", "AP75", "images", "s"],
+                 [[r["mode"], "own size" if r["canvases"] is None
+                   else ", ".join(f"{h}x{w}" for h, w in r["canvases"]), f"{r['fill']:.2f}",
+                   *(f"{100 * r[k]:.1f}" for k in ("AP", "AP50", "AP75")), str(r["images"]),
+                   f"{r['seconds']:.0f}"] for r in ap_rows])
   return "\n".join(out)

@@ -3,21 +3,16 @@
 `measure` compiles one program of `tasks.program` (XLA memory and cost analysis), times it and
 reduces a `jax.profiler` trace of one call; `markdown` renders the rows.
 
-A `jax.profiler` trace of one call records one event per executed thunk (an HLO instruction of
-the optimised program, nested inside `while` bodies and `ThunkExecutor` spans) on each XLA
-worker thread. `self_times` turns the nested events into self time per instruction name
-(thread-seconds: two busy cores give twice the wall time). `attribute` maps each instruction to
-its `op_name` metadata in the compiled HLO text (for a fusion: the most frequent `op_name` of its
-fused computation), and `classify` reads from it:
-
-- direction: `bwd` when JAX's transpose (`transpose(jvp(...))`) or a hand-written VJP (named
-  scope `custom_bwd`) produced it, else `fwd` (XLA may merge a backward gather with the
-  identical forward one: that work then counts as forward);
-- part: the Flax module path (backbone, neck, selector, encoder layer i, decoder layer i, heads)
-  or the objective's named scopes (denoising, matcher, losses), with the cascade's token
-  gather/scatter (`gather_rows` / `scatter_rows`) as parts of their own;
-- category: the instruction name without its number (`ynn_fusion` = YNNPACK dot/conv,
-  `*gather*`, `*scatter*`, `transpose_copy_fusion` = layout changes, `while` = loops, ...).
+A `jax.profiler` trace of one call has one event per executed thunk (an HLO instruction of the
+optimised program, nested in `while` bodies and `ThunkExecutor` spans) on each XLA worker thread.
+`self_times` gives the self time per instruction (thread-seconds: two busy cores give twice the
+wall time), `wall_shares` its share of the wall time. `hlo_metadata` maps each instruction to its
+`op_name` (a fusion: the most frequent one of its fused computation), from which `classify` reads
+the direction (`bwd`: JAX's `transpose(jvp(...))` or a hand-written VJP, scope `custom_bwd`; XLA
+may merge a backward gather into the identical forward one, which then counts as forward) and the
+part (Flax module path, the objective's named scopes, the cascade's token gather/scatter);
+`category` is the instruction name without its number (`ynn_fusion` = YNNPACK dot/conv,
+`transpose_copy_fusion` = layout changes, `while` = loops, ...).
 """
 
 import collections
@@ -26,12 +21,12 @@ import json
 import os
 import re
 import tempfile
-import time
 from typing import Dict, Iterable, Tuple
 
 import jax
 
 from focus_detr_jax.benchmarks import measure as bm
+from focus_detr_jax.benchmarks import table
 from focus_detr_jax.benchmarks import tasks
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?\s([a-z][\w\-]*)\(")
@@ -46,8 +41,7 @@ def hlo_metadata(hlo_text: str) -> Dict[str, str]:
   Fusions without metadata take the most frequent op_name of their fused computation.
   """
   meta, calls, comp_ops = {}, {}, collections.defaultdict(collections.Counter)
-  conv_comps = set()
-  current = None
+  conv_comps, current = set(), None
   for line in hlo_text.splitlines():
     if not line.startswith(" ") and line.rstrip().endswith("{"):
       m = _COMP.match(line)
@@ -72,8 +66,8 @@ def hlo_metadata(hlo_text: str) -> Dict[str, str]:
     if ops and (name not in meta or "fusion" in name):
       # Backward when any fused op is a transpose: XLA fuses recomputed forward ops into the
       # backward's fusions (rematerialisation), not the other way round.
-      bwd = [o for o in ops if "transpose(" in o or "custom_bwd" in o]
-      meta[name] = (collections.Counter({o: ops[o] for o in bwd}) if bwd else ops).most_common(1)[0][0]
+      bwd = collections.Counter({o: n for o, n in ops.items() if classify(o)[0] == "bwd"})
+      meta[name] = (bwd or ops).most_common(1)[0][0]
     elif not ops and comp in conv_comps and name not in meta:
       # XLA's rewrite of a convolution's weight gradient (`convolution-window-dilated`) drops
       # the metadata; the only convolutions are the backbone's and the neck's.
@@ -81,21 +75,15 @@ def hlo_metadata(hlo_text: str) -> Dict[str, str]:
   return meta
 
 
-def _newest_xspace(trace_dir: str):
-  """The newest `*.xplane.pb` of a `jax.profiler` trace directory, parsed."""
+def _worker_events(trace_dir: str):
+  """Per XLA worker thread of the newest trace (`*.xplane.pb`) in `trace_dir`: its events (start
+  ps, end ps, name), sorted by start, enclosing events first."""
   # The xplane proto TensorFlow ships; imported here, as only a traced profile needs TensorFlow.
   from tensorflow.tsl.profiler.protobuf import xplane_pb2
-  files = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
   space = xplane_pb2.XSpace()
-  with open(files[-1], "rb") as f:
+  with open(sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1], "rb") as f:
     space.ParseFromString(f.read())
-  return space
-
-
-def _worker_events(trace_dir: str):
-  """Per XLA worker thread of the newest trace: its events (start ps, end ps, name), sorted by
-  start, enclosing events first."""
-  for plane in _newest_xspace(trace_dir).planes:
+  for plane in space.planes:
     md = plane.event_metadata
     for line in plane.lines:
       if line.name.startswith("tf_XLAEigen"):
@@ -128,8 +116,9 @@ def wall_shares(trace_dir: str) -> Dict[str, float]:
   boundaries = []
   for events in _worker_events(trace_dir):
     # Flatten nesting: the innermost open event owns each instant. Segments: (start, end, name).
+    # The sentinel at infinity closes every event left open.
     segments, stack, last = [], [], None
-    for start, end, name in events:
+    for start, end, name in events + [(float("inf"), float("inf"), None)]:
       while stack and stack[-1][0] <= start:
         top_end, top_name = stack.pop()
         if last < top_end:
@@ -139,17 +128,9 @@ def wall_shares(trace_dir: str) -> Dict[str, float]:
         segments.append((last, start, stack[-1][1]))
       last = start
       stack.append((end, name))
-    while stack:
-      top_end, top_name = stack.pop()
-      if last < top_end:
-        segments.append((last, top_end, top_name))
-        last = top_end
-    for start, end, name in segments:
-      boundaries.append((start, 1, name))
-      boundaries.append((end, -1, name))
+    boundaries += [b for start, end, name in segments for b in ((start, 1, name), (end, -1, name))]
   boundaries.sort(key=lambda b: (b[0], b[1]))
-  out = collections.Counter()
-  active = collections.Counter()
+  out, active = collections.Counter(), collections.Counter()
   prev = boundaries[0][0] if boundaries else 0
   for t, kind, name in boundaries:
     n = sum(active.values())
@@ -175,9 +156,7 @@ def classify(op_name: str) -> Tuple[str, str]:
   m = _MODULE.search(op_name)
   if m:
     top = m.group(1)
-    if top.startswith(("encoder_layers_", "decoder_layers_")):
-      return direction, top
-    if top in ("backbone", "neck"):
+    if top.startswith(("encoder_layers_", "decoder_layers_")) or top in ("backbone", "neck"):
       return direction, top
     if top.startswith(("enc_mask_predictor", "enc_output")):
       return direction, "selector"
@@ -217,13 +196,11 @@ def profile_table(times: Dict[str, float], meta: Dict[str, str]):
 
 def ordered_parts(by_part) -> Iterable[str]:
   """Parts in model order (backbone first, losses last)."""
-  def key(p):
-    order = ["denoising", "backbone", "neck", "selector", "cascade gather", "cascade scatter"]
-    order += [f"encoder_layers_{i}" for i in range(12)] + ["model other"]
-    order += [f"decoder_layers_{i}" for i in range(12)] + ["heads", "matcher", "losses", "other",
-                                                           "runtime"]
-    return order.index(p) if p in order else len(order)
-  return sorted({p for _, p in by_part}, key=key)
+  order = (["denoising", "backbone", "neck", "selector", "cascade gather", "cascade scatter"]
+           + [f"encoder_layers_{i}" for i in range(12)] + ["model other"]
+           + [f"decoder_layers_{i}" for i in range(12)]
+           + ["heads", "matcher", "losses", "other", "runtime"])
+  return sorted({p for _, p in by_part}, key=lambda p: order.index(p) if p in order else len(order))
 
 
 def measure(args, remat):
@@ -250,11 +227,8 @@ def measure(args, remat):
   if args.no_trace:
     return row
   trace_dir = tempfile.mkdtemp(prefix="profile_train_")
-  jax.profiler.start_trace(trace_dir)
-  t0 = time.perf_counter()
-  bm.block(compiled(*inputs))
-  row["traced_call_s"] = time.perf_counter() - t0
-  jax.profiler.stop_trace()
+  with jax.profiler.trace(trace_dir):
+    row["traced_call_s"] = bm.time_calls(compiled, *inputs, repeats=1, warmup=0)["median_s"]
   hlo_text = compiled.as_text()
   if args.save_dir:
     os.makedirs(args.save_dir, exist_ok=True)
@@ -277,42 +251,27 @@ def measure(args, remat):
 
 def markdown(rows):
   """The memory/compile/timing table, then each profiled row's tables."""
-  out = []
-  out.append("| program | config size batch | remat | XLA temp GiB | args GiB | GFLOPs | compile s "
-             "| median s |")
-  out.append("|---|---|---|---|---|---|---|---|")
-  for r in rows:
-    out.append(f"| {r['program']} | {r['config']} {r['size']} b{r['batch']} | {r['remat']} | "
-               f"{r['temp_gib']:.2f} | {r['argument_gib']:.2f} | {r['gflops']:.1f} | "
-               f"{r['compile_s']:.1f} | {r.get('median_s', float('nan')):.2f} |")
+  out = table(["program", "config size batch", "remat", "XLA temp GiB", "args GiB", "GFLOPs",
+               "compile s", "median s"],
+              [[r["program"], f"{r['config']} {r['size']} b{r['batch']}", str(r["remat"]),
+                f"{r['temp_gib']:.2f}", f"{r['argument_gib']:.2f}", f"{r['gflops']:.1f}",
+                f"{r['compile_s']:.1f}", f"{r.get('median_s', float('nan')):.2f}"] for r in rows])
   for r in rows:
     if "by_part" not in r:
       continue
-    out.append("")
-    out.append(f"Profile of one call ({r['program']}, {r['config']} {r['size']} b{r['batch']}, "
-               f"remat {r['remat']}): traced call {r['traced_call_s']:.2f} s wall, "
-               f"{r['profile_total_s']:.2f} thread-s")
-    out.append("")
-    out.append("| part | fwd wall s | bwd wall s | fwd thread-s | bwd thread-s |")
-    out.append("|---|---|---|---|---|")
-    tot = [0.0] * 4
-    for p in r["parts_order"]:
-      vals = [r["wall_by_part"].get(f"fwd {p}", 0.0) + r["wall_by_part"].get(f"- {p}", 0.0),
-              r["wall_by_part"].get(f"bwd {p}", 0.0),
-              r["by_part"].get(f"fwd {p}", 0.0) + r["by_part"].get(f"- {p}", 0.0),
-              r["by_part"].get(f"bwd {p}", 0.0)]
-      tot = [a + v for a, v in zip(tot, vals)]
-      out.append(f"| {p} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
-    out.append(f"| all workers idle | {r['idle_s']:.3f} | | | |")
-    out.append("| **total** | " + " | ".join(f"**{v:.3f}**" for v in tot) + " |")
-    out.append("")
-    out.append("| HLO category (direction) | thread-s |")
-    out.append("|---|---|")
-    for k, t in list(r["by_category"].items())[:15]:
-      out.append(f"| {k} | {t:.3f} |")
-    out.append("")
-    out.append("| top instruction | op_name | thread-s |")
-    out.append("|---|---|---|")
-    for n, op, t in r["top_ops"][:15]:
-      out.append(f"| {n} | `{op[:110]}` | {t:.3f} |")
+    wall, self_s = r["wall_by_part"], r["by_part"]
+    parts = [[wall.get(f"fwd {p}", 0.0) + wall.get(f"- {p}", 0.0), wall.get(f"bwd {p}", 0.0),
+              self_s.get(f"fwd {p}", 0.0) + self_s.get(f"- {p}", 0.0), self_s.get(f"bwd {p}", 0.0)]
+             for p in r["parts_order"]]
+    out += ["", f"Profile of one call ({r['program']}, {r['config']} {r['size']} b{r['batch']}, "
+            f"remat {r['remat']}): traced call {r['traced_call_s']:.2f} s wall, "
+            f"{r['profile_total_s']:.2f} thread-s", ""]
+    out += table(["part", "fwd wall s", "bwd wall s", "fwd thread-s", "bwd thread-s"],
+                 [[p] + [f"{v:.3f}" for v in vals] for p, vals in zip(r["parts_order"], parts)]
+                 + [["**total**"] + [f"**{sum(col):.3f}**" for col in zip(*parts)]])
+    out.insert(-1, f"| all workers idle | {r['idle_s']:.3f} | | | |")
+    out += [""] + table(["HLO category (direction)", "thread-s"],
+                        [[k, f"{t:.3f}"] for k, t in list(r["by_category"].items())[:15]])
+    out += [""] + table(["top instruction", "op_name", "thread-s"],
+                        [[n, f"`{op[:110]}`", f"{t:.3f}"] for n, op, t in r["top_ops"][:15]])
   return "\n".join(out) + "\n"

@@ -16,8 +16,8 @@ def report(info, results, command, in_process=False):
   base = next((r for p, _, r in results if p == "baseline" and "median_s" in r), None)
   base_s = base["median_s"] if base else None
   base_spec = base["spec"] if base else {}
-  base_cfg = {"r50": "R50", "swin_t": "Swin-T"}.get(base_spec.get("config", "r50"),
-                                                    base_spec.get("config", "r50"))
+  base_cfg = base_spec.get("config", "r50")
+  base_cfg = {"r50": "R50", "swin_t": "Swin-T"}.get(base_cfg, base_cfg)
   base_size = f"{base_spec.get('height')}x{base_spec.get('width')}"
   kinds = {r["memory"]["kind"] for _, _, r in results if "memory" in r}
   if kinds == {"device_peak_bytes_in_use"}:
@@ -37,7 +37,9 @@ def report(info, results, command, in_process=False):
          + ". `x baseline` = latency / baseline latency (compare runs by this ratio). "
          + memory_note + " FLOPs are XLA cost analysis (2 per multiply-add). Weights are "
          "random.", ""]
-  errors = [(p, label, r) for p, label, r in results if "error" in r]
+
+  def rows(part):   # the part's measurements that did not fail, with their labels
+    return [dict(label=label, **r) for p, label, r in results if p == part and "error" not in r]
 
   def ratio(r):
     return r["median_s"] / base_s if base_s and r.get("median_s") else None
@@ -45,12 +47,11 @@ def report(info, results, command, in_process=False):
   def derive(r):   # the columns of a timed eval or train row
     r.update(x_base=ratio(r), gflops=_g(r["flops"]), mem_gib=r["memory"]["mib"] / 1024,
              compile_total_s=r["lower_s"] + r["compile_s"])
+    return r
 
-  evals = [dict(label=label, **r) for p, label, r in results if p == "eval" and "error" not in r]
-  timed = [r for r in evals if "median_s" in r]
+  evals = rows("eval")
+  timed = [derive(r) for r in evals if "median_s" in r]
   if timed:
-    for r in timed:
-      derive(r)
     out += ["#### Eval forward (model apply + postprocess, jitted)", "",
             bm.markdown_table(timed, [
                 ("label", "config size batch", ""), ("median_s", "latency median s", ".3f"),
@@ -60,7 +61,7 @@ def report(info, results, command, in_process=False):
                 ("msda", "MSDA", "")]), ""]
   splits = [r for r in evals if r.get("flops_decoder_part")]
   if splits:
-    rows = []
+    split_rows = []
     for r in splits:
       full, dec, bb = r["flops"], r["flops_decoder_part"], r["flops_backbone_neck"]
       enc = full - dec - bb
@@ -70,27 +71,24 @@ def report(info, results, command, in_process=False):
         bb_s, dec_s = r["backbone_neck_median_s"], r["decoder_part_median_s"]
         row.update(bb_s=bb_s, dec_s=dec_s, enc_s=r["median_s"] - bb_s - dec_s,
                    all_s=r["median_s"])
-      rows.append(row)
+      split_rows.append(row)
     out += ["#### FLOPs and latency split (eval, batch 1)", "",
             "backbone+neck and the decoder part (eval forward with `memory` given as input: "
             "XLA drops backbone, neck, foreground scoring, cascade and encoder as dead code; "
             "left: two-stage selection, decoder, heads, post-processing) are compiled and timed "
             "on their own; encoder part = full - both (foreground scoring, cascade top-k, 6 "
             "encoder layers, flattening and positions).", "",
-            bm.markdown_table(rows, [
+            bm.markdown_table(split_rows, [
                 ("label", "config size", ""), ("full", "total GFLOPs", ".1f"),
                 ("bb", "backbone+neck", ".1f"), ("bb_pct", "%", ".0f"),
                 ("enc", "encoder part", ".1f"), ("enc_pct", "%", ".0f"),
                 ("dec", "decoder part", ".1f"), ("dec_pct", "%", ".0f"),
                 ("all_s", "full s", ".3f"), ("bb_s", "backbone+neck s", ".3f"),
                 ("enc_s", "encoder part s", ".3f"), ("dec_s", "decoder part s", ".3f")]), ""]
-  trains = [dict(label=label, **r) for p, label, r in results if p == "train" and "error" not in r]
+  trains = [derive(r) for r in rows("train")]
   if trains:
     for r in trains:
-      derive(r)
-    ref = trains[0]["median_s"]
-    for r in trains:
-      r["vs_first"] = ref / r["median_s"]
+      r["vs_first"] = trains[0]["median_s"] / r["median_s"]
     out += ["#### Train step (value_and_grad of `model_loss`, denoising on, 8 boxes/image)", "",
             bm.markdown_table(trains, [
                 ("label", "config size batch MSDA", ""), ("median_s", "step median s", ".2f"),
@@ -98,18 +96,17 @@ def report(info, results, command, in_process=False):
                 ("vs_first", "speed-up vs first row", ".2f"),
                 ("compile_total_s", "trace+compile s", ".1f"), ("gflops", "GFLOPs", ".1f"),
                 ("mem_gib", "peak mem GiB", ".2f")]), ""]
-  sweep = [dict(label=label, **r) for p, label, r in results if p == "sweep" and "error" not in r]
+  sweep = rows("sweep")
   if sweep:
     dense = sweep[0]
-    fixed = None   # FLOPs that do not depend on the cascade: backbone+neck + decoder part
     source = dense if dense.get("flops_decoder_part") else next(
         (r for r in splits if r["spec"]["config"] == dense["spec"]["config"]
          and r["spec"]["height"] == dense["spec"]["height"]
          and r["spec"]["width"] == dense["spec"]["width"]
          and r["spec"].get("model", {}) == {k: v for k, v in dense["spec"].get("model", {}).items()
                                             if k not in ("cascade", "focus_rho")}), None)
-    if source is not None:
-      fixed = source["flops_decoder_part"] + source["flops_backbone_neck"]
+    # FLOPs that do not depend on the cascade: backbone+neck + decoder part
+    fixed = source and source["flops_decoder_part"] + source["flops_backbone_neck"]
     for r in sweep:
       r["gflops"] = _g(r["flops"])
       r["enc_gflops"] = _g(r["flops"] - fixed) if fixed else None
@@ -133,10 +130,9 @@ def report(info, results, command, in_process=False):
                 ("enc_gflops", "encoder part GFLOPs", ".1f"), ("enc_vs_dense", "vs dense", ".2f"),
                 ("median_s", "latency s", ".3f"), ("lat_vs_dense", "vs dense", ".2f"),
                 ("x_base", "x baseline", ".2f")]), ""]
-  bf16 = [dict(label=label, **r) for p, label, r in results if p == "bf16" and "error" not in r]
+  bf16 = [derive(r) for r in rows("bf16")]
   if bf16:
     for r in bf16:
-      derive(r)
       r["vs_f32"] = r["median_s"] / bf16[0]["median_s"]
     out += ["#### bf16 vs float32 (eval)", "",
             bm.markdown_table(bf16, [
@@ -144,7 +140,7 @@ def report(info, results, command, in_process=False):
                 ("vs_f32", "vs float32", ".2f"), ("x_base", "x baseline", ".2f"),
                 ("compile_total_s", "trace+compile s", ".1f"),
                 ("mem_gib", "peak mem GiB", ".2f")]), ""]
+  errors = [f"- {p} {label}: `{r['error'][-300:]}`" for p, label, r in results if "error" in r]
   if errors:
-    out += ["#### Failed", ""] + [f"- {p} {label}: `{r['error'][-300:]}`"
-                                   for p, label, r in errors] + [""]
+    out += ["#### Failed", ""] + errors + [""]
   return "\n".join(out)

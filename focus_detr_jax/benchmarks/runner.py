@@ -12,14 +12,15 @@ import sys
 import time
 import traceback
 
+from focus_detr_jax import benchmarks
 from focus_detr_jax.benchmarks import measure as bm
 from focus_detr_jax.benchmarks import report, tasks
 
-SWEEP = (  # name, cascade ("ones": 1.0 per layer, None: the config's), focus_rho
-    ("dense (DINO-like, K_l = N)", "ones", "dense"),
-    ("rho 0.5, cascade 1 per layer", "ones", 0.5),
-    ("rho 0.5, config cascade (default)", None, 0.5),
-    ("rho 0.3, config cascade", None, 0.3),
+SWEEP = (  # name, model overrides (`tasks.build`: cascade "ones" = 1.0 per layer)
+    ("dense (DINO-like, K_l = N)", dict(focus_rho="dense", cascade="ones")),
+    ("rho 0.5, cascade 1 per layer", dict(focus_rho=0.5, cascade="ones")),
+    ("rho 0.5, config cascade (default)", dict(focus_rho=0.5)),
+    ("rho 0.3, config cascade", dict(focus_rho=0.3)),
 )
 
 # `--smoke`: configs/tiny.py shrunk further (ResNet-26 body, 1 decoder layer) at 64x64, one
@@ -37,20 +38,15 @@ SMOKE = dict(parts="eval,flops,sweep", configs="tiny", eval_sizes="64x64", eval_
 _RESULT_CACHE = {}
 
 
-def _model_key(spec):
-  """What an eval measurement depends on: task, input shape, msda and the resolved model config."""
-  config, _ = tasks.build(spec)
-  return json.dumps([spec["task"], spec["batch"], spec["height"], spec["width"],
-                     spec.get("msda"), config.model.to_json(sort_keys=True)])
-
-
 def run_cached(spec, runner):
   """`runner(spec)`, except that an eval whose resolved model, input and options equal an
   earlier one's (e.g. the sweep's default row and the eval cell of the same size) reuses that
   result instead of compiling and timing the same program again (`--in-process` only)."""
   if spec["task"] != "eval":
     return runner(spec)
-  key = _model_key(spec)
+  config, _ = tasks.build(spec)   # what an eval depends on: input shape, msda, resolved model
+  key = json.dumps([spec["task"], spec["batch"], spec["height"], spec["width"],
+                    spec.get("msda"), config.model.to_json(sort_keys=True)])
   cached = _RESULT_CACHE.get(key)
   if (cached is not None and (cached["spec"].get("split") or not spec.get("split"))
       and ("median_s" in cached or not spec.get("time", True))):
@@ -65,60 +61,47 @@ def run_task_in_process(spec):
   """Runs one task in this process (`--smoke`): no per-measurement RSS, shared caches."""
   t0 = time.perf_counter()
   try:
-    result = tasks.TASKS[spec["task"]](spec)
+    result = tasks.run(spec)
   except Exception:  # reported like a failed subprocess
-    return dict(spec=spec, error=traceback.format_exc()[-2000:],
-                wall_s=time.perf_counter() - t0)
-  result["worker_s"] = time.perf_counter() - t0
-  result.update(spec=spec, wall_s=time.perf_counter() - t0)
-  return result
+    result = dict(error=traceback.format_exc()[-2000:])
+  return dict(result, spec=spec, wall_s=time.perf_counter() - t0)
 
 
 def run_task(spec, timeout):
   """Runs one task in a fresh process; returns its result dict (or an error entry)."""
   t0 = time.perf_counter()
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   try:
-    proc = subprocess.run([sys.executable, "-m", tasks.__name__, json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    result, error = benchmarks.run_worker(
+        [sys.executable, "-m", tasks.__name__, json.dumps(spec)], timeout=timeout,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
   except subprocess.TimeoutExpired:
-    return dict(spec=spec, error=f"timeout after {timeout}s", wall_s=time.perf_counter() - t0)
-  for line in proc.stdout.splitlines():
-    if line.startswith("RESULT "):
-      result = json.loads(line[len("RESULT "):])
-      result.update(spec=spec, wall_s=time.perf_counter() - t0)
-      return result
-  return dict(spec=spec, error=(proc.stderr or proc.stdout)[-2000:],
-              wall_s=time.perf_counter() - t0)
+    result, error = None, f"timeout after {timeout}s"
+  return dict(result or dict(error=error[-2000:]), spec=spec, wall_s=time.perf_counter() - t0)
 
 
 def plan(args):
   """The list of (part, label, spec) to run, baseline first."""
-  specs = []
   bh, bw = bm.parse_size(args.baseline_size)
-  specs.append(("baseline", f"{args.baseline_config} backbone",
-                dict(task="baseline", config=args.baseline_config, height=bh, width=bw,
-                     repeats=args.repeats)))
+  specs = [("baseline", f"{args.baseline_config} backbone",
+            dict(task="baseline", config=args.baseline_config, height=bh, width=bw,
+                 repeats=args.repeats))]
   parts = set(args.parts.split(","))
-  configs = args.configs.split(",")
   cells = [(bm.parse_size(s), int(b)) for s in args.eval_sizes.split(",")
            for b in args.eval_batches.split(",")]
   if args.eval_cells:
     cells = [(bm.parse_size(c.split(":")[0]), int(c.split(":")[1]))
              for c in args.eval_cells.split(",")]
   fh, fw = bm.parse_size(args.flops_size)
-  for cfg in configs:
+  for cfg in args.configs.split(","):
     for (h, w), b in cells:
-      if "eval" not in parts and not ("flops" in parts and (h, w) == (fh, fw) and b == 1):
-        continue
       split = "flops" in parts and (h, w) == (fh, fw) and b == 1
-      specs.append(("eval", f"{cfg} {h}x{w} b{b}",
-                    dict(task="eval", config=cfg, batch=b, height=h, width=w, split=split,
-                         time="eval" in parts, repeats=args.repeats)))
+      if "eval" in parts or split:
+        specs.append(("eval", f"{cfg} {h}x{w} b{b}",
+                      dict(task="eval", config=cfg, batch=b, height=h, width=w, split=split,
+                           time="eval" in parts, repeats=args.repeats)))
     if "flops" in parts and ((fh, fw), 1) not in cells:
-      specs.append(("eval", f"{cfg} {fh}x{fw} b1", dict(task="eval", config=cfg, batch=1,
-                                                       height=fh, width=fw, split=True,
-                                                       time=False)))
+      specs.append(("eval", f"{cfg} {fh}x{fw} b1", dict(task="eval", config=cfg, batch=1, height=fh,
+                                                       width=fw, split=True, time=False)))
   if "train" in parts:
     th, tw = bm.parse_size(args.train_size)
     for cfg in args.train_configs.split(","):
@@ -138,13 +121,11 @@ def plan(args):
     if settings[0] != 0:
       raise ValueError("--sweep-settings must start with 0 (the dense baseline row)")
     for i in settings:
-      name, cascade, rho = SWEEP[i]
-      model = dict(focus_rho=rho)
-      if cascade is not None:
-        model["cascade"] = cascade
+      name, model = SWEEP[i]
       specs.append(("sweep", name, dict(task="eval", config=args.sweep_config, batch=1,
                                         height=sh, width=sw, split=(i == 0 and not have_split),
-                                        time_parts=False, repeats=args.repeats, model=model)))
+                                        time_parts=False, repeats=args.repeats,
+                                        model=dict(model))))
   if "bf16" in parts:
     h, w = bm.parse_size(args.bf16_size)
     for dtype in ("float32", "bfloat16"):
@@ -190,10 +171,6 @@ def run(args, command):
   md = report.report(info, results, command, in_process=args.in_process)
   print(md)
   print(f"total {time.perf_counter() - t_start:.0f}s")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(info=info, command=command, in_process=args.in_process,
-                     results=[dict(part=p, label=l, **r) for p, l, r in results]), f, indent=1)
-  if args.markdown:
-    with open(args.markdown, "w") as f:
-      f.write(md + "\n")
+  benchmarks.write_outputs(args, dict(info=info, command=command, in_process=args.in_process,
+                                      results=[dict(part=p, label=l, **r) for p, l, r in results]),
+                           md + "\n")

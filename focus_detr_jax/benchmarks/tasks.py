@@ -1,9 +1,6 @@
 """The model benchmark's measurements (`scripts/benchmark.py`): one task spec (a JSON dict) in,
-one result dict out. `runner.run_task` runs each in a fresh worker process,
-
-    python -m focus_detr_jax.benchmarks.tasks '{"task": "eval", "config": "r50", ...}'
-
-which prints `RESULT <json>`; `runner.run_task_in_process` calls `TASKS` directly.
+one result dict out (`run`), in this process (`runner.run_task_in_process`) or in a fresh one
+(`runner.run_task`: `python -m focus_detr_jax.benchmarks.tasks SPEC_JSON` prints `RESULT <json>`).
 
 Spec keys: task (baseline, eval, train), config (a key of CONFIGS), batch, height, width, model
 (config.model overrides), msda (deformable attention formulation), repeats, max_seconds; eval
@@ -19,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from focus_detr_jax import export
+from focus_detr_jax import benchmarks, export
 from focus_detr_jax.benchmarks import measure as bm
 from focus_detr_jax.convert.init import model_shapes
 from focus_detr_jax.models import deformable_attention as da
@@ -32,29 +29,17 @@ CONFIGS = {"r50": "focus_detr_r50_4scale_12ep", "swin_t": "focus_detr_swin_tiny_
            "tiny": "tiny"}
 
 
-def dense_rho(num_tokens):
-  """focus_rho giving T = K_l = N (every token updated, as DINO's encoder).
-
-  focus_rho = 1.0 would give T = int(N * 1.0) + 1 = N + 1 > N and top_k fails; (N - 0.5) / N
-  gives int(N - 0.5) + 1 = N.
-  """
-  return (num_tokens - 0.5) / num_tokens
-
-
 def build(spec):
-  """(config, model) for a task spec, with its model overrides applied.
-
-  Override keys may be dotted ("backbone.depth"). Values "ones" (cascade: 1.0 for every encoder
-  layer) and "dense" (focus_rho: `dense_rho` of the spec's input size) resolve against the
-  config.
-  """
+  """(config, model) of a task spec, with its model overrides (keys may be dotted:
+  "backbone.depth"; cascade "ones" = 1.0 for every encoder layer, focus_rho "dense")."""
   config = importlib.import_module(f"configs.{CONFIGS[spec['config']]}").get_config()
   for key, value in spec.get("model", {}).items():
     if key == "cascade" and value == "ones":
       value = (1.0,) * config.model.num_encoder_layers
-    elif key == "focus_rho" and value == "dense":
-      value = dense_rho(sum(h * w for h, w in feature_level_shapes(spec["height"],
-                                                                  spec["width"])))
+    elif key == "focus_rho" and value == "dense":   # T = K_l = N, every token (DINO's encoder):
+      # 1.0 gives int(N * 1.0) + 1 = N + 1 > N and top_k fails; (N - 0.5) / N gives N.
+      n = sum(h * w for h, w in feature_level_shapes(spec["height"], spec["width"]))
+      value = (n - 0.5) / n
     node = config.model
     *parents, leaf = key.split(".")
     for name in parents:
@@ -66,10 +51,8 @@ def build(spec):
 
 
 def random_variables(config, seed=0):
-  """Variables with the init's structure, filled cheaply (no init compile at full size).
-
-  Matrices ~ N(0, 0.02); norm scales and FrozenBN weight/variance 1; other vectors 0.
-  """
+  """Variables with the init's structure, filled cheaply (no init compile at full size):
+  matrices ~ N(0, 0.02); norm scales and FrozenBN weight/variance 1; other vectors 0."""
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
@@ -98,30 +81,32 @@ def train_batch(config, batch, height, width, boxes_per_image=8, seed=0):
   rng = np.random.default_rng(seed)
   m = config.data.max_boxes
   images, pixel_valid, size = inputs(batch, height, width, seed)
-  boxes = np.zeros((batch, m, 4), np.float32)
-  boxes[:, :, :2] = rng.uniform(0.2, 0.8, size=(batch, m, 2))
-  boxes[:, :, 2:] = rng.uniform(0.05, 0.3, size=(batch, m, 2))
+  boxes = np.concatenate([rng.uniform(0.2, 0.8, size=(batch, m, 2)),     # centres
+                          rng.uniform(0.05, 0.3, size=(batch, m, 2))], -1)  # sizes
   labels = rng.integers(0, config.model.num_classes, size=(batch, m)).astype(np.int32)
-  valid = np.zeros((batch, m), bool)
-  valid[:, :boxes_per_image] = True
-  return dict(image=images, pixel_valid=pixel_valid, boxes=jnp.asarray(boxes),
+  valid = np.broadcast_to(np.arange(m) < boxes_per_image, (batch, m))
+  return dict(image=images, pixel_valid=pixel_valid, boxes=jnp.asarray(boxes, jnp.float32),
               labels=jnp.asarray(labels), box_valid=jnp.asarray(valid), image_size=size)
 
 
-def _backbone_neck(module, images):
-  return module.neck(module.backbone_net(images.astype(module.dtype), train=False))
+def _compiled(fn, args, spec, timed=True):
+  """(compiled jitted fn, its lower_s, compile_s, flops and, when `timed`, time_calls' dict)."""
+  compiled, lower_s, compile_s = bm.compile_jitted(fn, *args)
+  result = dict(lower_s=lower_s, compile_s=compile_s, flops=bm.cost_flops(compiled))
+  if timed:
+    result.update(bm.time_calls(compiled, *args, repeats=spec.get("repeats", 3),
+                                max_seconds=spec.get("max_seconds")))
+  return compiled, result
 
 
 def task_baseline(spec):
   """Same-run machine baseline: jitted backbone (no neck; R50 by default) forward, batch 1."""
   config, model = build(dict(spec, config=spec.get("config", "r50")))
-  variables = random_variables(config)
-  images, _, _ = inputs(1, spec["height"], spec["width"])
   fn = jax.jit(lambda v, x: model.apply(v, x, method=lambda m, x: m.backbone_net(
       x, train=False)))
-  compiled, lower_s, compile_s = bm.compile_jitted(fn, variables, images)
-  timing = bm.time_calls(compiled, variables, images, repeats=spec.get("repeats", 3))
-  return dict(compile_s=lower_s + compile_s, flops=bm.cost_flops(compiled), **timing,
+  images = inputs(1, spec["height"], spec["width"])[0]
+  _, result = _compiled(fn, (random_variables(config), images), spec)
+  return dict(result, compile_s=result.pop("lower_s") + result["compile_s"],
               memory=bm.peak_memory())
 
 
@@ -136,31 +121,29 @@ def task_eval(spec):
   variables = random_variables(config)
   images, pixel_valid, size = inputs(b, h, w)
   infer = jax.jit(export.inference_function(model, config.model.num_select))
-  compiled, lower_s, compile_s = bm.compile_jitted(infer, variables, images, pixel_valid, size)
-  result.update(lower_s=lower_s, compile_s=compile_s, flops=bm.cost_flops(compiled))
-  if spec.get("time", True):
-    timing = bm.time_calls(compiled, variables, images, pixel_valid, size,
-                           repeats=spec.get("repeats", 3), max_seconds=spec.get("max_seconds"))
-    result.update(timing, images_per_s=b / timing["median_s"])
+  _, measured = _compiled(infer, (variables, images, pixel_valid, size), spec,
+                          timed=spec.get("time", True))
+  result.update(measured)
+  if "median_s" in measured:
+    result["images_per_s"] = b / measured["median_s"]
   if spec.get("split"):
-    bb = jax.jit(lambda v, x: model.apply(v, x, method=_backbone_neck))
-    bb_compiled, _, _ = bm.compile_jitted(bb, variables, images)
     memory = jnp.zeros((b, n, model.hidden_dim), jnp.float32)
 
     def no_encoder(v, x, m, s, mem):
       out = model.apply(v, x, m, train=False, forced={"memory": mem})
       return postprocess(out["pred_logits"], out["pred_boxes"], s,
                          num_select=config.model.num_select)
-    ne_compiled, _, _ = bm.compile_jitted(jax.jit(no_encoder), variables, images,
-                                          pixel_valid, size, memory)
-    result["flops_backbone_neck"] = bm.cost_flops(bb_compiled)
-    result["flops_decoder_part"] = bm.cost_flops(ne_compiled)
-    if spec.get("time_parts", True):
-      result["backbone_neck_median_s"] = bm.time_calls(
-          bb_compiled, variables, images, repeats=spec.get("repeats", 3))["median_s"]
-      result["decoder_part_median_s"] = bm.time_calls(
-          ne_compiled, variables, images, pixel_valid, size, memory,
-          repeats=spec.get("repeats", 3))["median_s"]
+    def backbone_neck(module, x):
+      return module.neck(module.backbone_net(x.astype(module.dtype), train=False))
+    parts = dict(backbone_neck=(lambda v, x: model.apply(v, x, method=backbone_neck),
+                                (variables, images)),
+                 decoder_part=(no_encoder, (variables, images, pixel_valid, size, memory)))
+    for name, (fn, args) in parts.items():
+      _, part = _compiled(jax.jit(fn), args, dict(repeats=spec.get("repeats", 3)),
+                          timed=spec.get("time_parts", True))
+      result[f"flops_{name}"] = part["flops"]
+      if "median_s" in part:
+        result[f"{name}_median_s"] = part["median_s"]
   result["memory"] = bm.peak_memory()
   return result
 
@@ -170,9 +153,8 @@ def program(spec, kind="train"):
   value_and_grad of `model_loss` (train mode, denoising on), "fwd" = the loss alone, "eval" =
   the eval forward (`model.apply`) of the batch's images."""
   config, model = build(spec)
-  variables = random_variables(config)
-  params = variables["params"]
-  extra = {k: v for k, v in variables.items() if k != "params"}
+  extra = dict(random_variables(config))   # the variables but params
+  params = extra.pop("params")
   batch = train_batch(config, spec["batch"], spec["height"], spec["width"])
   objective = Objective.from_config(config)
 
@@ -190,27 +172,21 @@ def program(spec, kind="train"):
 def task_train(spec):
   """loss + grad of `model_loss` (train mode, denoising on): step time, compile, FLOPs, memory."""
   fn, args = program(spec)
-  compiled, lower_s, compile_s = bm.compile_jitted(fn, *args)
-  timing = bm.time_calls(compiled, *args, repeats=spec.get("repeats", 3),
-                         max_seconds=spec.get("max_seconds"))
-  loss, _ = compiled(*args)
-  return dict(msda=da.resolve_implementation(spec.get("msda") or "auto"), lower_s=lower_s, compile_s=compile_s,
-              flops=bm.cost_flops(compiled), loss=float(loss), **timing,
-              memory=bm.peak_memory())
+  compiled, result = _compiled(fn, args, spec)
+  return dict(msda=da.resolve_implementation(spec.get("msda") or "auto"), **result,
+              loss=float(compiled(*args)[0]), memory=bm.peak_memory())
 
 
 TASKS = dict(baseline=task_baseline, eval=task_eval, train=task_train)
 
 
-def worker(spec_json):
-  """One task in this (fresh) process; prints `RESULT <json>`."""
-  spec = json.loads(spec_json)
-  jax.config.update("jax_enable_compilation_cache", False)
+def run(spec):
+  """One task; its result dict, with worker_s: the seconds it took."""
   t0 = time.perf_counter()
   result = TASKS[spec["task"]](spec)
-  result["worker_s"] = time.perf_counter() - t0
-  print("RESULT " + json.dumps(result), flush=True)
+  return dict(result, worker_s=time.perf_counter() - t0)
 
 
-if __name__ == "__main__":
-  worker(sys.argv[1])
+if __name__ == "__main__":   # one task in this (fresh) process
+  jax.config.update("jax_enable_compilation_cache", False)
+  benchmarks.print_result(run(json.loads(sys.argv[1])))

@@ -1,37 +1,11 @@
 """ImageNet backbone weights (torchvision, detectron2 model zoo, official Swin) -> our backbone.
 
 Every format is first renamed to the detectron2 names that detrex uses under `backbone.`
-(decisions §5, spec §12.1), then mapped by the one name mapping of `convert/detrex.py`
-(`detrex_key_to_path`, ResNet) or `convert/swin.py` (`swin_key_to_path`, Swin):
-
-  torchvision ResNet-50/101 (`resnet50-*.pth`, also timm's plain `resnet50`):
-    conv1.weight                      backbone.stem.conv1.weight
-    bn1.{weight,bias,running_*}       backbone.stem.conv1.norm.*
-    layer{n}.{b}.conv{k}.weight       backbone.res{n+1}.{b}.conv{k}.weight
-    layer{n}.{b}.bn{k}.*              backbone.res{n+1}.{b}.conv{k}.norm.*
-    layer{n}.0.downsample.{0,1}.*     backbone.res{n+1}.0.shortcut(.norm).*
-    fc.*                              skipped: the ImageNet classifier
-    *.num_batches_tracked             skipped: BatchNorm step counter
-  detectron2 pickles converted from torchvision (`ImageNetPretrained/torchvision/R-50.pkl`,
-  `r50_v1.pkl`: `{"model": {name: np.ndarray}, "__author__": ...}`) already use these names
-  without the prefix (`stem.conv1.weight`, `res2.0.conv1.norm.weight`; the converter's leftover
-  `stem.fc.*` is the classifier). A full detectron2 detection model (`backbone.bottom_up.*`) or
-  detrex model (`backbone.*`) gives its ResNet body; its other keys are skipped, by name.
-  official Swin (`swin_tiny_patch4_window7_224.pth`, `swin_{base,large}_patch4_window12_384_22k`):
-    {patch_embed,layers}.*            backbone.{patch_embed,layers}.* (same names as detectron2)
-    layers.*.attn.relative_position_index   checked against the formula for the config's window
-    layers.*.attn_mask                skipped: shift mask of the pre-training resolution
-    norm.*                            skipped: classification LayerNorm after the last stage
-    head.*                            skipped: the ImageNet classifier
-    (the detector's output norms `norm1..3` are not in the file: re-initialised)
-
-Caffe2/MSRA ResNets (`ImageNetPretrained/MSRA/R-50.pkl`, blob names `conv1_w`,
-`res_conv1_bn_s`, `res2_0_branch2a_w`) are refused: they take BGR input in 0..255 with unit std
-and put the stride of each first bottleneck in the 1x1 conv, which our torchvision-style ResNet
-does not do (spec §12.1).
-
-The functions here rename and check; `convert/init.py` merges the result into a model's
-variables and reports it.
+(`torchvision`: `layer{n}.{b}.bn{k}.*` -> `res{n+1}.{b}.conv{k}.norm.*`, `downsample.{0,1}` ->
+`shortcut(.norm)`; detectron2 pickles already use them), then mapped by the one name mapping of
+`convert/detrex.py` (ResNet) or `convert/swin.py` (Swin). Classifiers, BatchNorm counters, Swin's
+`attn_mask` and classification `norm` are skipped by name; Caffe2/MSRA ResNets (BGR input, stride
+in the 1x1) are refused. docs/weights.md lists the formats; `convert/init.py` merges the result.
 """
 
 import re
@@ -69,12 +43,8 @@ def _is_array(v):
 
 def unwrap_state_dict(obj, source: str = "") -> Tuple[Dict[str, np.ndarray], Dict[str, Any],
                                                       List[Row]]:
-  """A loaded file -> (flat {key: array} state dict, metadata, rows for the entries beside it).
-
-  Accepts a bare state dict or a checkpoint dict holding it under `model` / `state_dict` /
-  `module` (the other top-level entries, e.g. `optimizer`, `iteration`, `__author__`, are listed as
-  skipped). Strips a `module.` prefix (DataParallel) carried by every key.
-  """
+  """A loaded file (a state dict, bare or under `model` / `state_dict` / `module`) -> (flat state
+  dict without a DataParallel `module.` prefix, metadata, skipped rows of the entries beside it)."""
   if not isinstance(obj, dict):
     raise ConversionError(f"{source}: expected a dict of weights, found {type(obj).__name__}")
   meta, rows = {}, []
@@ -104,10 +74,6 @@ def unwrap_state_dict(obj, source: str = "") -> Tuple[Dict[str, np.ndarray], Dic
     meta["stripped_prefix"] = "module."
   return sd, meta, rows
 
-
-# ------------------------------------------------------------------------------------------------
-# Format detection
-# ------------------------------------------------------------------------------------------------
 
 _CAFFE2_KEY = re.compile(r"^(conv1_w|conv1_b|res_conv1_bn_[sb]"
                          r"|res\d+_\d+_branch\d[abc]?(_bn)?_[wbs]|fc1000_[wb]|.*_momentum)$")
@@ -151,36 +117,24 @@ def detect_format(state_dict) -> str:
   return "unknown"
 
 
-# ------------------------------------------------------------------------------------------------
-# Renaming to detectron2 / detrex backbone keys
-# ------------------------------------------------------------------------------------------------
-
 _CLASSIFIER = "ImageNet classifier head, not part of the detector"
 _BN_COUNTER = "BatchNorm step counter, not a weight (FrozenBN has none)"
+_BN_LEAF = r"(weight|bias|running_mean|running_var)"
+# torchvision -> detectron2 names: (pattern, replacement) of the stem, and of a block's keys.
+_TV_STEM = ((r"conv1\.weight", "conv1.weight"), (rf"bn1\.{_BN_LEAF}", r"conv1.norm.\1"))
+_TV_BLOCK = ((r"conv(\d)\.weight", r"conv\1.weight"), (rf"bn(\d)\.{_BN_LEAF}", r"conv\1.norm.\2"),
+             (r"downsample\.0\.weight", "shortcut.weight"),
+             (rf"downsample\.1\.{_BN_LEAF}", r"shortcut.norm.\1"))
 
 
 def _torchvision_name(key: str) -> Optional[str]:
-  if key == "conv1.weight":
-    return "stem.conv1.weight"
-  m = re.fullmatch(r"bn1\.(weight|bias|running_mean|running_var)", key)
-  if m:
-    return f"stem.conv1.norm.{m.group(1)}"
   m = re.fullmatch(r"layer(\d)\.(\d+)\.(.+)", key)
-  if not m:
-    return None
-  stage, block, rest = int(m.group(1)), m.group(2), m.group(3)
-  prefix = f"res{stage + 1}.{block}"
-  m2 = re.fullmatch(r"conv(\d)\.weight", rest)
-  if m2:
-    return f"{prefix}.conv{m2.group(1)}.weight"
-  m2 = re.fullmatch(r"bn(\d)\.(weight|bias|running_mean|running_var)", rest)
-  if m2:
-    return f"{prefix}.conv{m2.group(1)}.norm.{m2.group(2)}"
-  if rest == "downsample.0.weight":
-    return f"{prefix}.shortcut.weight"
-  m2 = re.fullmatch(r"downsample\.1\.(weight|bias|running_mean|running_var)", rest)
-  if m2:
-    return f"{prefix}.shortcut.norm.{m2.group(1)}"
+  prefix, rest, rules = (f"res{int(m[1]) + 1}.{m[2]}.", m[3], _TV_BLOCK) if m else (
+      "stem.", key, _TV_STEM)
+  for pattern, replacement in rules:
+    found = re.fullmatch(pattern, rest)
+    if found:
+      return prefix + found.expand(replacement)
   return None
 
 
@@ -208,11 +162,8 @@ def rename_to_detrex(state_dict, fmt: str) -> Tuple[Dict[str, Tuple[np.ndarray, 
         else:
           out["backbone." + name] = (v, k)
   elif fmt == "detectron2":
-    prefix = ""
-    if any(k.startswith("backbone.bottom_up.") for k in state_dict):
-      prefix = "backbone.bottom_up."
-    elif any(k.startswith("backbone.") for k in state_dict):
-      prefix = "backbone."
+    prefix = next((p for p in ("backbone.bottom_up.", "backbone.")
+                   if any(k.startswith(p) for k in state_dict)), "")
     for k, v in state_dict.items():
       if not k.startswith(prefix):
         skip(k, "outside the ResNet body (another part of a detection model)")
@@ -258,11 +209,6 @@ def rename_to_detrex(state_dict, fmt: str) -> Tuple[Dict[str, Tuple[np.ndarray, 
   return out, rows, unknown
 
 
-# ------------------------------------------------------------------------------------------------
-# Mapping into the model's backbone variables
-# ------------------------------------------------------------------------------------------------
-
-
 def _resnet_depth_of(keys) -> Optional[int]:
   blocks = {int(m.group(1)) for k in keys for m in [re.match(r"backbone\.res4\.(\d+)\.", k)] if m}
   if not blocks:
@@ -276,8 +222,7 @@ def _swin_arch_of(keys_to_arrays) -> Dict[str, Any]:
   w = keys_to_arrays.get("backbone.patch_embed.proj.weight")
   if w is not None:
     info["embed_dim"] = int(np.shape(w[0])[0])
-  depths = {}
-  heads = {}
+  depths, heads = {}, {}
   for k, (v, _) in keys_to_arrays.items():
     m = re.match(r"backbone\.layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table$", k)
     if m:
@@ -299,17 +244,11 @@ def _describe_backbone_config(bb) -> str:
 
 
 def map_backbone(renamed, reference_flat, backbone_config, source: str = ""):
-  """Map detrex-named backbone arrays onto the model's backbone variables.
+  """`rename_to_detrex`'s {detrex key: (array, source key)} -> ({target path: (array in our
+  layout, source key)}, rows of every mapped or checked key and re-initialised variable).
 
-  Args:
-    renamed: {detrex key: (array, source key)} from `rename_to_detrex`.
-    reference_flat: {(collection, 'backbone', ...): shape-carrying leaf} of the whole model.
-    backbone_config: `config.model.backbone` (dict-like).
-  Returns:
-    ({target path tuple: (array in our layout, source key)}, rows) where rows cover every
-    mapped/checked key and every backbone variable left to re-initialise.
-  Raises:
-    ConversionError naming each unexpected, mis-shaped and missing key.
+  `reference_flat`: {path: leaf with a shape} of the whole model. Raises ConversionError naming
+  each unexpected, mis-shaped and missing key.
   """
   bb = dict(backbone_config)
   swin = bb["name"] == "swin"
@@ -376,18 +315,8 @@ def map_backbone(renamed, reference_flat, backbone_config, source: str = ""):
 
 def import_backbone(state_dict, fmt: str, reference_flat, backbone_config, meta=None,
                     source: str = ""):
-  """Backbone file (already unwrapped) -> mapped backbone arrays and report rows.
-
-  Args:
-    state_dict: {key: array} of the file.
-    fmt: "torchvision" | "detectron2" | "swin" | "detrex" | "auto".
-    reference_flat: {(collection, 'backbone', ...): leaf with a shape} of the whole model.
-    backbone_config: `config.model.backbone`.
-  Returns:
-    (loaded {target path: (array, source key)}, rows, fmt).
-  Raises:
-    Caffe2WeightsError, ConversionError naming the keys at fault.
-  """
+  """An unwrapped backbone file of format `fmt` ("auto" or one of BACKBONE_FORMATS) -> (loaded
+  {target path: (array, source key)}, rows, fmt), as `map_backbone`."""
   bb = dict(backbone_config)
   check_not_caffe2(state_dict, meta, source)
   detected = detect_format(state_dict)

@@ -54,17 +54,15 @@ def detrex_key_to_path(key: str, num_decoder_layers=_NUM_DEC) -> Optional[Tuple[
   if key.startswith("backbone.") and ".layers." not in key and not key.startswith(
       "backbone.patch_embed") and not re.match(r"backbone\.norm\d", key):
     # detectron2 ResNet.
-    m = _BACKBONE_NORM.match(key)
-    if m:
-      module = m.group(1).replace("stem.conv1", "stem_conv1")
-      module = re.sub(r"^res(\d)\.(\d+)\.", r"res\1_\2/", module)
+    norm = _BACKBONE_NORM.match(key)
+    m = norm or re.match(r"^backbone\.(.+)\.weight$", key)
+    if not m:
+      return None
+    module = re.sub(r"^res(\d)\.(\d+)\.", r"res\1_\2/",
+                    m.group(1).replace("stem.conv1", "stem_conv1"))
+    if norm:
       return "frozen", ("backbone",) + tuple(f"{module}_norm".split("/")), "copy", m.group(2)
-    m = re.match(r"^backbone\.(.+)\.weight$", key)
-    if m:
-      module = m.group(1).replace("stem.conv1", "stem_conv1")
-      module = re.sub(r"^res(\d)\.(\d+)\.", r"res\1_\2/", module)
-      return "params", ("backbone",) + tuple(module.split("/")), "conv", "kernel"
-    return None
+    return "params", ("backbone",) + tuple(module.split("/")), "conv", "kernel"
   m = re.match(r"^neck\.(convs|extra_convs)\.(\d+)\.(conv|norm)\.(weight|bias)$", key)
   if m:
     kind, i, part, leaf = m.groups()
@@ -171,18 +169,12 @@ def _swin_window(index_key, shapes, backbone_mapper) -> Optional[int]:
 
 def state_dict_to_variables(state_dict, reference_variables, num_decoder_layers=_NUM_DEC,
                             num_encoder_layers=6, backbone_mapper=None):
-  """detrex state_dict -> Flax variables with the structure of `reference_variables`.
+  """detrex state_dict -> (Flax variables shaped like `reference_variables`, {"mapped": [(key,
+  path)]}).
 
-  Args:
-    state_dict: {key: array} (numpy or anything np.asarray accepts).
-    reference_variables: the model's variables (e.g. from `jax.eval_shape(model.init, ...)`):
-      the target structure and shapes.
-    backbone_mapper: optional callable(key) -> (collection, path, transform, leaf) for backbone
-      keys of another layout (Swin); default: detectron2 ResNet.
-  Returns:
-    (variables, report) where report lists mapped keys and checked aliases.
-  Raises:
-    ConversionError naming every missing, unexpected and mis-shaped key.
+  `backbone_mapper`: callable(key) -> (collection, path, transform, leaf) for backbone keys of
+  another layout (Swin); default: detectron2 ResNet. Raises ConversionError naming every
+  missing, unexpected and mis-shaped key and every alias that differs from its canonical key.
   """
   alias_map = _alias_map(num_decoder_layers, num_encoder_layers)
   expected = {tuple([c]) + path: np.shape(v) for c in reference_variables
@@ -203,12 +195,10 @@ def state_dict_to_variables(state_dict, reference_variables, num_decoder_layers=
         misshaped.append(problem)
       continue
     canon = canonical_key(key, alias_map)
-    if canon != key:
-      if canon in state_dict and not np.array_equal(np.asarray(state_dict[canon]),
-                                                     np.asarray(state_dict[key])):
+    if canon != key and canon in state_dict:
+      if not np.array_equal(np.asarray(state_dict[canon]), np.asarray(state_dict[key])):
         alias_mismatch.append(f"{key} != {canon}")
-      if canon in state_dict:
-        continue
+      continue
     if canon in canonical_seen:
       continue
     rule = _rule(canon, backbone_mapper, num_decoder_layers)
@@ -228,7 +218,7 @@ def state_dict_to_variables(state_dict, reference_variables, num_decoder_layers=
     canonical_seen[canon] = full
     out[full] = value
     mapped.append((key, "/".join(full)))
-  got = {v for v in canonical_seen.values()}
+  got = set(canonical_seen.values())
   missing = sorted("/".join(p) for p in expected if p not in got)
   lines = key_lines(50, ("model variables have no key in the state_dict", missing, ", "),
                     ("unexpected keys", unexpected, ", "), ("mis-shaped keys", misshaped, "; "))
@@ -241,11 +231,8 @@ def state_dict_to_variables(state_dict, reference_variables, num_decoder_layers=
 
 def variables_to_state_dict(variables, key_order: Iterable[str], num_decoder_layers=_NUM_DEC,
                             num_encoder_layers=6, backbone_mapper=None):
-  """Our variables -> a detrex state_dict with exactly the keys of `key_order` (aliases included).
-
-  `key_order` is the detrex key list (e.g. from a state_dict manifest), so the result has the
-  reference's exact key set and order.
-  """
+  """Our variables -> a detrex state_dict with exactly the keys, in the order, of `key_order` (the
+  detrex key list, aliases included, e.g. from a state_dict manifest)."""
   alias_map = _alias_map(num_decoder_layers, num_encoder_layers)
   flat = {(c,) + p: v for c in variables for p, v in flatten(variables[c]).items()}
   shapes = {p: np.shape(v) for p, v in flat.items()}

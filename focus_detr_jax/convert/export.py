@@ -10,6 +10,7 @@ them. Values go through the one name mapping of `convert/detrex.py` (`variables_
 so detrex -> ours -> detrex is bitwise identical.
 """
 
+import itertools
 from pathlib import Path
 from typing import Dict, List
 
@@ -23,7 +24,6 @@ from focus_detr_jax.convert.torch_io import save_state_dict, torch_available
 from focus_detr_jax.models.resnet import RESNET_BLOCKS
 from focus_detr_jax.models.swin import SwinTransformer
 
-_NORM_LEAVES = ("weight", "bias")
 _FROZEN_BN = ("weight", "bias", "running_mean", "running_var")
 
 
@@ -50,12 +50,6 @@ def _resnet_keys(bb) -> List[str]:
   return keys
 
 
-def _swin_keys(bb) -> List[str]:
-  model = SwinTransformer(embed_dim=bb["embed_dim"], depths=tuple(bb["depths"]),
-                          num_heads=tuple(bb["num_heads"]), window_size=bb["window_size"])
-  return list(swin_key_table(model))
-
-
 def _wb(prefix):
   return [f"{prefix}.weight", f"{prefix}.bias"]
 
@@ -65,7 +59,12 @@ def detrex_key_order(config) -> List[str]:
   m = config.model
   bb = dict(m.backbone)
   num_enc, num_dec = int(m.num_encoder_layers), int(m.num_decoder_layers)
-  keys = _swin_keys(bb) if bb["name"] == "swin" else _resnet_keys(bb)
+  if bb["name"] == "swin":
+    keys = list(swin_key_table(SwinTransformer(
+        embed_dim=bb["embed_dim"], depths=tuple(bb["depths"]), num_heads=tuple(bb["num_heads"]),
+        window_size=bb["window_size"])))
+  else:
+    keys = _resnet_keys(bb)
   for i in range(3):
     keys += _wb(f"neck.convs.{i}.conv") + _wb(f"neck.convs.{i}.norm")
   keys += _wb("neck.extra_convs.0.conv") + _wb("neck.extra_convs.0.norm")
@@ -113,27 +112,22 @@ def detrex_key_order(config) -> List[str]:
 
 
 def export_detrex_state_dict(variables, config) -> Dict[str, np.ndarray]:
-  """Our variables -> {detrex key: array} with exactly detrex's key set and order.
-
-  Keys of one shared module (aliases) hold the same array object, so `torch_io.save_state_dict`
-  writes them as one shared tensor, as torch does.
-  """
+  """Our variables -> {detrex key: array} with exactly detrex's key set and order; the weight and
+  bias keys of a shared module (aliases) hold one array, which `torch_io.save_state_dict` writes
+  as one shared tensor, as torch does."""
   m = config.model
   num_enc, num_dec = int(m.num_encoder_layers), int(m.num_decoder_layers)
-  order = detrex_key_order(config)
   try:
-    state_dict = variables_to_state_dict(variables, order, num_dec, num_enc, backbone_mapper=backbone_mapper(config))
+    state_dict = variables_to_state_dict(variables, detrex_key_order(config), num_dec, num_enc,
+                                         backbone_mapper=backbone_mapper(config))
   except KeyError as e:
     raise ConversionError(f"the variables have no entry {e} that the config's detrex layout "
                           "needs: do the variables come from this config?") from None
+  # An alias maps to its canonical key's variable, so the two arrays are equal: share one.
   for canonical, aliases in alias_groups(num_dec, num_enc).items():
-    for alias in aliases:
-      for leaf in _NORM_LEAVES:
-        a, c = f"{alias}.{leaf}", f"{canonical}.{leaf}"
-        if a in state_dict and c in state_dict:
-          if not np.array_equal(state_dict[a], state_dict[c]):
-            raise ConversionError(f"alias {a} differs from {c}")
-          state_dict[a] = state_dict[c]
+    for alias, leaf in itertools.product(aliases, ("weight", "bias")):
+      if f"{alias}.{leaf}" in state_dict and f"{canonical}.{leaf}" in state_dict:
+        state_dict[f"{alias}.{leaf}"] = state_dict[f"{canonical}.{leaf}"]
   return state_dict
 
 

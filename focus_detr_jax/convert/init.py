@@ -1,24 +1,16 @@
 """Start a model from other weights: a backbone file or a whole checkpoint (partial restore).
 
-    variables = init_variables(config)                       # fresh init (or the trainer's)
-    variables, report = init_from_config(variables, config)  # config.init.backbone / .checkpoint
+    variables, report = init_from_config(init_variables(config), config)   # config.init
     print(format_report(report))
 
-Sources (`init_from_checkpoint(variables, source, config, kind=, format=)`):
-  * kind "backbone": a torchvision / detectron2 / official Swin / detrex file
-    (`convert/backbones.py`). The backbone is loaded; the rest of the model keeps its fresh init.
-  * kind "model": one of our model checkpoints (a directory, `checkpoint.py`), or a detrex state
-    dict (`.pth` / `.pkl` / `.npz`, `convert/detrex.py`). Everything is loaded, except that the
-    class heads (`class_embed_*`) and the denoising label embedding (`label_enc`) are
-    re-initialised when the checkpoint's number of classes differs from the config's.
-
-Loading never silently drops anything: every input key is either loaded (mapped), checked (Swin
-constant buffers, detrex aliases), or skipped with a reason, and every model variable is either
-loaded or re-initialised with a reason. Anything else (a missing, unexpected or mis-shaped key) is a
-`ConversionError` that names it. The report lists all three groups and the counts behind the
-`mapped N/M keys` line (M counts the input state dict's keys, aliases once; decisions §9).
+A backbone file (`convert/backbones.py`) loads the backbone; the rest keeps its fresh init. A model
+(one of our checkpoints, or a detrex state dict, `convert/detrex.py`) loads everything, except the
+class heads and `label_enc`, re-initialised when the number of classes differs. Every input key is
+loaded, checked or skipped with a reason, and every variable loaded or re-initialised with a reason;
+anything else is a `ConversionError` that names it (docs/weights.md).
 """
 
+import collections
 import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -59,11 +51,6 @@ def init_variables(config, seed: Optional[int] = None, image_size=INIT_IMAGE_SIZ
   key = jax.random.PRNGKey(int(config.get("seed", 0) if seed is None else seed))
   variables = model_init_variables(FocusDETR.from_config(config.model), key, image_size)
   return jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
-
-
-# ------------------------------------------------------------------------------------------------
-# Reading a source
-# ------------------------------------------------------------------------------------------------
 
 
 def read_source(source, fmt: str = "auto"):
@@ -130,33 +117,21 @@ def detrex_to_flat(state_dict, target_shapes, config, source: str = ""):
   return flat, rows, aliases
 
 
-# ------------------------------------------------------------------------------------------------
-# Merging
-# ------------------------------------------------------------------------------------------------
-
-
 def restore(target, source_flat, kind: str, allowed_missing=None, source: str = "",
             num_classes=None, make_fresh=None):
-  """Merge mapped source arrays into the target variables.
+  """Merge `source_flat` ({path: (array, source key)}) into `target` ({collection: tree}).
 
-  Args:
-    target: {collection: tree} of the model, arrays (values kept where re-initialised) or
-      ShapeDtypeStructs (then nothing may need re-initialising).
-    source_flat: {our path tuple: (array, source key)}.
-    kind: "backbone" (only `backbone` variables are loaded; the rest keep their init) or "model"
-      (everything is loaded; class heads of another num_classes are re-initialised).
-    allowed_missing: {path: reason} of variables that may be absent from the source.
-    num_classes: (checkpoint, config) number of classes, for the report.
-    make_fresh: optional callable returning fresh variables, called only when something must be
-      re-initialised and `target` holds shapes only.
-  Returns:
-    (variables, loaded rows, skipped rows, re-initialised rows, notes).
+  A "backbone" merge loads only `backbone` variables; a "model" merge loads everything and
+  re-initialises class heads of another num_classes. Re-initialised variables keep `target`'s
+  values, or `make_fresh()`'s where `target` holds ShapeDtypeStructs. `allowed_missing`:
+  {path: reason}; `num_classes`: (checkpoint, config). Returns (variables, loaded rows, skipped
+  rows, re-initialised rows, notes).
   """
   allowed_missing = allowed_missing or {}
   target_flat = flatten(target)
   in_scope = (lambda p: p[1:2] == ("backbone",)) if kind == "backbone" else (lambda p: True)
   out, loaded, skipped, reinit = {}, [], [], []
-  missing, unexpected, misshaped, casts = [], [], [], {}
+  missing, unexpected, misshaped, casts = [], [], [], collections.Counter()
   for path, (value, key) in source_flat.items():
     if not in_scope(path):
       skipped.append(row("skipped", source=key, shape=np.shape(value), reason="not a backbone "
@@ -193,7 +168,7 @@ def restore(target, source_flat, kind: str, allowed_missing=None, source: str = 
       continue
     dtype = np.dtype(getattr(leaf, "dtype", np.float32))
     if value.dtype != dtype:
-      casts[f"{value.dtype}->{dtype}"] = casts.get(f"{value.dtype}->{dtype}", 0) + 1
+      casts[f"{value.dtype}->{dtype}"] += 1
       value = value.astype(dtype)
     out[path] = value
     loaded.append(row("mapped", source=key, target=name, shape=want))
@@ -230,33 +205,16 @@ def restore(target, source_flat, kind: str, allowed_missing=None, source: str = 
   return unflatten(out), loaded, skipped, reinit, notes
 
 
-# ------------------------------------------------------------------------------------------------
-# Entry points
-# ------------------------------------------------------------------------------------------------
-
-
 def init_from_checkpoint(variables, source, config, *, kind: str = "auto",
                          format: str = "auto") -> Tuple[Dict[str, Any], Dict[str, Any]]:
-  """Load `source` into `variables` (a fresh init of `config`'s model).
+  """Load `source` (a backbone file, a detrex state dict, one of our checkpoints) into `variables`.
 
-  Args:
-    variables: {collection: tree} (`params`, `frozen`) of the model built from `config`. Values
-      are kept where the source has nothing (re-initialised). ShapeDtypeStructs are accepted when
-      nothing needs re-initialising (exact conversion). Or a zero-argument callable returning
-      such variables (e.g. `lambda: init_variables(config)`): it is called only once the source
-      has been read and checked against the model's shapes, and only if something needs a fresh
-      init, so a refused file fails fast.
-    source: a backbone file, a detrex state dict file, or one of our model checkpoint dirs.
-    config: the full config (`config.model` builds the model).
-    kind: "backbone", "model" or "auto" (a directory or a detrex file: model; else backbone).
-    format: "auto", "ours", "detrex", "torchvision", "detectron2", "swin".
-  Returns:
-    (variables as numpy trees, report). The report has `loaded`, `skipped` (input keys not used,
-    with the reason) and `reinitialised` (model variables not from the input, with the reason)
-    rows, plus `num_source_keys` / `num_mapped` for the `mapped N/M keys` line.
-  Raises:
-    ConversionError (and its subclass Caffe2WeightsError), torch_io.UnsafePickleError,
-    torch_io.CheckpointFormatError, FileNotFoundError.
+  `variables`: {collection: tree} of `config`'s model, whose values are kept where the source has
+  nothing; ShapeDtypeStructs when nothing needs a fresh init; or a zero-argument callable giving
+  them, called only once the source has been read and checked, so that a refused file fails fast.
+  `kind`: "backbone", "model" or "auto"; `format`: "auto", "ours", "detrex", "torchvision",
+  "detectron2", "swin". Returns (numpy variables, report: `loaded`, `skipped` and `reinitialised`
+  rows with reasons, `num_source_keys` / `num_mapped` for the `mapped N/M keys` line).
   """
   source = str(source)
   make_fresh = None
@@ -285,9 +243,8 @@ def init_from_checkpoint(variables, source, config, *, kind: str = "auto",
     num_classes = (int(src_cfg.model.num_classes) if "model" in src_cfg else "?", n_cfg)
     num_source_keys = len(source_flat)
   elif kind == "backbone":
-    loaded, brows, fmt = backbones.import_backbone(state_dict, fmt, target_shapes,
-                                                   config.model.backbone, meta, source)
-    source_flat = loaded
+    source_flat, brows, fmt = backbones.import_backbone(state_dict, fmt, target_shapes,
+                                                        config.model.backbone, meta, source)
     rows += [r for r in brows if r["status"] in ("skipped", "checked")]
     allowed_missing = {tuple(r["target"].split("/")): r["reason"] for r in brows
                        if r["status"] == "reinitialised"}
@@ -352,12 +309,8 @@ def backbone_file(config) -> str:
 
 
 def check_backbone_file(config) -> None:
-  """Refuses to train without an ImageNet backbone unless the config says so explicitly.
-
-  Passes when `config.init.checkpoint` is set (a whole model), when `config.init.backbone` is
-  `none`, or when the named file exists. Raises `BackboneFileError` (before anything is built
-  or compiled) with where to get the file and how to convert it otherwise.
-  """
+  """Raises `BackboneFileError` (where to get the file) unless `config.init` names a model
+  checkpoint, an existing backbone file, or says `none` explicitly."""
   init = config.get("init") or {}
   value = str(init.get("backbone") or "")
   if init.get("checkpoint") or value.strip().lower() == NO_BACKBONE:
@@ -405,11 +358,8 @@ def _shape(r):
 
 
 def format_report(report, verbose: bool = False) -> str:
-  """The printed table: mapped, checked, skipped (reason), re-initialised (reason), counts.
-
-  Re-initialised variables are grouped by module unless `verbose`; the last line is
-  `mapped N/M keys`.
-  """
+  """The printed table: mapped, checked, skipped and re-initialised (by module unless `verbose`)
+  rows, notes, and last `mapped N/M keys`."""
   lines = [f"source: {report['source']}  (format {report['format']}, {report['kind']} weights)"]
   loaded = [r for r in report["loaded"] if r["status"] == "mapped"]
   checked = [r for r in report["loaded"] if r["status"] == "checked"]
@@ -429,14 +379,10 @@ def format_report(report, verbose: bool = False) -> str:
     if verbose:
       lines += [f"  {r['target']}  [{_shape(r)}]  {r['reason']}" for r in reinit]
     else:
-      groups: Dict[Tuple[str, str], int] = {}
-      for r in reinit:
-        parts = r["target"].split("/")
-        module = "/".join(parts[:2])
-        groups[(module, r["reason"])] = groups.get((module, r["reason"]), 0) + 1
+      groups = collections.Counter(("/".join(r["target"].split("/")[:2]), r["reason"])
+                                   for r in reinit)
       lines += [f"  {m}  ({n} array{'s' if n > 1 else ''})  {why}"
                 for (m, why), n in groups.items()]
-  for note in report.get("notes", []):
-    lines.append(f"note: {note}")
+  lines += [f"note: {note}" for note in report.get("notes", [])]
   lines.append(f"mapped {report['num_mapped']}/{report['num_source_keys']} keys")
   return "\n".join(lines)

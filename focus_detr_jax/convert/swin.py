@@ -1,24 +1,11 @@
 """detectron2 / detrex Swin state_dict keys <-> `models.swin.SwinTransformer` param paths.
 
-Key mapping (prefix `backbone.` by default; our path is relative to the SwinTransformer module):
-
-  patch_embed.proj.weight [C, 3, p, p]      patch_embed/proj/kernel [p, p, 3, C] (OIHW -> HWIO)
-  patch_embed.proj.bias, patch_embed.norm.* patch_embed/proj/bias, patch_embed/norm/{scale,bias}
-  layers.{i}.blocks.{j}. (block prefix)     layers_{i}/blocks_{j}/ (block path), then:
-    norm{1,2}.{weight,bias}                   norm{1,2}/{scale,bias}
-    attn.{qkv,proj}.weight [out, in]          attn/{qkv,proj}/kernel [in, out] (transposed)
-    attn.relative_position_bias_table         attn/relative_position_bias_table [(2w-1)^2, heads]
-    attn.relative_position_index [w^2, w^2]   no variable (a constant of the model); checked
-                                              against the formula for the model's window
-    mlp.fc{1,2}.{weight,bias}                 mlp/fc{1,2}/{kernel,bias}
-  layers.{i}.downsample.reduction.weight    layers_{i}/downsample/reduction/kernel (no bias)
-  layers.{i}.downsample.norm.*              layers_{i}/downsample/norm/{scale,bias}
-  norm{k}.* (k in out_indices)              norm{k}/{scale,bias}
-
-`swin_key_to_path` is the Swin rule of the one name mapping: the `backbone_mapper` of
-`convert/detrex.py` (both directions) and of `convert/backbones.py`. `swin_key_table` lists a
-configuration's keys in state_dict order (`convert/export.py`); `index_problem` is the one check
-of the `relative_position_index` buffers.
+Keys (prefix `backbone.`) keep their module names, with `layers.{i}.blocks.{j}` -> `layers_{i}/
+blocks_{j}`; Linear weights are transposed, the patch embedding conv goes OIHW -> HWIO, norm
+weights become `scale`. `attn.relative_position_index` is no variable (a constant of the model):
+`index_problem` checks it against the formula for the model's window. `swin_key_to_path` is the
+Swin rule of the one name mapping (the `backbone_mapper` of `convert/detrex.py` and of
+`convert/backbones.py`); `swin_key_table` lists a configuration's keys in state_dict order.
 """
 
 import math
@@ -36,21 +23,13 @@ _CONV = {"weight": ("kernel", "conv"), "bias": ("bias", "copy")}
 _INDEX_LEAF = "relative_position_index"
 
 
-def _arch(model):
-  """(embed_dim, depths, num_heads, window, mlp_ratio, out_indices, patch_size) of the model."""
-  return (int(model.embed_dim), tuple(int(d) for d in model.depths),
-          tuple(int(h) for h in model.num_heads), int(model.window_size), float(model.mlp_ratio),
-          tuple(int(i) for i in model.out_indices), int(getattr(model, "patch_size", 4)))
-
-
 def swin_key_table(model, prefix: str = "backbone.") -> Dict[str, Tuple[Optional[Tuple[str, ...]],
                                                                          str, Tuple[int, ...]]]:
-  """All detectron2 state_dict keys of this configuration, in state_dict order.
-
-  Returns {torch key: (our param path or None for the index buffer, transform, torch shape)}, with
-  transform one of "linear" (transpose), "conv" (OIHW <-> HWIO), "copy", "index" (int64 buffer).
-  """
-  c0, depths, heads, w, mlp_ratio, out_indices, p = _arch(model)
+  """{torch key: (our param path or None for the index buffer, transform, torch shape)} of every
+  detectron2 state_dict key of this configuration, in state_dict order; transform: "linear",
+  "conv", "copy" or "index" (the int64 buffer)."""
+  c0, w, p = int(model.embed_dim), int(model.window_size), int(getattr(model, "patch_size", 4))
+  depths, heads = tuple(int(d) for d in model.depths), tuple(int(h) for h in model.num_heads)
   table = {}
 
   def add(module_key, module_path, leaves, shapes):
@@ -64,7 +43,7 @@ def swin_key_table(model, prefix: str = "backbone.") -> Dict[str, Tuple[Optional
   add("patch_embed.norm", ("patch_embed", "norm"), _NORM, [(c0,), (c0,)])
   for i, (depth, h) in enumerate(zip(depths, heads)):
     c = c0 * 2 ** i
-    hidden = int(c * mlp_ratio)
+    hidden = int(c * float(model.mlp_ratio))
     for j in range(depth):
       tk, tp = f"layers.{i}.blocks.{j}", (f"layers_{i}", f"blocks_{j}")
       add(f"{tk}.norm1", tp + ("norm1",), _NORM, [(c,), (c,)])
@@ -81,7 +60,7 @@ def swin_key_table(model, prefix: str = "backbone.") -> Dict[str, Tuple[Optional
           [(2 * c, 4 * c), None])
       add(f"layers.{i}.downsample.norm", (f"layers_{i}", "downsample", "norm"), _NORM,
           [(4 * c,), (4 * c,)])
-  for k in out_indices:
+  for k in map(int, model.out_indices):
     c = c0 * 2 ** k
     add(f"norm{k}", (f"norm{k}",), _NORM, [(c,), (c,)])
   return table
@@ -94,10 +73,7 @@ def backbone_mapper(config):
 
 def swin_key_to_path(key: str, prefix: str = "backbone.", scope: Tuple[str, ...] = ("backbone",)):
   """One torch key -> ("params", scope + path, transform, leaf), by name only; None if not a Swin
-  parameter (including the `relative_position_index` buffer, which is no variable).
-
-  Matches the `backbone_mapper` hook of `convert/detrex.py`.
-  """
+  parameter (including the `relative_position_index` buffer, which is no variable)."""
   if not key.startswith(prefix):
     return None
   rest = key[len(prefix):]
@@ -151,10 +127,7 @@ def _shape_problem(key, got, want, window):
 
 
 def index_problem(key: str, value, window: int) -> Optional[str]:
-  """What is wrong with the `relative_position_index` buffer `key` for `window`, or None.
-
-  The buffer is a constant of the model, not a variable: it must equal the formula for the window.
-  """
+  """What is wrong with the `relative_position_index` buffer `key` for `window`, or None."""
   want = relative_position_index(window)
   if tuple(np.shape(value)) != want.shape:
     return _shape_problem(key, np.shape(value), want.shape, window)

@@ -1,36 +1,29 @@
 """Read PyTorch `.pth` and pickled `.pkl` weight files without torch, and without running code.
 
-Formats (detected from the bytes, not the file name):
-  * torch zip (`torch.save`, torch >= 1.6): `<archive>/data.pkl` + `<archive>/data/<key>` storages
-    (+ `<archive>/byteorder`). Tensors are `torch._utils._rebuild_tensor_v2(storage, offset, size,
-    stride, ...)` over storages named by persistent ids `('storage', <torch.XStorage>, key,
-    location, numel)`.
-  * torch legacy (torch < 1.6, e.g. the 2017 torchvision ResNet files): pickles of the magic
-    number, protocol version and sys info, the object, the list of storage keys, then each storage
-    as int64 numel + raw little-endian data.
-  * plain pickle (detectron2 model-zoo `.pkl`: `{"model": {name: np.ndarray}, "__author__": ...}`,
-    Caffe2 blobs): numpy arrays, read with `encoding="latin1"` like detectron2 (Python 2 files).
-  * `.npz` (numpy; what `convert/export.py` writes when torch is missing).
+Formats, told apart by their bytes: the torch zip (`torch.save`, torch >= 1.6: `<archive>/data.pkl`
+over `<archive>/data/<key>` storages), the torch legacy file (torch < 1.6: magic, protocol and sys
+info pickles, the object, its storage keys, then each storage as int64 numel + raw data), a plain
+pickle (detectron2 `.pkl`, read with `encoding="latin1"` like detectron2) and `.npz`.
 
-The unpickler is restricted: it resolves only tensor/storage rebuild functions, numpy array
-reconstruction and plain containers (dict, OrderedDict, list, tuple, set, str, bytes, numbers).
-Any other global (an optimizer class, `yacs` config, `os.system`, ...) is never imported: it is
-recorded, and loading fails with `UnsafePickleError` naming every such object and where it sits
-in the file. Tensors come back as numpy arrays (bfloat16 as `ml_dtypes.bfloat16`).
-
-When torch is installed, `load_file(..., backend="auto")` uses `torch.load(weights_only=True)`
-for `.pth` files instead and converts the tensors to numpy; `backend="numpy"` forces this reader.
+The unpickler resolves only tensor/storage rebuild functions, numpy array reconstruction and plain
+containers. Any other global (an optimizer class, a `yacs` config, `os.system`) is never imported:
+loading fails with `UnsafePickleError` naming each such object and where it sits in the file.
+Tensors come back as numpy arrays (bfloat16 as `ml_dtypes.bfloat16`). With torch installed,
+`load_file(backend="auto")` reads `.pth` files with `torch.load(weights_only=True)` instead.
 """
 
+import codecs
 import collections
+import importlib
 import io
 import pickle
 import struct
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Dict, List
 
+import ml_dtypes
 import numpy as np
 
 TORCH_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
@@ -53,56 +46,40 @@ def torch_available() -> bool:
   return True
 
 
-# ------------------------------------------------------------------------------------------------
-# dtypes
-# ------------------------------------------------------------------------------------------------
-
-
-def _bfloat16():
-  import ml_dtypes
-  return np.dtype(ml_dtypes.bfloat16)
-
-
 _STORAGE_DTYPES = {
     "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": "int64", "IntStorage": "int32",
     "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
     "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
     "ComplexDoubleStorage": "complex128", "UntypedStorage": "uint8",
 }
 _TORCH_DTYPES = {
     "float32": "float32", "float": "float32", "float64": "float64", "double": "float64",
-    "float16": "float16", "half": "float16", "bfloat16": "bfloat16", "int64": "int64",
+    "float16": "float16", "half": "float16", "bfloat16": ml_dtypes.bfloat16, "int64": "int64",
     "long": "int64", "int32": "int32", "int": "int32", "int16": "int16", "short": "int16",
     "int8": "int8", "uint8": "uint8", "bool": "bool", "complex64": "complex64",
     "complex128": "complex128", "cfloat": "complex64", "cdouble": "complex128",
 }
 
 
-def _np_dtype(name: str) -> np.dtype:
-  return _bfloat16() if name == "bfloat16" else np.dtype(name)
-
-
-# ------------------------------------------------------------------------------------------------
-# Stand-ins for torch objects (no torch import)
-# ------------------------------------------------------------------------------------------------
-
-
-class _StorageType:
-  """`torch.FloatStorage` & co. as found in a pickle: only carries the dtype."""
+class _TorchDtype:
+  """`torch.float32` & co. as found in a pickle: only carries the numpy dtype."""
+  table = _TORCH_DTYPES
 
   def __init__(self, name):
-    self.name = name
-    self.dtype = _np_dtype(_STORAGE_DTYPES[name])
+    self.name, self.dtype = name, np.dtype(self.table[name])
 
   def __repr__(self):
     return f"torch.{self.name}"
 
 
-class _TorchDtype:
-  def __init__(self, name):
-    self.name = name
-    self.dtype = _np_dtype(_TORCH_DTYPES[name])
+class _StorageType(_TorchDtype):
+  """`torch.FloatStorage` & co. (checked by exact type: a storage type is no dtype)."""
+  table = _STORAGE_DTYPES
+
+
+def _text(value) -> str:
+  return value.decode("ascii") if isinstance(value, bytes) else str(value)
 
 
 class _Storage:
@@ -115,8 +92,7 @@ class _Storage:
 
   def array(self, dtype: np.dtype) -> np.ndarray:
     if self.base is not None:
-      root = self.base.array(self.dtype)
-      flat = root[self.offset:self.offset + self.numel]
+      flat = self.base.array(self.dtype)[self.offset:self.offset + self.numel]
       return flat if dtype == self.dtype else flat.view(dtype)
     if self.data is None:
       raise CheckpointFormatError(f"storage {self.key} has no data in the file")
@@ -167,7 +143,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
                        dtype, metadata=None):
-  if not isinstance(dtype, _TorchDtype):
+  if type(dtype) is not _TorchDtype:
     raise CheckpointFormatError(f"_rebuild_tensor_v3 with dtype {dtype!r}")
   return _LazyTensor(storage, storage_offset, size, stride, dtype.dtype)
 
@@ -179,9 +155,6 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
 class _TensorClass:
   """`torch.Tensor` / `torch.nn.Parameter` as the type argument of `_rebuild_from_type_v2`."""
 
-  def __init__(self, name):
-    self.name = name
-
 
 def _rebuild_from_type_v2(func, new_type, args, state):
   if not isinstance(new_type, _TensorClass):
@@ -189,58 +162,34 @@ def _rebuild_from_type_v2(func, new_type, args, state):
   return func(*args)
 
 
-def _ordered_dict(*args, **kwargs):
-  return collections.OrderedDict(*args, **kwargs)
-
-
-def _safe_dtype(*args):
-  dtype = np.dtype(*args)
-  if dtype.hasobject:
-    raise UnsafePickleError("numpy object arrays are not allowed in weight files")
+def _no_objects(dtype, what="arrays"):
+  if not isinstance(dtype, np.dtype) or dtype.hasobject:
+    raise UnsafePickleError(f"numpy object {what} are not allowed in weight files")
   return dtype
 
 
-def _codecs_encode(text, encoding="utf-8"):
-  import codecs
-  return codecs.encode(text, encoding)
-
-
-def _numpy_reconstruct():
+def _numpy_core(module, name):
+  """numpy's pickle helper `module.name`, from `numpy._core` (numpy 2) or `numpy.core`."""
   try:
-    from numpy._core.multiarray import _reconstruct
-  except ImportError:  # numpy < 2
-    from numpy.core.multiarray import _reconstruct
-  return _reconstruct
+    return getattr(importlib.import_module(f"numpy._core.{module}"), name)
+  except ImportError:
+    return getattr(importlib.import_module(f"numpy.core.{module}"), name)
 
 
 def _numpy_scalar(dtype, data=None):
-  try:
-    from numpy._core.multiarray import scalar
-  except ImportError:
-    from numpy.core.multiarray import scalar
-  if not isinstance(dtype, np.dtype) or dtype.hasobject:
-    raise UnsafePickleError("numpy object scalars are not allowed in weight files")
-  return scalar(dtype, data) if data is not None else scalar(dtype)
+  scalar, dtype = _numpy_core("multiarray", "scalar"), _no_objects(dtype, "scalars")
+  return scalar(dtype) if data is None else scalar(dtype, data)
 
 
 def _numpy_frombuffer(buf, dtype, shape, order):
-  if not isinstance(dtype, np.dtype) or dtype.hasobject:
-    raise UnsafePickleError("numpy object arrays are not allowed in weight files")
-  try:
-    from numpy._core.numeric import _frombuffer
-  except ImportError:
-    from numpy.core.numeric import _frombuffer
-  return _frombuffer(buf, dtype, shape, order)
+  return _numpy_core("numeric", "_frombuffer")(buf, _no_objects(dtype), shape, order)
 
 
-def _allowed_globals() -> Dict[Tuple[str, str], Any]:
+def _allowed_globals():
   allowed = {
-      ("collections", "OrderedDict"): _ordered_dict,
-      ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
-      ("builtins", "complex"): complex, ("__builtin__", "set"): set,
-      ("__builtin__", "frozenset"): frozenset, ("__builtin__", "complex"): complex,
-      ("_codecs", "encode"): _codecs_encode,
-      ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _safe_dtype,
+      ("collections", "OrderedDict"): collections.OrderedDict,
+      ("_codecs", "encode"): codecs.encode,
+      ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): lambda *a: _no_objects(np.dtype(*a)),
       ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
       ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
       ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
@@ -248,23 +197,22 @@ def _allowed_globals() -> Dict[Tuple[str, str], Any]:
       ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
       ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
       ("torch.tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-      ("torch", "Tensor"): _TensorClass("torch.Tensor"),
-      ("torch.nn.parameter", "Parameter"): _TensorClass("torch.nn.Parameter"),
+      ("torch", "Tensor"): _TensorClass(), ("torch.nn.parameter", "Parameter"): _TensorClass(),
       ("torch", "Size"): tuple,
   }
+  for builtins in ("builtins", "__builtin__"):
+    allowed.update({(builtins, t.__name__): t for t in (set, frozenset, complex)})
   for np_mod in ("numpy.core", "numpy._core"):
-    allowed[(f"{np_mod}.multiarray", "_reconstruct")] = _numpy_reconstruct()
+    allowed[(f"{np_mod}.multiarray", "_reconstruct")] = _numpy_core("multiarray", "_reconstruct")
     allowed[(f"{np_mod}.multiarray", "scalar")] = _numpy_scalar
     allowed[(f"{np_mod}.numeric", "_frombuffer")] = _numpy_frombuffer
   for name in _STORAGE_DTYPES:
-    allowed[("torch", name)] = _StorageType(name)
-    allowed[("torch.storage", name)] = _StorageType(name)
-  for name in _TORCH_DTYPES:
-    allowed[("torch", name)] = _TorchDtype(name)
+    allowed[("torch", name)] = allowed[("torch.storage", name)] = _StorageType(name)
+  allowed.update({("torch", name): _TorchDtype(name) for name in _TORCH_DTYPES})
   return allowed
 
 
-_ALLOWED = None
+_ALLOWED = _allowed_globals()
 
 
 class _Forbidden:
@@ -274,23 +222,13 @@ class _Forbidden:
   def __new__(cls, *args, **kwargs):
     return object.__new__(cls)
 
-  def __init__(self, *args, **kwargs):
+  def _ignore(self, *args, **kwargs):
     pass
+
+  __init__ = __setstate__ = __setitem__ = append = extend = _ignore
 
   def __call__(self, *args, **kwargs):
     return type(self)()
-
-  def __setstate__(self, state):
-    pass
-
-  def __setitem__(self, key, value):
-    pass
-
-  def append(self, value):
-    pass
-
-  def extend(self, values):
-    pass
 
   def __repr__(self):
     return f"<{self.qualname}>"
@@ -301,9 +239,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
   def __init__(self, file, storages=None, zip_reader=None, encoding="utf-8"):
     super().__init__(file, encoding=encoding)
-    global _ALLOWED
-    if _ALLOWED is None:
-      _ALLOWED = _allowed_globals()
     self.forbidden: List[str] = []
     self.storages = storages if storages is not None else {}
     self.zip_reader = zip_reader   # callable(key) -> bytes, for the zip format
@@ -319,49 +254,43 @@ class _RestrictedUnpickler(pickle.Unpickler):
   def persistent_load(self, pid):
     if not isinstance(pid, tuple) or not pid:
       raise CheckpointFormatError(f"unknown persistent id {pid!r}")
-    kind = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]
+    kind = _text(pid[0])
     if kind != "storage":
       self.forbidden.append(f"persistent object of type {kind!r}")
       return _Forbidden()
-    if len(pid) == 5:    # zip: (storage, type, key, location, numel)
-      _, storage_type, key, _, numel = pid
-      view = None
-    elif len(pid) == 6:  # legacy: (storage, type, root_key, location, numel, view_metadata)
-      _, storage_type, key, _, numel, view = pid
-    else:
+    if len(pid) not in (5, 6):  # zip: (storage, type, key, location, numel); legacy: + view
       raise CheckpointFormatError(f"unknown storage id {pid!r}")
-    if not isinstance(storage_type, _StorageType):
+    _, storage_type, key, _, numel, *view = pid
+    if type(storage_type) is not _StorageType:
       self.forbidden.append(f"storage of type {storage_type!r}")
       return _Forbidden()
-    key = key.decode("ascii") if isinstance(key, bytes) else str(key)
+    key = _text(key)
     storage = self.storages.get(key)
     if storage is None:
       storage = self.storages[key] = _Storage(storage_type.dtype, numel, key)
       if self.zip_reader is not None:
         storage.data = self.zip_reader(key)
-    if view is not None:
-      view_key, offset, view_size = view
-      view_key = view_key.decode("ascii") if isinstance(view_key, bytes) else str(view_key)
-      if view_key not in self.storages:
-        v = _Storage(storage.dtype, view_size, view_key)
-        v.base, v.offset = storage, int(offset)
-        self.storages[view_key] = v
-      return self.storages[view_key]
-    return storage
+    if not view or view[0] is None:
+      return storage
+    view_key, offset, view_size = view[0]
+    view_key = _text(view_key)
+    if view_key not in self.storages:
+      v = self.storages[view_key] = _Storage(storage.dtype, view_size, view_key)
+      v.base, v.offset = storage, int(offset)
+    return self.storages[view_key]
 
 
 def _locate(obj, path="") -> List[str]:
   """Paths (`['optimizer']['state']`) of the `_Forbidden` objects inside obj."""
   if isinstance(obj, _Forbidden) or (isinstance(obj, type) and issubclass(obj, _Forbidden)):
     return [f"{obj.qualname} at {path or 'top level'}"]
-  found = []
   if isinstance(obj, dict):
-    for k, v in obj.items():
-      found += _locate(v, f"{path}[{k!r}]")
+    items = [(repr(k), v) for k, v in obj.items()]
   elif isinstance(obj, (list, tuple, set, frozenset)):
-    for i, v in enumerate(obj):
-      found += _locate(v, f"{path}[{i}]")
-  return found
+    items = enumerate(obj)
+  else:
+    return []
+  return [found for k, v in items for found in _locate(v, f"{path}[{k}]")]
 
 
 def _unsafe_message(source, names, located):
@@ -376,19 +305,20 @@ def _unsafe_message(source, names, located):
           "state dict).")
 
 
-def _materialise(obj):
+def _map_tree(leaf, obj):
+  """`leaf` applied to every non-container of a tree of dicts, lists and tuples."""
+  if isinstance(obj, dict):
+    return {k: _map_tree(leaf, v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return type(obj)(_map_tree(leaf, v) for v in obj)
+  return leaf(obj)
+
+
+def _materialise_leaf(obj):
   if isinstance(obj, _LazyTensor):
     return obj.materialise()
   if isinstance(obj, np.ndarray):
-    if obj.dtype.hasobject:
-      raise UnsafePickleError("numpy object arrays are not allowed in weight files")
-    return obj
-  if isinstance(obj, dict):
-    return {k: _materialise(v) for k, v in obj.items()}
-  if isinstance(obj, list):
-    return [_materialise(v) for v in obj]
-  if isinstance(obj, tuple):
-    return tuple(_materialise(v) for v in obj)
+    _no_objects(obj.dtype)
   return obj
 
 
@@ -408,15 +338,10 @@ def _run_unpickler(unpickler, source):
   return result
 
 
-# ------------------------------------------------------------------------------------------------
-# Readers
-# ------------------------------------------------------------------------------------------------
-
-
 def restricted_loads(data: bytes, encoding: str = "latin1", source: str = "<bytes>"):
   """Unpickle one object from bytes with the restricted unpickler (no persistent ids)."""
   unpickler = _RestrictedUnpickler(io.BytesIO(data), encoding=encoding)
-  return _materialise(_run_unpickler(unpickler, source))
+  return _map_tree(_materialise_leaf, _run_unpickler(unpickler, source))
 
 
 def _read_torch_zip(path: Path):
@@ -450,25 +375,28 @@ def _read_torch_zip(path: Path):
       for s in unpickler.storages.values():
         if s.data is not None:
           s.data = _to_little_endian(s.data, s.dtype)
-    return _materialise(result)
+    return _map_tree(_materialise_leaf, result)
 
 
-def _read_legacy_or_pickle(path: Path, encoding: str):
+def _read_legacy_or_pickle(path: Path):
+  """A plain pickle, or a torch legacy file (a series of pickles, then the storages' bytes)."""
+  # detectron2 reads .pkl with latin1 (Python 2 pickles); torch reads with utf-8.
   with open(path, "rb") as f:
-    first = _run_unpickler(_RestrictedUnpickler(f, encoding=encoding), str(path))
+    storages: Dict[str, _Storage] = {}
+
+    def load():
+      return _run_unpickler(_RestrictedUnpickler(f, storages, encoding="latin1"), str(path))
+
+    first = load()
     if first != TORCH_LEGACY_MAGIC:
-      return _materialise(first), "pickle"
-    protocol = _run_unpickler(_RestrictedUnpickler(f, encoding=encoding), str(path))
+      return _map_tree(_materialise_leaf, first)
+    protocol = load()
     if protocol != TORCH_LEGACY_PROTOCOL:
       raise CheckpointFormatError(f"{path}: torch legacy protocol {protocol}, expected 1001")
-    sys_info = _run_unpickler(_RestrictedUnpickler(f, encoding=encoding), str(path))
+    sys_info = load()
     little = sys_info.get("little_endian", True) if isinstance(sys_info, dict) else True
-    storages: Dict[str, _Storage] = {}
-    main = _RestrictedUnpickler(f, storages=storages, encoding=encoding)
-    result = _run_unpickler(main, str(path))
-    keys = _run_unpickler(_RestrictedUnpickler(f, encoding=encoding), str(path))
-    for key in keys:
-      key = key.decode("ascii") if isinstance(key, bytes) else str(key)
+    result = load()
+    for key in map(_text, load()):
       if key not in storages:
         raise CheckpointFormatError(f"{path}: storage key {key} was not referenced")
       storage = storages[key]
@@ -479,24 +407,19 @@ def _read_legacy_or_pickle(path: Path, encoding: str):
       data = f.read(numel * storage.dtype.itemsize)
       if len(data) != numel * storage.dtype.itemsize:
         raise CheckpointFormatError(f"{path}: storage {key} is truncated")
-      if not little:
-        data = _to_little_endian(data, storage.dtype)
-      storage.data, storage.numel = data, numel
-    return _materialise(result), "torch_legacy"
+      storage.data = data if little else _to_little_endian(data, storage.dtype)
+      storage.numel = numel
+    return _map_tree(_materialise_leaf, result)
 
 
 def _torch_to_numpy(obj):
   import torch
-  if isinstance(obj, torch.Tensor):
-    t = obj.detach().cpu()
-    if t.dtype == torch.bfloat16:
-      return t.view(torch.int16).numpy().view(_bfloat16())
-    return t.numpy()
-  if isinstance(obj, dict):
-    return {k: _torch_to_numpy(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return type(obj)(_torch_to_numpy(v) for v in obj)
-  return obj
+  if not isinstance(obj, torch.Tensor):
+    return obj
+  t = obj.detach().cpu()
+  if t.dtype == torch.bfloat16:
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return t.numpy()
 
 
 def detect_container(path) -> str:
@@ -514,15 +437,11 @@ def detect_container(path) -> str:
 
 
 def load_file(path, backend: str = "auto"):
-  """Load a weight file: returns its content with every tensor as a numpy array.
+  """A weight file's content with every tensor as a numpy array.
 
-  Args:
-    path: a torch `.pth`/`.pt` (zip or legacy), a pickled `.pkl`, or an `.npz`.
-    backend: "auto" (torch.load(weights_only=True) for torch files when torch is installed, the
-      built-in reader otherwise), "numpy" (always the built-in reader) or "torch".
-  Raises:
-    UnsafePickleError: the pickle references something other than tensors/arrays/containers.
-    CheckpointFormatError: unknown or corrupt file.
+  `backend`: "auto" (torch.load(weights_only=True) for torch files when torch is installed, the
+  built-in reader otherwise), "numpy" (always the built-in reader) or "torch". Raises
+  UnsafePickleError (objects other than tensors/arrays/containers) or CheckpointFormatError.
   """
   path = Path(path)
   if not path.is_file():
@@ -551,28 +470,18 @@ def load_file(path, backend: str = "auto"):
       # found; should it accept the file after all, torch's refusal stands.
       _read_builtin(path, container)
       raise UnsafePickleError(f"{path}: torch.load(weights_only=True) refused the file: {e}") from e
-    return _torch_to_numpy(obj)
+    return _map_tree(_torch_to_numpy, obj)
   return _read_builtin(path, container)
 
 
 def _read_builtin(path, container):
-  """The built-in reader (no torch): torch zip, torch legacy or plain pickle."""
-  if container == "torch_zip":
-    return _read_torch_zip(path)
-  # detectron2 reads .pkl with latin1 (Python 2 pickles); torch reads with utf-8.
-  obj, _ = _read_legacy_or_pickle(path, "latin1")
-  return obj
+  return _read_torch_zip(path) if container == "torch_zip" else _read_legacy_or_pickle(path)
 
 
 def _is_torch_legacy(path) -> bool:
   prefix = pickle.dumps(TORCH_LEGACY_MAGIC, protocol=2)
   with open(path, "rb") as f:
     return f.read(len(prefix)) == prefix
-
-
-# ------------------------------------------------------------------------------------------------
-# Writer
-# ------------------------------------------------------------------------------------------------
 
 
 def save_state_dict(state_dict: Dict[str, np.ndarray], path, wrap_model: bool = True) -> Path:

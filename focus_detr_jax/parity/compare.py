@@ -61,38 +61,25 @@ def compare_exact(stage, ours, ref, detail=""):
   return StageResult(stage, float(mismatches), "exact (count)", mismatches == 0, detail)
 
 
-def tie_aware_topk_mismatch(ours_idx, ref_idx, ref_key, eps, check_order=True):
-  """Tie-aware comparison of one top-k index list (decisions §8).
-
-  Args:
-    ours_idx, ref_idx: [k] indices into the candidates, sorted by decreasing key.
-    ref_key: [n] the reference key of every candidate.
-    eps: elements whose reference key is within eps of the k-th key may differ; in order
-      checks, neighbours closer than eps may swap.
-  Returns:
-    number of mismatching elements (0 = equal up to ties).
-  """
-  ours_idx = np.asarray(ours_idx)
-  ref_idx = np.asarray(ref_idx)
+def tie_aware_topk_mismatch(ours_idx, ref_idx, ref_key, eps):
+  """Mismatching elements of one top-k index list [k] (sorted by decreasing key), given the
+  reference key [n] of every candidate (decisions §8): elements whose reference key is within eps
+  of the k-th may differ, and neighbours closer than eps may swap. 0 = equal up to ties."""
+  ours_idx, ref_idx = np.asarray(ours_idx), np.asarray(ref_idx)
   ref_key = np.asarray(ref_key, np.float64)
-  k = len(ref_idx)
-  if len(ours_idx) != k:
-    return max(k, len(ours_idx))
+  if len(ours_idx) != len(ref_idx):
+    return max(len(ref_idx), len(ours_idx))
   kth = ref_key[ref_idx].min()
-  ambiguous = lambda idx: np.abs(ref_key[idx] - kth) <= eps
-  ours_set = set(ours_idx[~ambiguous(ours_idx)].tolist())
-  ref_set = set(ref_idx[~ambiguous(ref_idx)].tolist())
-  bad = len(ours_set ^ ref_set)
-  if check_order:
-    # The reference keys read in our order must follow the reference's sorted keys within eps.
-    bad += int(np.sum(np.abs(ref_key[ours_idx] - ref_key[ref_idx]) > eps))
-  return bad
+  unambiguous = lambda idx: set(idx[~(np.abs(ref_key[idx] - kth) <= eps)].tolist())
+  # The reference keys read in our order must also follow the reference's sorted keys within eps.
+  return (len(unambiguous(ours_idx) ^ unambiguous(ref_idx))
+          + int(np.sum(np.abs(ref_key[ours_idx] - ref_key[ref_idx]) > eps)))
 
 
-def compare_topk(stage, ours_idx, ref_idx, ref_key, eps, check_order=True):
+def compare_topk(stage, ours_idx, ref_idx, ref_key, eps):
   """Tie-aware comparison of batched top-k lists [B, k] with keys [B, n]."""
   ours_idx, ref_idx, ref_key = np.asarray(ours_idx), np.asarray(ref_idx), np.asarray(ref_key)
-  bad = sum(tie_aware_topk_mismatch(o, r, key, eps, check_order)
+  bad = sum(tie_aware_topk_mismatch(o, r, key, eps)
             for o, r, key in zip(ours_idx, ref_idx, ref_key))
   exact = int(np.sum(ours_idx != ref_idx)) if ours_idx.shape == ref_idx.shape else -1
   return StageResult(stage, float(bad), f"tie-aware exact (eps {eps:g})", bad == 0,
@@ -122,10 +109,8 @@ def detection_box_errors(ours, ref, score_eps=2e-3):
 
 
 def compare_detections(stage, ours, ref, image_size, score_eps=2e-3, box_atol_frac=5e-4):
-  """Sorted top-k detections: scores atol; labels/boxes tie-aware (decisions §8).
-
-  ours/ref: dicts with `scores` [k], `labels` [k], `boxes` [k, 4] xyxy pixels.
-  """
+  """Sorted top-k detections (dicts as in detection_box_errors): scores atol; labels and boxes
+  tie-aware (decisions §8)."""
   box_atol = box_atol_frac * max(image_size)
   s_o, s_r = np.asarray(ours["scores"], np.float64), np.asarray(ref["scores"], np.float64)
   results = [compare_close(f"{stage} scores", s_o, s_r, atol=score_eps)]

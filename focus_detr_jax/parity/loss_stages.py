@@ -1,23 +1,16 @@
 """Parity stages of the training objective (decisions §8).
 
-`compare_*` / `loss_stage_rows`: the criterion on the outputs stored in a reference directory
-(the `criterion/` rows of check_parity.py); `passed` is None when a row is skipped (its arrays are
-absent; the stage name says why). Index stages report the number of mismatches with tolerance 0;
-loss stages the max relative error with rtol 1e-4. What the stored outputs allow (parity/README
-§7, training_extras.md §6):
-  * `foreground_labels.npz`: labels exact, select loss (with `fg_score` of losses_train.npz);
-  * `losses_train.npz` (DN off): no `aux_pred_logits`, so only the final and enc matchings and
-    their losses, select_loss and the DN placeholder are compared;
-  * `dn_train.npz` (DN on, top-k teacher-forced): all 7 matchings, all 40 terms and the total,
-    and the CDN queries built from the recorded draws.
-Matchings are computed (Hungarian on device), never forced. `train_loss_stages`, `dn_stages`,
-`gradient_stages`: our own teacher-forced forward + criterion (DN off, on) and its gradients.
+`compare_*` / `criterion_only_stages`: the criterion on the outputs stored in a reference directory
+(the `criterion/` rows of check_parity.py; losses_train.npz stores no `aux_pred_logits`, so only
+its final and enc matchings and losses are compared); `passed` is None when a row is skipped.
+`train_loss_stages`, `dn_stages`, `gradient_stages`: our own teacher-forced forward + criterion
+(DN off, on) and its gradients. Matchings are computed (Hungarian on device), never forced.
 """
 
 import dataclasses
 import functools
 import math
-import os
+import operator
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -51,11 +44,8 @@ def _skipped(stage: str, why: str) -> StageResult:
 
 
 def load_targets(parity_dir, max_boxes: int = 100) -> Optional[Dict[str, np.ndarray]]:
-  """The train batch's targets from inputs.npz, padded to `max_boxes` slots (numpy).
-
-  Returns None when inputs.npz is absent. Keys: boxes [B, M, 4] float32 cxcywh, labels [B, M]
-  int32, box_valid [B, M] bool, image_size [B, 2] int32 (h, w).
-  """
+  """The train batch's targets from inputs.npz (None when absent), padded to M = `max_boxes`:
+  boxes [B, M, 4] float32 cxcywh, labels [B, M] int32, box_valid [B, M], image_size [B, 2]."""
   inputs = load_npz(Path(parity_dir) / "inputs.npz")
   if inputs is None:
     return None
@@ -77,8 +67,9 @@ def _rel_error(ours, ref) -> float:
   return abs(ours - ref) / abs(ref) if ref != 0 else abs(ours - ref)
 
 
-def _level_shapes(ref) -> Tuple[Tuple[int, int], ...]:
-  return tuple(tuple(int(v) for v in hw) for hw in ref["spatial_shapes"])
+def _int_tuples(rows) -> Tuple[Tuple[int, ...], ...]:
+  """A 2-d array as hashable static arguments."""
+  return tuple(tuple(int(v) for v in row) for row in rows)
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,10 +95,8 @@ def recorded_cdn_queries(ref, targets, dn_number: int = 100,
 
 @functools.lru_cache(maxsize=4)
 def _evaluate(parity_dir: str, npz_name: str, max_boxes: int):
-  """Run the criterion on one reference file's stored outputs (cached across compare_*).
-
-  Returns (ref, aux, total, num_aux) or None when a needed file or array is absent.
-  """
+  """The criterion on one reference file's stored outputs (cached across compare_*): (ref, aux,
+  total, num_aux), or None when a needed file or array is absent."""
   ref = load_npz(Path(parity_dir) / npz_name)
   targets = load_targets(parity_dir, max_boxes)
   if ref is None or targets is None:
@@ -126,7 +115,7 @@ def _evaluate(parity_dir: str, npz_name: str, max_boxes: int):
     outputs["dn_pred_logits"] = ref["dn_pred_logits_all_layers"]
     outputs["dn_pred_boxes"] = ref["dn_pred_boxes_all_layers"]
   num_boxes = float(max(1, targets["box_valid"].sum()))
-  total, aux = _jitted_loss(_level_shapes(ref))(outputs, targets, num_boxes, dn=dn)
+  total, aux = _jitted_loss(_int_tuples(ref["spatial_shapes"]))(outputs, targets, num_boxes, dn=dn)
   return ref, jax.device_get(aux), float(total), outputs["aux_pred_logits"].shape[0]
 
 
@@ -137,10 +126,10 @@ def compare_foreground_labels(parity_dir, max_boxes: int = 100) -> List[StageRes
   targets = load_targets(parity_dir, max_boxes)
   if ref is None or targets is None:
     return [_skipped(stage, "foreground_labels.npz or inputs.npz absent")]
-  level_shapes = tuple(tuple(int(v) for v in hw) for hw in ref["feat_shapes"])
   labels = np.asarray(foreground_lib.foreground_labels(
-      targets["boxes"], targets["box_valid"], targets["image_size"], level_shapes,
-      tuple(int(s) for s in ref["strides"]), tuple(tuple(r) for r in ref["limit_range"].tolist())))
+      targets["boxes"], targets["box_valid"], targets["image_size"],
+      _int_tuples(ref["feat_shapes"]), tuple(int(s) for s in ref["strides"]),
+      _int_tuples(ref["limit_range"])))
   mismatches = int(np.sum(labels != ref["labels_flat"]))
   rows = [_row(stage, float(mismatches), 0.0, mismatches == 0)]
   train = load_npz(Path(parity_dir) / "losses_train.npz")
@@ -151,6 +140,26 @@ def compare_foreground_labels(parity_dir, max_boxes: int = 100) -> List[StageRes
   err = max(max(_rel_error(o, r) for o, r in zip(per_image, ref["select_loss_per_image"])),
             _rel_error(per_image.mean(), ref["select_loss"]))
   rows.append(_row("select_loss (per image and mean)", err, TOL_LOSS, err <= TOL_LOSS))
+  return rows
+
+
+def _matched_pairs(query_index, matched):
+  """Our (query, target) pairs of one matching call and image."""
+  return [(int(query_index[t]), int(t)) for t in np.nonzero(np.asarray(matched))[0]]
+
+
+def _pair_mismatches(ours, src, tgt) -> int:
+  """Size of the symmetric difference of two (query, target) pair sets."""
+  return len(set(ours) ^ set(zip(src.tolist(), tgt.tolist())))
+
+
+def _per_file(parity_dir, max_boxes, what, rows_fn) -> List[StageResult]:
+  """rows_fn(criterion result, npz name) for losses_train.npz and dn_train.npz."""
+  rows = []
+  for npz_name in ("losses_train.npz", "dn_train.npz"):
+    result = _evaluate(str(parity_dir), npz_name, max_boxes)
+    rows += ([_skipped(f"{npz_name} {what}", "file or stored outputs absent")] if result is None
+             else rows_fn(result, npz_name))
   return rows
 
 
@@ -166,12 +175,9 @@ def _match_rows(result, npz_name: str) -> List[StageResult]:
     if any(f"match_{name}_src_{i}" not in ref for i in range(batch)):
       rows.append(_skipped(stage, "reference indices absent"))
       continue
-    mismatches = 0
-    for i in range(batch):
-      ours = {(int(query_index[k, i, m]), m) for m in np.nonzero(matched[k, i])[0]}
-      theirs = set(zip(ref[f"match_{name}_src_{i}"].tolist(),
-                       ref[f"match_{name}_tgt_{i}"].tolist()))
-      mismatches += len(ours ^ theirs)
+    mismatches = sum(_pair_mismatches(_matched_pairs(query_index[k, i], matched[k, i]),
+                                      ref[f"match_{name}_src_{i}"], ref[f"match_{name}_tgt_{i}"])
+                     for i in range(batch))
     rows.append(_row(stage, float(mismatches), 0.0, mismatches == 0))
   for name in MATCH_NAMES[1 + num_aux:-1]:
     rows.append(_skipped(f"{npz_name} match_{name}", "aux_pred_logits absent"))
@@ -179,45 +185,29 @@ def _match_rows(result, npz_name: str) -> List[StageResult]:
 
 
 def compare_matchings(parity_dir, max_boxes: int = 100) -> List[StageResult]:
-  """The Hungarian matchings of losses_train.npz (final, enc) and dn_train.npz (all 7), exact.
-
-  The mismatch count is the size of the symmetric difference of the (query, target) pair sets.
-  """
-  rows = []
-  for npz_name in ("losses_train.npz", "dn_train.npz"):
-    result = _evaluate(str(parity_dir), npz_name, max_boxes)
-    if result is None:
-      rows.append(_skipped(f"{npz_name} matchings", "file or stored outputs absent"))
-      continue
-    rows += _match_rows(result, npz_name)
-  return rows
+  """The Hungarian matchings of losses_train.npz (final, enc) and dn_train.npz (all 7), exact
+  (the count of (query, target) pairs in one set only)."""
+  return _per_file(parity_dir, max_boxes, "matchings", _match_rows)
 
 
 def compare_loss_terms(parity_dir, max_boxes: int = 100) -> List[StageResult]:
-  """Every loss term that the stored outputs determine, and the weighted total (rtol 1e-4).
+  """Per file, every loss term that the stored outputs determine (the worst named) and the
+  weighted total, rtol 1e-4 (losses_train.npz: no aux logits stored, so no total)."""
+  return _per_file(parity_dir, max_boxes, "loss terms", _loss_term_rows)
 
-  One row per file for the terms (the worst term named) and one for the total; for
-  losses_train.npz the aux terms and the total are skipped (no aux logits stored).
-  """
-  rows = []
-  for npz_name in ("losses_train.npz", "dn_train.npz"):
-    result = _evaluate(str(parity_dir), npz_name, max_boxes)
-    if result is None:
-      rows.append(_skipped(f"{npz_name} loss terms", "file or stored outputs absent"))
-      continue
-    ref, aux, total, _ = result
-    ref_raw = dict(zip((str(n) for n in ref["loss_names"]), ref["loss_raw"]))
-    errors = {n: _rel_error(aux["losses"][n], r) for n, r in ref_raw.items() if n in aux["losses"]}
-    missing = len(ref_raw) - len(errors)
-    worst = max(errors, key=errors.get)
-    stage = f"{npz_name} loss terms ({len(errors)}/{len(ref_raw)}, worst {worst})"
-    rows.append(_row(stage, errors[worst], TOL_LOSS, errors[worst] <= TOL_LOSS))
-    if missing:
-      rows.append(_skipped(f"{npz_name} total", f"{missing} terms need aux_pred_logits"))
-    else:
-      err = _rel_error(total, ref["loss_total"])
-      rows.append(_row(f"{npz_name} total", err, TOL_LOSS, err <= TOL_LOSS))
-  return rows
+
+def _loss_term_rows(result, npz_name: str) -> List[StageResult]:
+  ref, aux, total, _ = result
+  ref_raw = dict(zip((str(n) for n in ref["loss_names"]), ref["loss_raw"]))
+  errors = {n: _rel_error(aux["losses"][n], r) for n, r in ref_raw.items() if n in aux["losses"]}
+  missing = len(ref_raw) - len(errors)
+  worst = max(errors, key=errors.get)
+  stage = f"{npz_name} loss terms ({len(errors)}/{len(ref_raw)}, worst {worst})"
+  rows = [_row(stage, errors[worst], TOL_LOSS, errors[worst] <= TOL_LOSS)]
+  if missing:
+    return rows + [_skipped(f"{npz_name} total", f"{missing} terms need aux_pred_logits")]
+  err = _rel_error(total, ref["loss_total"])
+  return rows + [_row(f"{npz_name} total", err, TOL_LOSS, err <= TOL_LOSS)]
 
 
 def compare_denoising(parity_dir, max_boxes: int = 100) -> List[StageResult]:
@@ -252,43 +242,47 @@ def compare_denoising(parity_dir, max_boxes: int = 100) -> List[StageResult]:
   size = ref["attn_mask"].shape[0]
   exact("dn attn_mask", dn.dn_attn_mask[:, :size, :size],
         np.broadcast_to(ref["attn_mask"], (dn.dn_attn_mask.shape[0], size, size)))
-  bad = 0
-  for i in range(dn.dn_positive.shape[0]):
-    ours = {(int(s), int(dn.dn_target_index[i, s])) for s in np.nonzero(dn.dn_positive[i])[0]}
-    theirs = set(zip(ref[f"dn_match_src_{i}"].tolist(), ref[f"dn_match_tgt_{i}"].tolist()))
-    bad += len(ours ^ theirs)
+  bad = sum(_pair_mismatches(
+      [(int(s), int(dn.dn_target_index[i, s])) for s in np.nonzero(dn.dn_positive[i])[0]],
+      ref[f"dn_match_src_{i}"], ref[f"dn_match_tgt_{i}"]) for i in range(dn.dn_positive.shape[0]))
   rows.append(_row("dn positive slots -> targets", float(bad), 0.0, bad == 0))
   return rows
-
-
-def loss_stage_rows(parity_dir=None, max_boxes: int = 100) -> List[StageResult]:
-  """All rows of this module, in pipeline order."""
-  parity_dir = parity_dir or os.environ.get("FOCUS_DETR_PARITY_DIR")
-  if parity_dir is None:
-    raise ValueError("no parity directory given")
-  return (compare_foreground_labels(parity_dir, max_boxes)
-          + compare_denoising(parity_dir, max_boxes)
-          + compare_matchings(parity_dir, max_boxes)
-          + compare_loss_terms(parity_dir, max_boxes))
 
 
 # ------------------------------------------------------------------------------------------------
 # Training objective: our model forward (teacher-forced) + criterion, with DN off and on, and the
 # gradients of the total loss.
 
-def _train_batch(reference, max_boxes):
-  images, pixel_valid, _ = make_batch(reference["inputs"], prefix="train_")
-  targets = load_targets(reference["dir"], max_boxes)
-  return dict(image=jnp.asarray(images), pixel_valid=jnp.asarray(pixel_valid),
-              **{k: jnp.asarray(v) for k, v in targets.items()})
+def _loss_rows(tag, ref, aux):
+  names = [str(n) for n in ref["loss_names"]]
+  ours, theirs = np.asarray([float(aux["losses"][n]) for n in names]), ref["loss_raw"]
+  worst = names[int(np.argmax(np.abs(ours - theirs) / np.maximum(np.abs(theirs), 1e-30)))]
+  total = sum(float(aux["weighted"][n]) for n in names)
+  m = aux["matching"]
+  bad = sum(_pair_mismatches(_matched_pairs(m.query_index[k, b], m.matched[k, b]),
+                             ref[f"match_{name}_src_{b}"], ref[f"match_{name}_tgt_{b}"]) > 0
+            for k, name in enumerate(MATCH_NAMES) for b in range(m.query_index.shape[1])
+            if f"match_{name}_src_{b}" in ref)
+  return [compare_close(f"{tag}/loss_terms ({len(names)})", ours, theirs, rtol=TOL_LOSS,
+                        detail=f"worst: {worst}"),
+          compare_close(f"{tag}/loss_total", total, ref["loss_total"], rtol=TOL_LOSS),
+          StageResult(f"{tag}/hungarian_matchings (7 calls x images)", float(bad), "exact",
+                      bad == 0)]
 
 
-def _objective(reference, config, ref, with_dn):
-  """(model, variables, batch, loss_fn(params) -> (total, aux)) for one recorded train run."""
+_OBJECTIVE_CACHE = {}
+
+
+def _loss_fn(reference, config, with_dn):
+  """(variables, loss_fn(params) -> (total, aux)) of one recorded train run, top-k's forced."""
+  ref = reference["dn_train"] if with_dn else reference["losses_train"]
   config = config.copy_and_resolve_references()
   if not with_dn:
     config.model.dn_number = 0
-  batch = _train_batch(reference, config.data.max_boxes)
+  images, pixel_valid, _ = make_batch(reference["inputs"], prefix="train_")
+  batch = dict(image=jnp.asarray(images), pixel_valid=jnp.asarray(pixel_valid),
+               **{k: jnp.asarray(v) for k, v in load_targets(
+                   reference["dir"], config.data.max_boxes).items()})
   model, variables = build_model(config, reference["dir"], train=True)
   forced = forced_from(ref, config.model.num_encoder_layers)
   draws = None
@@ -296,48 +290,16 @@ def _objective(reference, config, ref, with_dn):
     draws = denoising_lib.cdn_draws_from_detrex_rows(ref, batch["image"].shape[0],
                                                      2 * config.model.dn_number)
   extra = {k: v for k, v in variables.items() if k != "params"}
-
-  def loss_fn(params):
-    return model_loss(model, params, extra, batch, Objective.from_config(config), dn_draws=draws,
-                      forced=forced)
-
-  return model, variables, batch, loss_fn
-
-
-def _loss_rows(tag, ref, aux):
-  rows = []
-  names = [str(n) for n in ref["loss_names"]]
-  ours = np.asarray([float(aux["losses"][n]) for n in names])
-  rows.append(compare_close(f"{tag}/loss_terms ({len(names)})", ours, ref["loss_raw"],
-                            rtol=TOL_LOSS, detail="worst: " + names[int(np.argmax(
-                                np.abs(ours - ref["loss_raw"]) / np.maximum(
-                                    np.abs(ref["loss_raw"]), 1e-30)))]))
-  total = sum(float(aux["weighted"][n]) for n in names)
-  rows.append(compare_close(f"{tag}/loss_total", total, ref["loss_total"], rtol=TOL_LOSS))
-  matching = aux["matching"]
-  bad = 0
-  for k, name in enumerate(MATCH_NAMES):
-    for b in range(matching.query_index.shape[1]):
-      if f"match_{name}_src_{b}" not in ref:
-        continue
-      src, tgt = ref[f"match_{name}_src_{b}"], ref[f"match_{name}_tgt_{b}"]
-      ours = {int(t): int(q) for t, q in enumerate(np.asarray(matching.query_index[k, b]))
-              if bool(matching.matched[k, b, t])}
-      bad += int(ours != {int(t): int(s) for s, t in zip(src, tgt)})
-  rows.append(StageResult(f"{tag}/hungarian_matchings (7 calls x images)", float(bad),
-                          "exact", bad == 0))
-  return rows
-
-
-_OBJECTIVE_CACHE = {}
+  objective = Objective.from_config(config)
+  return variables, lambda params: model_loss(model, params, extra, batch, objective,
+                                              dn_draws=draws, forced=forced)
 
 
 def run_objective(reference, config, with_dn):
   """Loss parts and gradients of one recorded train run, one compiled program (cached)."""
   key = (str(reference["dir"]), with_dn)
   if key not in _OBJECTIVE_CACHE:
-    ref = reference["dn_train"] if with_dn else reference["losses_train"]
-    _, variables, _, loss_fn = _objective(reference, config, ref, with_dn=with_dn)
+    variables, loss_fn = _loss_fn(reference, config, with_dn)
     (_, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
     _OBJECTIVE_CACHE.clear()  # keep one full-size result alive at a time
     _OBJECTIVE_CACHE[key] = (variables, jax.device_get(aux), jax.device_get(grads))
@@ -375,15 +337,11 @@ def dn_stages(reference, config):
   for b in range(mask.shape[0]):
     rows.append(compare_exact(f"train_dn_on/attn_mask_img{b}", mask[b][np.ix_(keep, keep)],
                               ref["attn_mask"]))
-  rows.append(compare_close("train_dn_on/dn_pred_logits_all_layers",
-                            out["dn_pred_logits"][:, :, :s], ref["dn_pred_logits_all_layers"],
-                            atol=TOL_DEC_LOGITS))
-  rows.append(compare_close("train_dn_on/dn_pred_boxes_all_layers",
-                            out["dn_pred_boxes"][:, :, :s], ref["dn_pred_boxes_all_layers"],
-                            atol=TOL_DEC_BOXES))
-  for key, tol in (("pred_logits", TOL_DEC_LOGITS), ("pred_boxes", TOL_DEC_BOXES),
-                   ("aux_pred_logits", TOL_DEC_LOGITS), ("aux_pred_boxes", TOL_DEC_BOXES)):
-    rows.append(compare_close(f"train_dn_on/{key}", out[key], ref[key], atol=tol))
+  decoder = [("dn_pred_logits_all_layers", out["dn_pred_logits"][:, :, :s], TOL_DEC_LOGITS),
+             ("dn_pred_boxes_all_layers", out["dn_pred_boxes"][:, :, :s], TOL_DEC_BOXES)]
+  decoder += [(k, out[k], TOL_DEC_LOGITS if k.endswith("logits") else TOL_DEC_BOXES)
+              for k in ("pred_logits", "pred_boxes", "aux_pred_logits", "aux_pred_boxes")]
+  rows += [compare_close(f"train_dn_on/{k}", ours, ref[k], atol=tol) for k, ours, tol in decoder]
   rows += _loss_rows("train_dn_on", ref, aux)
   return rows
 
@@ -414,9 +372,7 @@ def gradient_stages(reference, config, with_dn):
       grads_ref["frozen_param_names"])))
   for frozen in grads_ref["frozen_param_names"]:
     rule = detrex_convert.detrex_key_to_path(str(frozen))
-    node = grads
-    for p in tuple(rule[1]) + (rule[3],):
-      node = node[p]
+    node = functools.reduce(operator.getitem, tuple(rule[1]) + (rule[3],), grads)
     rows.append(compare_exact(f"{tag}/frozen {frozen} grad == 0", np.asarray(node),
                               np.zeros_like(np.asarray(node))))
   for key in sorted(k for k in grads_ref if k.startswith("grad__")):
@@ -432,7 +388,9 @@ def gradient_stages(reference, config, with_dn):
   return rows
 
 
-def criterion_only_stages(reference_dir):
-  """The criterion on the stored outputs (`loss_stage_rows`), skipped rows left out."""
-  return [dataclasses.replace(r, stage=f"criterion/{r.stage}")
-          for r in loss_stage_rows(reference_dir) if r.passed is not None]
+def criterion_only_stages(reference_dir, max_boxes: int = 100):
+  """The criterion on the stored outputs (`compare_*`, in pipeline order), skipped rows left out."""
+  rows = [r for compare in (compare_foreground_labels, compare_denoising, compare_matchings,
+                            compare_loss_terms) for r in compare(reference_dir, max_boxes)]
+  return [dataclasses.replace(r, stage=f"criterion/{r.stage}") for r in rows
+          if r.passed is not None]

@@ -63,11 +63,8 @@ def load_reference(reference_dir):
 
 
 def make_batch(inputs, prefix=""):
-  """detrex ImageList: normalise, zero-pad bottom/right to the batch max.
-
-  Returns (images, pixel_valid, sizes); pixel_valid is True on image pixels (detrex's ImageList
-  mask is its negation, True = padded).
-  """
+  """detrex ImageList: normalise, zero-pad bottom/right to the batch max. Returns (images,
+  pixel_valid, sizes); pixel_valid: True on image pixels (detrex's mask: True = padded)."""
   images = [inputs[k] for k in sorted(k for k in inputs if k.startswith(prefix + "image_")
                                       and k[len(prefix + "image_"):].isdigit())]
   mean, std = inputs["pixel_mean"], inputs["pixel_std"]

@@ -5,37 +5,38 @@ from `default_rng(crc32(key) + seed)` by a per-key rule; aliases (shared modules
 paths) point at their canonical key. This rebuilds that state_dict bitwise in numpy.
 """
 
+import hashlib
 import json
+import os
 import zlib
+from pathlib import Path
 
 import numpy as np
+
+# The float rules: rng, shape -> values (parity/README §4).
+_FLOAT_RULES = {
+    "running_var": lambda rng, s: rng.uniform(0.5, 1.5, s),
+    "running_mean": lambda rng, s: rng.normal(0, 0.1, s),
+    "norm_weight": lambda rng, s: 1 + rng.normal(0, 0.1, s),
+    "vec": lambda rng, s: rng.normal(0, 0.02, s),
+    "embedding": lambda rng, s: rng.normal(0, 1, s),
+    "fan_in": lambda rng, s: rng.normal(0, 1, s) * np.sqrt(1.0 / int(np.prod(s[1:]))),
+}
 
 
 def rule_value(key, shape, rule, seed):
   """The value of one canonical key under the recording's weight rule."""
-  rng = np.random.default_rng(zlib.crc32(key.encode()) + seed)
   s = tuple(shape)
-  if rule == "running_var":
-    a = rng.uniform(0.5, 1.5, s)
-  elif rule == "running_mean":
-    a = rng.normal(0, 0.1, s)
-  elif rule == "norm_weight":
-    a = 1 + rng.normal(0, 0.1, s)
-  elif rule == "vec":
-    a = rng.normal(0, 0.02, s)
-  elif rule == "embedding":
-    a = rng.normal(0, 1, s)
-  elif rule == "fan_in":
-    a = rng.normal(0, 1, s) * np.sqrt(1.0 / int(np.prod(s[1:])))
-  elif rule == "int_buffer":
+  if rule == "int_buffer":
     window = int(round(np.sqrt(s[0])))
     if s != (window * window, window * window):
       raise ValueError(f"int_buffer rule only covers Swin relative_position_index, got {key} {s}")
     from focus_detr_jax.models.swin import relative_position_index
     return relative_position_index(window).astype(np.int64)
-  else:
+  if rule not in _FLOAT_RULES:
     raise ValueError(f"unknown weight rule {rule!r} for key {key}")
-  return a.astype(np.float32)
+  rng = np.random.default_rng(zlib.crc32(key.encode()) + seed)
+  return _FLOAT_RULES[rule](rng, s).astype(np.float32)
 
 
 def load_manifest(path):
@@ -50,9 +51,6 @@ def checkpoint_path(set_dir):
   meta.json's `weights` names the file and its sha256 (scripts/record_reference.py
   --checkpoint); the file is looked up in FOCUS_DETR_REFERENCE_CHECKPOINT, then next to the set.
   """
-  import hashlib
-  import os
-  from pathlib import Path
   set_dir = Path(set_dir)
   info = json.loads((set_dir / "meta.json").read_text())["weights"]
   candidates = [os.environ.get("FOCUS_DETR_REFERENCE_CHECKPOINT"), set_dir / info["file"]]
@@ -61,17 +59,20 @@ def checkpoint_path(set_dir):
     raise FileNotFoundError(f"{set_dir} was recorded from the checkpoint {info['file']} "
                             f"(sha256 {info['sha256']}); put it next to the set or point "
                             "FOCUS_DETR_REFERENCE_CHECKPOINT at it")
-  digest = hashlib.sha256(path.read_bytes()).hexdigest()
+  digest = sha256(path)
   if digest != info["sha256"]:
     raise ValueError(f"{path}: sha256 {digest} differs from the recorded {info['sha256']}")
   return path
 
 
-def build_state_dict(manifest_path, seed, prefix=""):
-  """Rebuild the recorded state_dict: {key: np.ndarray}; aliases share the canonical array.
+def sha256(path):
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
-  Rows with rule "checkpoint" take their value from the set's checkpoint file (checkpoint_path).
-  """
+
+def build_state_dict(manifest_path, seed, prefix=""):
+  """Rebuild the recorded state_dict: {key: np.ndarray}; aliases share the canonical array, rows
+  with rule "checkpoint" take their value from the set's checkpoint file (checkpoint_path)."""
   state_dict = {}
   checkpoint = None
   for key, shape, _, rule, alias_of in load_manifest(manifest_path):
@@ -79,7 +80,6 @@ def build_state_dict(manifest_path, seed, prefix=""):
       state_dict[key] = state_dict[alias_of]
     elif rule == "checkpoint":
       if checkpoint is None:
-        from pathlib import Path
         from focus_detr_jax.convert import torch_io
         obj = torch_io.load_file(checkpoint_path(Path(manifest_path).parent))
         checkpoint = obj.get("model", obj) if isinstance(obj, dict) else obj

@@ -40,9 +40,9 @@ def diff_sets(new, old):
       report[f] = {k: diff_arrays(za[k], zb[k]) for k in keys}
       report[f]["_only_old"] = sorted(set(zb.files) - set(za.files))
       report[f]["_only_new"] = sorted(set(za.files) - set(zb.files))
-  for f in ("state_dict_manifest.json",):
-    if (new / f).exists() and (old / f).exists():
-      report[f] = dict(equal=json.loads((new / f).read_text()) == json.loads((old / f).read_text()))
+  f = "state_dict_manifest.json"
+  if (new / f).exists() and (old / f).exists():
+    report[f] = dict(equal=json.loads((new / f).read_text()) == json.loads((old / f).read_text()))
   return report
 
 

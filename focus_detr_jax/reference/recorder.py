@@ -1,27 +1,12 @@
 """Record a parity reference set from the official detrex Focus-DETR on the CPU.
 
 Needs torch, detectron2 and detrex (with its `projects/` folder) importable; see
-docs/reproducibility.md. Import torch only after `configure_cpu` (the CPU-kernel choice is read
-from the environment when torch loads).
-
-What is written (layout of `shared/parity/public`, parity/README §7 and training_extras.md §6):
-  inputs.npz, meta.json, state_dict_manifest.json     always
-  forward_eval.npz                                    part "eval"
-  losses_train.npz, foreground_labels.npz             part "train" (natural top-k, DN off)
-  grads_train.npz                                     part "grads" (DN off, top-k forced)
-  dn_train.npz, grads_train_dn.npz                    part "dn" (DN on, top-k forced, draws kept)
-  ms_deform_attn.npz                                  part "msda"
-  training_meta.json                                  with "grads" or "dn"
-
-Nothing in detrex is modified on disk. Around each forward call the recorder installs forward
-hooks and instance wrappers (removed afterwards), replaces `torch.topk` by a recording (and,
-when indices are given, teacher-forcing) version, records the four random draws of
-`prepare_for_cdn`, and maps the hard-coded `.cuda()` / `.to("cuda")` of detrex's denoising code
-to the CPU (the reference's local source patches did the same by hand).
+docs/reproducibility.md, which lists the files each part writes. Import torch only after
+`configure_cpu` (the CPU-kernel choice is read from the environment when torch loads).
 """
 
+import collections
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -32,12 +17,16 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from focus_detr_jax.parity.weights import rule_value
+from focus_detr_jax.parity.weights import rule_value, sha256
 
 PINNED_COMMITS = {"detrex": "e244e6c3da3e84566728c52c21fb061d23ce0e2f",
                   "detectron2": "02b5c4e295e990042a714712c21dc79b731e8833"}
 MATCH_NAMES = ("final", "aux0", "aux1", "aux2", "aux3", "aux4", "enc")
 PARTS = ("eval", "train", "grads", "dn", "msda")
+# Arrays --compact leaves out: the largest eval ones (their stages run on the full sets), and DN
+# ones that check_parity does not read.
+_COMPACT_DROP = {"eval": ("memory", "aux_pred_logits", "neck_lvl0_img0_ch2", "neck_lvl0_chanmean"),
+                 "dn": ("dn_input_label_embed", "inter_references", "dec_hidden_rownorm")}
 # Full gradient arrays stored by the public set (training_extras.md §6); absent names are skipped.
 GRAD_FULL = (
     "transformer.alpha", "transformer.enc_mask_predictor.layer1.0.weight",
@@ -63,10 +52,8 @@ GRAD_FULL = (
 # Environment
 
 def configure_cpu(threads: int = 2, capability: Optional[str] = "avx2"):
-  """Pin the CPU kernels and the thread count (the reference used AVX2 kernels, 2 threads).
-
-  The kernel choice must be set before torch is imported; returns the torch module.
-  """
+  """Pin the CPU kernels (before torch is imported) and the thread count (the reference used AVX2
+  kernels, 2 threads); returns the torch module."""
   if capability:
     if "torch" in sys.modules:
       raise RuntimeError("configure_cpu(capability=...) must run before torch is imported")
@@ -119,14 +106,11 @@ def make_inputs(seed: int, eval_sizes, train_sizes=None, num_boxes=(3, 5), num_c
   """Random uint8 images (default_rng(1000+seed)) and boxes (default_rng(2000+seed))."""
   train_sizes = eval_sizes if train_sizes is None else train_sizes
   out = {}
-  rng = np.random.default_rng(1000 + seed)
-  for i, (h, w) in enumerate(eval_sizes):
-    out[f"image_{i}"] = rng.integers(0, 256, size=(3, h, w), dtype=np.uint8)
-  out["image_sizes"] = np.asarray(eval_sizes, np.int64)
-  rng = np.random.default_rng(1000 + seed)  # same draws: equal sizes give equal images
-  for i, (h, w) in enumerate(train_sizes):
-    out[f"train_image_{i}"] = rng.integers(0, 256, size=(3, h, w), dtype=np.uint8)
-  out["train_image_sizes"] = np.asarray(train_sizes, np.int64)
+  for prefix, sizes in (("", eval_sizes), ("train_", train_sizes)):
+    rng = np.random.default_rng(1000 + seed)  # the same draws: equal sizes give equal images
+    for i, (h, w) in enumerate(sizes):
+      out[f"{prefix}image_{i}"] = rng.integers(0, 256, size=(3, h, w), dtype=np.uint8)
+    out[f"{prefix}image_sizes"] = np.asarray(sizes, np.int64)
   rng = np.random.default_rng(2000 + seed)
   for i, (h, w) in enumerate(train_sizes):
     n = num_boxes[i % len(num_boxes)]
@@ -158,16 +142,13 @@ def build_model(config_path, detrex_root=None):
   cfg.model.device = "cpu"
   dn_number = int(cfg.model.dn_number)
   cfg.model.dn_number = 0
-  model = instantiate(cfg.model)
-  model.to("cpu")
-  return model, cfg, dn_number
+  return instantiate(cfg.model).to("cpu"), cfg, dn_number
 
 
 def _is_norm_module(module):
   import torch.nn as nn
-  names = {c.__name__ for c in type(module).__mro__}
   return (isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase))
-          or "FrozenBatchNorm2d" in names)
+          or any(c.__name__ == "FrozenBatchNorm2d" for c in type(module).__mro__))
 
 
 def _rule(model, key, tensor):
@@ -176,10 +157,8 @@ def _rule(model, key, tensor):
     return "int_buffer"
   module_name, _, leaf = key.rpartition(".")
   module = model.get_submodule(module_name) if module_name else model
-  if leaf == "running_var":
-    return "running_var"
-  if leaf == "running_mean":
-    return "running_mean"
+  if leaf in ("running_var", "running_mean"):
+    return leaf
   if isinstance(module, nn.Embedding) and leaf == "weight":
     return "embedding"
   if tensor.ndim == 1 and leaf == "weight" and _is_norm_module(module):
@@ -190,19 +169,14 @@ def _rule(model, key, tensor):
 
 
 def manifest_rows(model):
-  """[key, shape, dtype, rule, alias_of] for every state_dict entry, in state_dict order.
-
-  A key whose tensor is the same storage as an earlier key's (a shared module reached through
-  another path) is an alias of that first key.
-  """
+  """[key, shape, dtype, rule, alias_of] for every state_dict entry, in order; a key whose tensor
+  is an earlier key's storage (a shared module reached through another path) is its alias."""
   rows, seen = [], {}
   for key, t in model.state_dict(keep_vars=True).items():
     ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), str(t.dtype))
-    alias = seen.get(ident)
-    if alias is None:
-      seen[ident] = key
+    alias = seen.setdefault(ident, key)
     rows.append([key, list(t.shape), str(t.dtype).replace("torch.", ""), _rule(model, key, t),
-                 alias])
+                 alias if alias != key else None])
   return rows
 
 
@@ -226,19 +200,6 @@ def load_checkpoint(model, path):
   return dict(missing=list(missing), unexpected=list(unexpected))
 
 
-def sha256(path):
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
-def weight_fingerprint(model):
-  return {k: [float(t.detach().double().sum()), float(t.detach().double().abs().sum())]
-          for k, t in model.state_dict(keep_vars=True).items()}
-
-
 # ------------------------------------------------------------------------------------------------
 # Instrumentation of one forward call
 
@@ -252,18 +213,34 @@ def _np(t):
   return np.asarray(t)
 
 
+def _patch(owner, name, value, on_exit):
+  """owner.name = value; `on_exit` receives the undo (an instance attribute is deleted again, so
+  the class's method shows through). Returns the original."""
+  orig, own = getattr(owner, name), name in vars(owner)
+  setattr(owner, name, value)
+  on_exit(lambda: setattr(owner, name, orig) if own else delattr(owner, name))
+  return orig
+
+
+def _wrap(owner, name, record, on_exit):
+  """Wrap owner.name so that every call also hands (args, output) to `record`."""
+  orig = getattr(owner, name)
+
+  def wrapper(*args, **kwargs):
+    out = orig(*args, **kwargs)
+    record(args, out)
+    return out
+  _patch(owner, name, wrapper, on_exit)
+
+
 @contextlib.contextmanager
 def cpu_device_shim():
   """Map `.cuda()` and `.to("cuda")` to the CPU while detrex's DN code runs (no source patch)."""
   import torch
-  orig_cuda, orig_to = torch.Tensor.cuda, torch.Tensor.to
 
   def is_cuda(a):
     return ((isinstance(a, str) and a.startswith("cuda"))
             or (isinstance(a, torch.device) and a.type == "cuda"))
-
-  def cuda(self, *args, **kwargs):
-    return self
 
   def to(self, *args, **kwargs):
     args = tuple("cpu" if is_cuda(a) else a for a in args)
@@ -271,11 +248,14 @@ def cpu_device_shim():
       kwargs["device"] = "cpu"
     return orig_to(self, *args, **kwargs)
 
-  torch.Tensor.cuda, torch.Tensor.to = cuda, to
-  try:
+  with contextlib.ExitStack() as stack:
+    _patch(torch.Tensor, "cuda", lambda self, *args, **kwargs: self, stack.callback)
+    orig_to = _patch(torch.Tensor, "to", to, stack.callback)
     yield
-  finally:
-    torch.Tensor.cuda, torch.Tensor.to = orig_cuda, orig_to
+
+
+# The `torch.topk` calls that teacher forcing replaces, by phase, and their key in `forced`.
+_FORCED_KEY = {"cascade": "fg_inds", "oesm": "oesm_sel_local", "two_stage": "enc_topk_proposals"}
 
 
 class Instrument:
@@ -287,25 +267,16 @@ class Instrument:
   """
 
   def __init__(self, model, forced=None):
-    self.model = model
-    self.forced = forced
-    self.t = model.transformer
+    self.model, self.forced = model, forced
     self.rec = dict(topk=[], mcsp=[], proposals=[], aux=[], pos=[], oesm={}, matches=[],
                     rand=[], randint=[])
     self._undo = []
 
-  # -- torch.topk -------------------------------------------------------------------------------
   def _forced_indices(self, phase):
-    if self.forced is None:
+    key = _FORCED_KEY.get(phase[0])
+    if self.forced is None or key is None:
       return None
-    kind = phase[0]
-    if kind == "cascade":
-      return self.forced["fg_inds"][phase[1]]
-    if kind == "oesm":
-      return self.forced["oesm_sel_local"][phase[1]]
-    if kind == "two_stage":
-      return self.forced["enc_topk_proposals"]
-    return None
+    return self.forced[key][phase[1]] if len(phase) > 1 else self.forced[key]
 
   def _topk(self, input, k, dim=-1, largest=True, sorted=True, **kwargs):
     import torch
@@ -324,26 +295,16 @@ class Instrument:
     self.rec["topk"].append((phase, input.detach().clone(), result[1].detach().clone()))
     return result
 
-  # -- installation -----------------------------------------------------------------------------
   def _hook(self, module, fn, pre=False, kwargs=False):
-    if pre:
-      h = module.register_forward_pre_hook(fn, with_kwargs=kwargs)
-    else:
-      h = module.register_forward_hook(fn, with_kwargs=kwargs)
-    self._undo.append(h.remove)
-
-  def _patch(self, owner, name, value):
-    orig = getattr(owner, name)
-    setattr(owner, name, value)
-    self._undo.append(lambda: setattr(owner, name, orig))
+    register = module.register_forward_pre_hook if pre else module.register_forward_hook
+    self._undo.append(register(fn, with_kwargs=kwargs).remove)
 
   def __enter__(self):
     import torch
-    m, t, rec = self.model, self.t, self.rec
+    m, t, rec, undo = self.model, self.model.transformer, self.rec, self._undo.append
     self.phase = ("outside",)
     self.cascade_count = 0
-    self._orig_topk = torch.topk
-    self._patch(torch, "topk", self._topk)
+    self._orig_topk = _patch(torch, "topk", self._topk, undo)
 
     self._hook(m.backbone, lambda mod, a, out: rec.__setitem__(
         "backbone", {k: v.detach() for k, v in out.items()}))
@@ -381,102 +342,60 @@ class Instrument:
     for module in mcsp.values():
       self._hook(module, lambda mod, a, out: rec["mcsp"].append(out.detach()))
 
-    orig_proposals = t.gen_encoder_output_proposals
-    def proposals(memory, mask, shapes, process_output=True):
-      out = orig_proposals(memory, mask, shapes, process_output)
-      rec["proposals"].append((memory.detach(), out[0].detach(), out[1].detach(),
-                               out[2].detach()))
-      return out
-    t.gen_encoder_output_proposals = proposals
-    self._undo.append(lambda: delattr(t, "gen_encoder_output_proposals"))
-
-    orig_aux = m._set_aux_loss
-    def set_aux_loss(outputs_class, outputs_coord):
-      rec["aux"].append((outputs_class.detach(), outputs_coord.detach()))
-      return orig_aux(outputs_class, outputs_coord)
-    m._set_aux_loss = set_aux_loss
-    self._undo.append(lambda: delattr(m, "_set_aux_loss"))
-
-    orig_inference = m.inference
-    def inference(box_cls, box_pred, image_sizes):
-      results = orig_inference(box_cls, box_pred, image_sizes)
-      rec["inference"] = [dict(scores=_np(r.scores), labels=_np(r.pred_classes),
-                               boxes=_np(r.pred_boxes.tensor)) for r in results]
-      return results
-    m.inference = inference
-    self._undo.append(lambda: delattr(m, "inference"))
-
-    orig_targets = m.prepare_targets
-    def prepare_targets(targets):
-      out = orig_targets(targets)
-      rec["targets"] = [dict(boxes=_np(x["boxes"]), labels=_np(x["labels"])) for x in out]
-      return out
-    m.prepare_targets = prepare_targets
-    self._undo.append(lambda: delattr(m, "prepare_targets"))
-
+    _wrap(t, "gen_encoder_output_proposals", lambda a, out: rec["proposals"].append(
+        (a[0].detach(), out[0].detach(), out[1].detach(), out[2].detach())), undo)
+    _wrap(m, "_set_aux_loss", lambda a, out: rec["aux"].append(
+        (a[0].detach(), a[1].detach())), undo)
+    # Copied at once: detectron2's postprocessing rescales and clips these boxes in place.
+    _wrap(m, "inference", lambda a, out: rec.__setitem__("inference", _detection_arrays(
+        "infer", out)), undo)
+    _wrap(m, "prepare_targets", lambda a, out: rec.__setitem__("targets", [
+        dict(boxes=_np(x["boxes"]), labels=_np(x["labels"])) for x in out]), undo)
     if hasattr(m, "criterion"):
-      crit = m.criterion
-      orig_crit = crit.forward
-      def criterion_forward(*args, **kwargs):
-        losses = orig_crit(*args, **kwargs)
-        rec["loss_raw"] = {k: float(v.detach()) for k, v in losses.items()}
-        return losses
-      crit.forward = criterion_forward
-      self._undo.append(lambda: delattr(crit, "forward"))
-      self._hook(crit.matcher, lambda mod, a, out: rec["matches"].append(
-          [(_np(s), _np(g)) for s, g in out]))
-      if hasattr(crit, "target_layer"):
-        def gen_targets(mod, args, out):
-          rec["gen_targets"] = dict(srcs_shapes=[tuple(s.shape[-2:]) for s in args[0]],
-                                    boxes=_np(args[1]), classes=_np(args[2]), labels=_np(out),
-                                    strides=list(mod.strides),
-                                    limit_range=[list(r) for r in mod.limit_range])
-        self._hook(crit.target_layer, gen_targets)
-      for cls in type(crit).__mro__:
-        module = sys.modules.get(cls.__module__)
-        if module is not None and hasattr(module, "compute_cls_loss"):
-          orig_cls_loss = module.compute_cls_loss
-          def compute_cls_loss(*args, **kwargs):
-            out = orig_cls_loss(*args, **kwargs)
-            rec["select_loss_per_image"] = _np(out).astype(np.float64)
-            return out
-          self._patch(module, "compute_cls_loss", compute_cls_loss)
-          break
+      self._instrument_criterion(m.criterion)
+    self._instrument_cdn(torch, m)
+    return self
 
+  def _instrument_criterion(self, crit):
+    rec, undo = self.rec, self._undo.append
+    _wrap(crit, "forward", lambda a, losses: rec.__setitem__(
+        "loss_raw", {k: float(v.detach()) for k, v in losses.items()}), undo)
+    self._hook(crit.matcher, lambda mod, a, out: rec["matches"].append(
+        [(_np(s), _np(g)) for s, g in out]))
+    if hasattr(crit, "target_layer"):
+      def gen_targets(mod, args, out):
+        rec["gen_targets"] = dict(srcs_shapes=[tuple(s.shape[-2:]) for s in args[0]],
+                                  boxes=_np(args[1]), classes=_np(args[2]), labels=_np(out),
+                                  strides=list(mod.strides),
+                                  limit_range=[list(r) for r in mod.limit_range])
+      self._hook(crit.target_layer, gen_targets)
+    for cls in type(crit).__mro__:
+      module = sys.modules.get(cls.__module__)
+      if module is not None and hasattr(module, "compute_cls_loss"):
+        _wrap(module, "compute_cls_loss", lambda a, out: rec.__setitem__(
+            "select_loss_per_image", _np(out).astype(np.float64)), undo)
+        break
+
+  def _instrument_cdn(self, torch, m):
+    """The random draws, noised boxes and label embeddings of `prepare_for_cdn`, and its output."""
+    rec, model_module = self.rec, sys.modules[type(m).__module__]
     orig_cdn = m.prepare_for_cdn
-    model_module = sys.modules[type(m).__module__]
+
     def prepare_for_cdn(*args, **kwargs):
       with contextlib.ExitStack() as stack:
-        o_rand, o_randint = torch.rand_like, torch.randint_like
-        def rand_like(*a, **k):
-          out = o_rand(*a, **k)
-          rec["rand"].append(_np(out))
-          return out
-        def randint_like(*a, **k):
-          out = o_randint(*a, **k)
-          rec["randint"].append(_np(out))
-          return out
-        torch.rand_like, torch.randint_like = rand_like, randint_like
-        stack.callback(lambda: (setattr(torch, "rand_like", o_rand),
-                                setattr(torch, "randint_like", o_randint)))
-        o_inv = model_module.inverse_sigmoid
-        def inverse_sigmoid(x, *a, **k):
-          out = o_inv(x, *a, **k)
-          rec["dn_inverse_sigmoid"] = (_np(x), _np(out))
-          return out
-        model_module.inverse_sigmoid = inverse_sigmoid
-        stack.callback(lambda: setattr(model_module, "inverse_sigmoid", o_inv))
-        h = m.label_enc.register_forward_hook(
-            lambda mod, a, out: rec.__setitem__("dn_label_enc", (_np(a[0]), _np(out))))
-        stack.callback(h.remove)
+        _wrap(torch, "rand_like", lambda a, out: rec["rand"].append(_np(out)), stack.callback)
+        _wrap(torch, "randint_like", lambda a, out: rec["randint"].append(_np(out)),
+              stack.callback)
+        _wrap(model_module, "inverse_sigmoid", lambda a, out: rec.__setitem__(
+            "dn_inverse_sigmoid", (_np(a[0]), _np(out))), stack.callback)
+        stack.callback(m.label_enc.register_forward_hook(lambda mod, a, out: rec.__setitem__(
+            "dn_label_enc", (_np(a[0]), _np(out)))).remove)
         out = orig_cdn(*args, **kwargs)
       if out[0] is not None:
         rec["dn_out"] = dict(input_query_label=_np(out[0]), input_query_bbox=_np(out[1]),
                              attn_mask=_np(out[2]), dn_meta=dict(out[3]))
       return out
-    m.prepare_for_cdn = prepare_for_cdn
-    self._undo.append(lambda: delattr(m, "prepare_for_cdn"))
-    return self
+    _patch(m, "prepare_for_cdn", prepare_for_cdn, self._undo.append)
 
   def __exit__(self, *exc):
     for undo in reversed(self._undo):
@@ -484,37 +403,28 @@ class Instrument:
     self._undo = []
     return False
 
-  # -- results ----------------------------------------------------------------------------------
   def topk_calls(self, kind):
     return [(phase, x, idx) for phase, x, idx in self.rec["topk"] if phase[0] == kind]
 
 
 def transformer_arrays(ins: Instrument) -> Dict[str, np.ndarray]:
   """The transformer-side arrays shared by forward_eval / losses_train / dn_train."""
-  rec = ins.rec
-  kw = rec["encoder_kwargs"]
-  out = rec["transformer_out"]
-  a = {}
-  shapes = _np(kw["spatial_shapes"])
-  a["spatial_shapes"] = shapes
-  a["level_start_index"] = _np(kw["level_start_index"])
-  a["valid_ratios"] = _np(kw["valid_ratios"])
-  a["padding_mask_flat"] = _np(kw["query_key_padding_mask"]).astype(bool)
-  fg = _np(out[5])[..., 0]
-  a["fg_score"] = fg
-  a["fg_score_masked"] = _np(kw["backbone_mask_prediction"])
+  rec, kw, out = ins.rec, ins.rec["encoder_kwargs"], ins.rec["transformer_out"]
+  shapes, fg = _np(kw["spatial_shapes"]), _np(out[5])[..., 0]
+  a = dict(spatial_shapes=shapes, level_start_index=_np(kw["level_start_index"]),
+           valid_ratios=_np(kw["valid_ratios"]),
+           padding_mask_flat=_np(kw["query_key_padding_mask"]).astype(bool), fg_score=fg,
+           fg_score_masked=_np(kw["backbone_mask_prediction"]))
   starts = np.concatenate([[0], np.cumsum(shapes.prod(1))])
   for l in reversed(range(len(shapes))):
     a[f"fg_score_lvl{l}"] = fg[:, starts[l]:starts[l + 1]].copy()
   a["focus_token_nums"] = _np(kw["focus_token_nums"]).astype(np.int64)
   a["valid_token_nums"] = _np(rec["proposals"][0][3]).astype(np.int64)
-  fg_inds = [_np(x) for x in kw["foreground_inds"]]
   oesm_topk = {phase[1]: idx for phase, _, idx in ins.topk_calls("oesm")}
-  for l, inds in enumerate(fg_inds):
-    a[f"fg_inds_layer{l}"] = inds
-    o = rec["oesm"][l]
+  for l, x in enumerate(kw["foreground_inds"]):
+    o, inds, sel = rec["oesm"][l], _np(x), _np(oesm_topk[l])
     mc = _np(o["mc"])
-    sel = _np(oesm_topk[l])
+    a[f"fg_inds_layer{l}"] = inds
     a[f"oesm_mc_score_layer{l}"] = mc
     a[f"oesm_score_tgt_max_layer{l}"] = _np(o["score_max"])
     a[f"oesm_score_tgt_argmax_layer{l}"] = _np(o["score_argmax"])
@@ -522,23 +432,17 @@ def transformer_arrays(ins: Instrument) -> Dict[str, np.ndarray]:
     a[f"oesm_sel_global_layer{l}"] = np.take_along_axis(inds, sel, axis=1)
     a[f"oesm_sel_mc_score_layer{l}"] = np.take_along_axis(mc, sel, axis=1)
     a[f"enc_layer{l}_out_rownorm"] = _np(o["out_rownorm"])
-  proposals = rec["proposals"][-1][2]
-  a["enc_output_proposals_valid"] = ~_np(proposals.isinf().any(-1))
-  a["fts_output_memory_rownorm"] = _np(rec["proposals"][0][1].norm(dim=-1))
   (_, key, idx), = ins.topk_calls("two_stage")
-  a["enc_outputs_class_max_all"] = _np(key)
-  a["enc_topk_proposals"] = _np(idx)
-  a["enc_pred_logits"] = _np(rec["mcsp"][-1])
-  a["enc_pred_boxes"] = _np(out[4])
-  a["init_reference"] = _np(out[1])
-  a["inter_references"] = _np(out[2])
-  a["dec_hidden_rownorm"] = _np(out[0].norm(dim=-1))
-  memory = rec["proposals"][-1][0]
-  a["memory_rownorm"] = _np(memory.norm(dim=-1))
+  memory, _, proposals, _ = rec["proposals"][-1]
   cls, coord = rec["aux"][-1]
-  a["pred_logits"], a["pred_boxes"] = _np(cls[-1]), _np(coord[-1])
-  a["aux_pred_logits"], a["aux_pred_boxes"] = _np(cls[:-1]), _np(coord[:-1])
-  a["_memory"] = _np(memory)
+  a.update(enc_output_proposals_valid=~_np(proposals.isinf().any(-1)),
+           fts_output_memory_rownorm=_np(rec["proposals"][0][1].norm(dim=-1)),
+           enc_outputs_class_max_all=_np(key), enc_topk_proposals=_np(idx),
+           enc_pred_logits=_np(rec["mcsp"][-1]), enc_pred_boxes=_np(out[4]),
+           init_reference=_np(out[1]), inter_references=_np(out[2]),
+           dec_hidden_rownorm=_np(out[0].norm(dim=-1)), memory_rownorm=_np(memory.norm(dim=-1)),
+           pred_logits=_np(cls[-1]), pred_boxes=_np(coord[-1]), aux_pred_logits=_np(cls[:-1]),
+           aux_pred_boxes=_np(coord[:-1]))
   return a
 
 
@@ -565,22 +469,21 @@ def match_arrays(matches, prefix=""):
   return a
 
 
-def loss_arrays(ins, loss_dict, weight_dict, with_float32_total=False, prefix=""):
+def loss_arrays(ins, loss_dict, weight_dict, with_float32_total=False):
   names = list(loss_dict.keys())
   weighted = np.asarray([float(loss_dict[k].detach()) for k in names], np.float64)
-  raw = np.asarray([ins.rec["loss_raw"][k] for k in names], np.float64)
-  total = sum(loss_dict.values())
-  a = {f"{prefix}loss_names": np.asarray(names), f"{prefix}loss_raw": raw,
-       f"{prefix}loss_weighted": weighted,
-       f"{prefix}loss_weight": np.asarray([float(weight_dict.get(k, 1.0)) for k in names]),
-       f"{prefix}loss_total": np.asarray(float(total.detach()), np.float64)}
-  if not with_float32_total:
-    # losses_train.npz: the float64 sum of the weighted terms (public set's convention); the
-    # grads / DN files hold the float32 sum that backward() starts from, and its float64 copy.
-    a[f"{prefix}loss_total"] = np.asarray(float(np.sum(weighted)), np.float64)
+  total = float(sum(loss_dict.values()).detach())
+  # losses_train.npz: the float64 sum of the weighted terms (public set's convention); the
+  # grads / DN files hold the float32 sum that backward() starts from, and its float64 copy.
+  a = dict(loss_names=np.asarray(names),
+           loss_raw=np.asarray([ins.rec["loss_raw"][k] for k in names], np.float64),
+           loss_weighted=weighted,
+           loss_weight=np.asarray([float(weight_dict.get(k, 1.0)) for k in names]),
+           loss_total=np.asarray(total if with_float32_total else float(np.sum(weighted)),
+                                 np.float64))
   if with_float32_total:
-    a[f"{prefix}loss_total_float32"] = np.asarray(float(total.detach()), np.float32)
-  return a, total
+    a["loss_total_float32"] = np.asarray(total, np.float32)
+  return a
 
 
 # ------------------------------------------------------------------------------------------------
@@ -615,21 +518,25 @@ def run_eval(model, inputs, forced=None):
     results = model(_batched(inputs, False, ""))
     seconds = time.time() - t0
   a = transformer_arrays(ins)
-  a["memory"] = a.pop("_memory")
+  a["memory"] = _np(ins.rec["proposals"][-1][0])
   a.update(feature_arrays(ins))
-  for i, r in enumerate(ins.rec["inference"]):
-    a[f"infer_scores_{i}"], a[f"infer_labels_{i}"] = r["scores"], r["labels"].astype(np.int64)
-    a[f"infer_boxes_xyxy_{i}"] = r["boxes"]
-  for i, r in enumerate(results):
-    inst = r["instances"]
-    a[f"det_scores_{i}"] = _np(inst.scores)
-    a[f"det_labels_{i}"] = _np(inst.pred_classes).astype(np.int64)
-    a[f"det_boxes_xyxy_{i}"] = _np(inst.pred_boxes.tensor)
+  a.update(ins.rec["inference"])
+  a.update(_detection_arrays("det", [r["instances"] for r in results]))
   return a, seconds
 
 
+def _detection_arrays(prefix, instances):
+  """Scores, labels and xyxy boxes of detectron2 `Instances`, one per image."""
+  a = {}
+  for i, r in enumerate(instances):
+    a[f"{prefix}_scores_{i}"] = _np(r.scores)
+    a[f"{prefix}_labels_{i}"] = _np(r.pred_classes).astype(np.int64)
+    a[f"{prefix}_boxes_xyxy_{i}"] = _np(r.pred_boxes.tensor)
+  return a
+
+
 def run_train(model, inputs, forced=None, dn_number=0, dn_seed=None, backward=False):
-  """One model.train() forward (autograd on); returns (ins, loss_dict, total, seconds)."""
+  """One model.train() forward (autograd on); returns (ins, loss_dict, seconds)."""
   import torch
   model.train()
   model.dn_number = dn_number
@@ -641,22 +548,19 @@ def run_train(model, inputs, forced=None, dn_number=0, dn_seed=None, backward=Fa
     t0 = time.time()
     loss_dict = model(batch)
     seconds = {"forward": time.time() - t0}
-    total = sum(loss_dict.values())
     if backward:
       t0 = time.time()
-      total.backward()
+      sum(loss_dict.values()).backward()
       seconds["backward"] = time.time() - t0
   model.dn_number = 0
-  return ins, loss_dict, total, seconds
+  return ins, loss_dict, seconds
 
 
 def train_arrays(ins, loss_dict, weight_dict, with_aux_logits):
   a = transformer_arrays(ins)
-  a.pop("_memory")
   if not with_aux_logits:
     a.pop("aux_pred_logits")
-  la, _ = loss_arrays(ins, loss_dict, weight_dict, with_float32_total=with_aux_logits)
-  a.update(la)
+  a.update(loss_arrays(ins, loss_dict, weight_dict, with_float32_total=with_aux_logits))
   a.update(match_arrays(ins.rec["matches"]))
   return a
 
@@ -684,12 +588,10 @@ def foreground_arrays(ins):
   return a
 
 
-def dn_arrays(ins, num_classes=80, label_noise_ratio=0.5):
+def dn_arrays(ins, label_noise_ratio=0.5):
   """Draws, noised queries, mask and DN decoder outputs of a DN-on run (training_extras §2-6)."""
-  rec = ins.rec
-  dn = rec["dn_out"]
-  meta = dn["dn_meta"]
-  targets = rec["targets"]
+  rec, dn = ins.rec, ins.rec["dn_out"]
+  meta, targets = dn["dn_meta"], rec["targets"]
   known_num = np.asarray([len(t["labels"]) for t in targets], np.int64)
   n, n_max = int(known_num.sum()), int(known_num.max())
   groups = int(meta["dn_num"])
@@ -711,10 +613,9 @@ def dn_arrays(ins, num_classes=80, label_noise_ratio=0.5):
   dense[chosen] = new_label
   sign = sign01 * np.float32(2.0) - np.float32(1.0)
   part = ((rand_part + is_negative[:, None].astype(np.float32)) * sign).astype(np.float32)
-  xyxy = np.concatenate([known_boxes[:, :2] - known_boxes[:, 2:] / 2,
-                         known_boxes[:, :2] + known_boxes[:, 2:] / 2], 1)
-  diff = np.concatenate([known_boxes[:, 2:] / 2, known_boxes[:, 2:] / 2], 1)
-  xyxy = np.clip(xyxy + part * diff, 0.0, 1.0).astype(np.float32)
+  half = known_boxes[:, 2:] / 2
+  xyxy = np.concatenate([known_boxes[:, :2] - half, known_boxes[:, :2] + half], 1)
+  xyxy = np.clip(xyxy + part * np.concatenate([half, half], 1), 0.0, 1.0).astype(np.float32)
   local = np.concatenate([np.arange(k) for k in known_num]).astype(np.int64)
   map_known = np.concatenate([local + n_max * c for c in range(copies)])
   width = int(meta["single_padding"])
@@ -746,26 +647,22 @@ def dn_arrays(ins, num_classes=80, label_noise_ratio=0.5):
 
 
 def gradient_arrays(model, full_names: Sequence[str], max_full_numel: Optional[int] = None):
-  names, stats, present = [], [], []
-  full = {}
-  for name, p in model.named_parameters():
-    if not p.requires_grad:
-      continue
-    names.append(name)
-    g = p.grad
-    present.append(g is not None)
-    if g is None:
+  """Sum, abs sum and norm of every trainable parameter's gradient; full arrays of `full_names`."""
+  trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+  stats, full = [], {}
+  for name, p in trainable:
+    if p.grad is None:
       stats.append([0.0, 0.0, 0.0])
       continue
-    g64 = g.detach().double()
+    g64 = p.grad.detach().double()
     stats.append([float(g64.sum()), float(g64.abs().sum()), float(g64.norm())])
-    if name in full_names and (max_full_numel is None or g.numel() <= max_full_numel):
-      full[f"grad__{name}"] = _np(g)
+    if name in full_names and (max_full_numel is None or p.grad.numel() <= max_full_numel):
+      full[f"grad__{name}"] = _np(p.grad)
   frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
-  a = dict(param_names=np.asarray(names), grad_stats=np.asarray(stats, np.float64),
-           grad_present=np.asarray(present, bool), frozen_param_names=np.asarray(frozen))
-  a.update(full)
-  return a
+  return dict(param_names=np.asarray([n for n, _ in trainable]),
+              grad_stats=np.asarray(stats, np.float64),
+              grad_present=np.asarray([p.grad is not None for _, p in trainable], bool),
+              frozen_param_names=np.asarray(frozen), **full)
 
 
 def forced_from_arrays(a, num_layers):
@@ -776,26 +673,18 @@ def forced_from_arrays(a, num_layers):
 
 def msda_arrays(seed, shapes=((20, 30), (10, 15), (5, 8), (3, 4)), batch=2, heads=8, dim=32,
                 queries=50, points=4, reuse=None):
-  """Standalone deformable-attention check (parity/README, ms_deform_attn.npz).
-
-  reuse: an existing ms_deform_attn.npz dict; its inputs and weights are used (so that its
-  outputs can be re-recorded and compared); otherwise inputs come from default_rng(4000+seed).
-  """
+  """Standalone deformable-attention check (ms_deform_attn.npz): inputs from default_rng(4000+seed),
+  or those and the weights of `reuse` (an ms_deform_attn.npz dict, to re-record its outputs)."""
   import torch
   from detrex.layers import MultiScaleDeformableAttention
   from detrex.layers.multi_scale_deform_attn import multi_scale_deformable_attn_pytorch
-  embed = heads * dim
-  levels = len(shapes)
+  embed, levels = heads * dim, len(shapes)
   if reuse is not None:
     a = {k: reuse[k] for k in ("value", "spatial_shapes", "level_start_index",
                                "sampling_locations", "attention_logits", "attention_weights",
                                "module_query", "module_query_pos", "module_key_padding_mask",
                                "module_ref2", "module_ref4")}
     a.update({k: reuse[k] for k in reuse if k.startswith("module_") and "__" in k})
-    shapes = [tuple(int(v) for v in s) for s in a["spatial_shapes"]]
-    batch, n_tok, heads, dim = a["value"].shape
-    embed, levels, queries = heads * dim, len(shapes), a["module_query"].shape[1]
-    points = a["sampling_locations"].shape[4]
   else:
     rng = np.random.default_rng(4000 + seed)
     n_tok = int(sum(h * w for h, w in shapes))
@@ -820,9 +709,7 @@ def msda_arrays(seed, shapes=((20, 30), (10, 15), (5, 8), (3, 4)), batch=2, head
     a["module_query_pos"] = rng.normal(size=(batch, queries, embed)).astype(np.float32)
     mask = np.zeros((batch, n_tok), bool)
     for (h, w), s in zip(shapes, a["level_start_index"]):
-      grid = np.zeros((h, w), bool)
-      grid[:, -3:] = True
-      mask[1, s:s + h * w] = grid.ravel()
+      mask[1, s:s + h * w] = np.tile(np.arange(w) >= w - 3, h)  # image 1: last 3 columns padded
     a["module_key_padding_mask"] = mask
     a["module_ref2"] = np.repeat(rng.uniform(0, 1, size=(batch, queries, 1, 2)), levels,
                                  2).astype(np.float32)
@@ -830,17 +717,19 @@ def msda_arrays(seed, shapes=((20, 30), (10, 15), (5, 8), (3, 4)), batch=2, head
                            rng.uniform(0.02, 0.5, size=(batch, queries, 1, 2))], -1)
     a["module_ref4"] = np.repeat(ref4, levels, 2).astype(np.float32)
   t = lambda x: torch.from_numpy(np.ascontiguousarray(x))
+  batch, _, heads, dim = a["value"].shape
   with torch.no_grad():
     a["output"] = _np(multi_scale_deformable_attn_pytorch(
         t(a["value"]), t(a["spatial_shapes"]), t(a["sampling_locations"]),
         t(a["attention_weights"])))
-    module = MultiScaleDeformableAttention(embed_dim=embed, num_heads=heads, num_levels=levels,
-                                           num_points=points, batch_first=True)
+    module = MultiScaleDeformableAttention(
+        embed_dim=heads * dim, num_heads=heads, num_levels=len(a["spatial_shapes"]),
+        num_points=a["sampling_locations"].shape[4], batch_first=True)
     for name in ("sampling_offsets", "attention_weights", "value_proj", "output_proj"):
       getattr(module, name).weight.copy_(t(a[f"module_{name}__weight"]))
       getattr(module, name).bias.copy_(t(a[f"module_{name}__bias"]))
     module.eval()
-    value = t(a["value"]).reshape(batch, -1, embed)
+    value = t(a["value"]).reshape(batch, -1, heads * dim)
     for ref in ("ref2", "ref4"):
       a[f"module_out_{ref}"] = _np(module(
           query=t(a["module_query"]), value=value, identity=None,
@@ -853,9 +742,12 @@ def msda_arrays(seed, shapes=((20, 30), (10, 15), (5, 8), (3, 4)), batch=2, head
 # ------------------------------------------------------------------------------------------------
 # The whole set
 
-def _save(out_dir, name, arrays):
-  arrays = {k: v for k, v in arrays.items() if not k.startswith("_")}
-  np.savez_compressed(Path(out_dir) / name, **arrays)
+def _save(out_dir, name, arrays, drop=()):
+  np.savez_compressed(Path(out_dir) / name, **{k: v for k, v in arrays.items() if k not in drop})
+
+
+def _loss_dict(a, values):
+  return {str(k): float(v) for k, v in zip(a["loss_names"], a[values])}
 
 
 def record(out_dir, config, seed=0, eval_sizes=((320, 480), (256, 384)), train_sizes=None,
@@ -881,15 +773,13 @@ def record(out_dir, config, seed=0, eval_sizes=((320, 480), (256, 384)), train_s
     apply_weight_rule(model, rows, seed)
     meta["weights"] = dict(source="rule", rule="parity/README §4", seed=int(seed))
   (out_dir / "state_dict_manifest.json").write_text(json.dumps(rows))
-  meta["weight_fingerprint"] = weight_fingerprint(model)
-  meta["manifest_rule_counts"] = {r: sum(row[3] == r for row in rows)
-                                  for r in sorted({row[3] for row in rows})}
+  meta["weight_fingerprint"] = {
+      k: [float(t.detach().double().sum()), float(t.detach().double().abs().sum())]
+      for k, t in model.state_dict(keep_vars=True).items()}
+  meta["manifest_rule_counts"] = dict(sorted(collections.Counter(r[3] for r in rows).items()))
 
-  if inputs_from is not None:
-    inputs = load_inputs(inputs_from)
-  else:
-    inputs = make_inputs(seed, [tuple(s) for s in eval_sizes],
-                         None if train_sizes is None else [tuple(s) for s in train_sizes])
+  inputs = (load_inputs(inputs_from) if inputs_from is not None
+            else make_inputs(seed, eval_sizes, train_sizes))
   inputs["pixel_mean"] = np.asarray(list(cfg.model.pixel_mean), np.float32)
   inputs["pixel_std"] = np.asarray(list(cfg.model.pixel_std), np.float32)
   inputs["seed"] = np.asarray(seed, np.int64)
@@ -899,8 +789,7 @@ def record(out_dir, config, seed=0, eval_sizes=((320, 480), (256, 384)), train_s
   num_layers = len(model.transformer.encoder.layers)
   seconds = {}
   training_meta = dict(seed=int(seed), config=str(config), dn_number=dn_number,
-                       dn_torch_manual_seed=3000 + int(seed))
-  training_meta.update(environment_info(threads))
+                       dn_torch_manual_seed=3000 + int(seed), **environment_info(threads))
 
   if "eval" in parts:
     log("eval forward ...")
@@ -911,80 +800,56 @@ def record(out_dir, config, seed=0, eval_sizes=((320, 480), (256, 384)), train_s
       meta["eval_topk_forced_from"] = str(force_eval_from)
     a, seconds["eval"] = run_eval(model, inputs, forced=forced)
     meta["shapes_eval"] = a["spatial_shapes"].tolist()
-    if compact:  # the largest arrays; their stages run on the full sets
-      for k in ("memory", "aux_pred_logits", "neck_lvl0_img0_ch2", "neck_lvl0_chanmean"):
-        a.pop(k)
-    _save(out_dir, "forward_eval.npz", a)
+    _save(out_dir, "forward_eval.npz", a, drop=_COMPACT_DROP["eval"] if compact else ())
 
-  train_ref = None
-  need_train = any(p in parts for p in ("train", "grads", "dn"))
-  if need_train:
+  train_ref = forced = None
+  if any(p in parts for p in ("train", "grads", "dn")):
     log("train forward (natural top-k, DN off) ...")
-    ins, loss_dict, total, s = run_train(model, inputs)
-    seconds["train"] = s
-    a = train_arrays(ins, loss_dict, model.criterion.weight_dict, with_aux_logits=False)
+    ins, loss_dict, seconds["train"] = run_train(model, inputs)
+    train_ref = a = train_arrays(ins, loss_dict, model.criterion.weight_dict, False)
     for l, mask in enumerate(ins.rec["level_masks"]):
       a[f"padding_mask_lvl{l}"] = _np(mask).astype(bool)
     for i, t in enumerate(ins.rec["targets"]):
-      a[f"target_boxes_cxcywh_{i}"] = t["boxes"].astype(np.float32)
+      a[f"target_boxes_cxcywh_{i}"] = inputs[f"gt_boxes_cxcywh_{i}"] = t["boxes"].astype(np.float32)
       a[f"target_labels_{i}"] = t["labels"].astype(np.int64)
-      inputs[f"gt_boxes_cxcywh_{i}"] = t["boxes"].astype(np.float32)
-    meta["shapes_train"] = a["spatial_shapes"].tolist()
-    meta["loss_weighted"] = {str(k): float(v) for k, v in zip(a["loss_names"],
-                                                             a["loss_weighted"])}
-    meta["loss_raw"] = {str(k): float(v) for k, v in zip(a["loss_names"], a["loss_raw"])}
-    train_ref = a
+    meta.update(shapes_train=a["spatial_shapes"].tolist(),
+                loss_weighted=_loss_dict(a, "loss_weighted"), loss_raw=_loss_dict(a, "loss_raw"))
     if "train" in parts:
       _save(out_dir, "losses_train.npz", a)
       _save(out_dir, "foreground_labels.npz", foreground_arrays(ins))
-    del ins, loss_dict, total
+    forced = forced_from_arrays(train_ref, num_layers)
+    del ins, loss_dict
 
   full_limit = 40_000 if compact else None
   if "grads" in parts:
     log("train forward + backward (top-k forced, DN off) ...")
-    forced = forced_from_arrays(train_ref, num_layers)
-    ins, loss_dict, total, s = run_train(model, inputs, forced=forced, backward=True)
-    seconds["grads_dn_off"] = s
+    ins, loss_dict, seconds["grads_dn_off"] = run_train(model, inputs, forced=forced,
+                                                        backward=True)
     g = gradient_arrays(model, GRAD_FULL, full_limit)
-    for k, v in forced_from_arrays(train_ref, num_layers).items():
-      if k == "enc_topk_proposals":
-        g["teacher_enc_topk_proposals"] = v
-      else:
-        for l, x in enumerate(v):
-          g[f"teacher_{k}_layer{l}"] = x
+    g.update({f"teacher_{k}": v for k, v in train_ref.items()
+              if k.startswith(("fg_inds_layer", "oesm_sel_local_layer", "enc_topk_proposals"))})
     g.update(match_arrays(ins.rec["matches"], prefix="teacher_"))
-    la, _ = loss_arrays(ins, loss_dict, model.criterion.weight_dict, with_float32_total=True)
-    g.update(la)
-    training_meta["loss_dn_off"] = {str(k): float(v) for k, v in zip(la["loss_names"],
-                                                                    la["loss_raw"])}
-    training_meta["loss_total_dn_off"] = float(la["loss_total"])
-    training_meta["frozen"] = g["frozen_param_names"].tolist()
-    training_meta["n_trainable_params"] = len(g["param_names"])
+    g.update(loss_arrays(ins, loss_dict, model.criterion.weight_dict, with_float32_total=True))
+    training_meta.update(loss_dn_off=_loss_dict(g, "loss_raw"),
+                         loss_total_dn_off=float(g["loss_total"]),
+                         frozen=g["frozen_param_names"].tolist(),
+                         n_trainable_params=len(g["param_names"]))
     _save(out_dir, "grads_train.npz", g)
-    model.zero_grad(set_to_none=True)
-    del ins, loss_dict, total
+    del ins, loss_dict
 
   if "dn" in parts:
     log(f"train forward + backward (top-k forced, DN on, dn_number={dn_number}) ...")
-    forced = forced_from_arrays(train_ref, num_layers)
-    ins, loss_dict, total, s = run_train(model, inputs, forced=forced, dn_number=dn_number,
-                                         dn_seed=3000 + int(seed), backward=True)
-    seconds["dn"] = s
-    a = train_arrays(ins, loss_dict, model.criterion.weight_dict, with_aux_logits=True)
-    a.update(dn_arrays(ins, num_classes=int(cfg.model.num_classes)))
-    if compact:  # not read by check_parity
-      for k in ("dn_input_label_embed", "inter_references", "dec_hidden_rownorm"):
-        a.pop(k)
-    _save(out_dir, "dn_train.npz", a)
-    training_meta["loss_dn_on_raw"] = {str(k): float(v) for k, v in zip(a["loss_names"],
-                                                                       a["loss_raw"])}
-    training_meta["loss_dn_on_weighted"] = {str(k): float(v) for k, v in zip(
-        a["loss_names"], a["loss_weighted"])}
-    training_meta["loss_total_dn_on"] = float(a["loss_total"])
+    ins, loss_dict, seconds["dn"] = run_train(model, inputs, forced=forced, dn_number=dn_number,
+                                              dn_seed=3000 + int(seed), backward=True)
+    a = train_arrays(ins, loss_dict, model.criterion.weight_dict, True)
+    a.update(dn_arrays(ins))
+    _save(out_dir, "dn_train.npz", a, drop=_COMPACT_DROP["dn"] if compact else ())
+    training_meta.update(loss_dn_on_raw=_loss_dict(a, "loss_raw"),
+                         loss_dn_on_weighted=_loss_dict(a, "loss_weighted"),
+                         loss_total_dn_on=float(a["loss_total"]))
     _save(out_dir, "grads_train_dn.npz", gradient_arrays(
         model, GRAD_FULL + ("label_enc.weight",), full_limit))
-    model.zero_grad(set_to_none=True)
-    del ins, loss_dict, total
+    del ins, loss_dict
 
   if "msda" in parts:
     log("deformable attention ...")
@@ -994,12 +859,9 @@ def record(out_dir, config, seed=0, eval_sizes=((320, 480), (256, 384)), train_s
 
   _save(out_dir, "inputs.npz", inputs)
   seconds["total"] = time.time() - t_start
-  meta["seconds"] = seconds
-  meta["threads"] = threads
-  meta["torch"] = torch.__version__
+  meta.update(seconds=seconds, threads=threads, torch=torch.__version__)
   (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
   if "grads" in parts or "dn" in parts:
-    training_meta["timings"] = seconds
-    training_meta["topk_forced_to_stored_losses_train"] = True
+    training_meta.update(timings=seconds, topk_forced_to_stored_losses_train=True)
     (out_dir / "training_meta.json").write_text(json.dumps(training_meta, indent=1))
   return meta
