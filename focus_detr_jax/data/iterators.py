@@ -38,11 +38,8 @@ from focus_detr_jax.data import transforms
 
 def normalize_batch(u8: np.ndarray, image_size: np.ndarray, mean, std):
   """uint8 [B, H, W, 3] canvases -> (float32 (x - mean) / std, zero outside the image;
-  pixel_valid).
-
-  Only the image region of each canvas is computed (float32 subtract then divide: exactly the
-  detectron2 formula); `pixel_valid` bool [B, H, W] is True on image pixels, False on padding.
-  """
+  pixel_valid bool [B, H, W], True on image pixels). float32 subtract then divide: exactly the
+  detectron2 formula."""
   b, h, w, _ = u8.shape
   mean = np.asarray(mean, np.float32)
   std = np.asarray(std, np.float32)
@@ -109,16 +106,13 @@ class DataIterator:
     self._totals[bucket] = np.maximum(self._totals[bucket], stats.max(axis=0))
     if "stats_after" in el:
       self._after += el.pop("stats_after").sum(axis=0)
-    keep = el.pop("keep")
-    return self._finalize(el, keep)
+    return self._finalize(el, el.pop("keep"))
 
   def _finalize(self, el, keep) -> dict:
+    images = {"image": el.pop("image")}
     if self.normalize_on_host:
-      image, pixel_valid = normalize_batch(el.pop("image"), el["image_size"], self._mean,
-                                           self._std)
-      images = {"image": image, "pixel_valid": pixel_valid}
-    else:
-      images = {"image": el.pop("image")}
+      images["image"], images["pixel_valid"] = normalize_batch(images["image"], el["image_size"],
+                                                               self._mean, self._std)
     return {
         **images,
         "image_size": el["image_size"].astype(np.int32),
