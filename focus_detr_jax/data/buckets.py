@@ -70,22 +70,15 @@ def aspect_group(h, w, group_bounds):
 
   `group_bounds=(1.0,)` is detrex's rule: 0 landscape (w > h), 1 otherwise.
   """
-  h = np.asarray(h, np.float64)
-  w = np.asarray(w, np.float64)
-  out = np.zeros(np.broadcast(h, w).shape, np.int64)
-  for b in group_bounds:
-    out = out + (h >= b * w).astype(np.int64)
-  return out
+  h, w = np.asarray(h, np.float64), np.asarray(w, np.float64)
+  return sum(((h >= b * w).astype(np.int64) for b in group_bounds),
+             np.zeros(np.broadcast(h, w).shape, np.int64))
 
 
 def tf_aspect_group(h, w, group_bounds) -> tf.Tensor:
   """In-graph `aspect_group` of scalar sizes: int32."""
-  h = tf.cast(h, tf.float64)
-  w = tf.cast(w, tf.float64)
-  out = tf.constant(0, tf.int32)
-  for b in group_bounds:
-    out += tf.cast(h >= b * w, tf.int32)
-  return out
+  h, w = tf.cast(h, tf.float64), tf.cast(w, tf.float64)
+  return sum((tf.cast(h >= b * w, tf.int32) for b in group_bounds), tf.constant(0, tf.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,13 +326,6 @@ def _best_canvas(fh, fw, max_rescale: float) -> tuple[Canvas, float]:
   return (int(hs[i]), int(ws[j])), float(area[i, j])
 
 
-def _partitions(n: int, parts: int):
-  """Contiguous partitions of range(n) into `parts` non-empty runs (as lists of run lengths)."""
-  for cuts in itertools.combinations(range(1, n), parts - 1):
-    bounds = (0,) + cuts + (n,)
-    yield [bounds[i + 1] - bounds[i] for i in range(parts)]
-
-
 def choose_train_canvases(hw, data, num_buckets: int = 4, max_rescale: float = 0.02,
                           seed: int = 0, draws: int = 8, group_bounds=(1.0,)):
   """(scale_buckets, canvases) minimising the expected canvas area per image on sizes `hw`.
@@ -363,11 +349,9 @@ def choose_train_canvases(hw, data, num_buckets: int = 4, max_rescale: float = 0
         sims[g, s] = (fh[groups == g], fw[groups == g])
   share = np.bincount(groups, minlength=len(group_bounds) + 1) / len(groups)
   best = None
-  for lengths in _partitions(len(scales), num_buckets):
-    runs, start = [], 0
-    for n in lengths:
-      runs.append(scales[start:start + n])
-      start += n
+  for cuts in itertools.combinations(range(1, len(scales)), num_buckets - 1):
+    bounds = (0,) + cuts + (len(scales),)      # contiguous runs of the sorted scales
+    runs = [scales[bounds[i]:bounds[i + 1]] for i in range(num_buckets)]
     cost, canvases = 0.0, []
     for g in range(len(group_bounds) + 1):
       for run in runs:
