@@ -56,6 +56,10 @@ PREPARE_STATS = (
 
 _KEEP_FORMATS = ("JPEG", "PNG")
 _KEEP_MODES = ("RGB", "L")
+# PIL mode -> the counter of its conversion to RGB (None: not counted).
+_CONVERSIONS = {"L": None, "CMYK": "images_converted_cmyk", "P": "images_converted_palette",
+                **dict.fromkeys(("YCbCr", "LAB", "HSV", "1"), "images_converted_other_format"),
+                **dict.fromkeys(("RGBA", "LA", "RGBa", "La", "PA"), "images_converted_alpha")}
 
 
 class BadImage(Exception):
@@ -71,17 +75,8 @@ def _to_rgb(im: Image.Image) -> tuple[Image.Image, str | None]:
   mode = im.mode
   if mode == "RGB":
     return im, None
-  if mode == "L":
-    return im.convert("RGB"), None
-  if mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-    return im.convert("RGB"), "images_converted_cmyk" if mode == "CMYK" else (
-        "images_converted_other_format")
-  if mode in ("RGBA", "LA", "RGBa", "La", "PA"):
-    return im.convert("RGB"), "images_converted_alpha"
-  if mode == "P":
-    return im.convert("RGB"), "images_converted_palette"
-  if mode == "1":
-    return im.convert("RGB"), "images_converted_other_format"
+  if mode in _CONVERSIONS:
+    return im.convert("RGB"), _CONVERSIONS[mode]
   # 16/32-bit integer or float: scale to 8 bits.
   arr = np.asarray(im).astype(np.float64)
   if arr.ndim == 3:
@@ -289,13 +284,10 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return self._prepare_stats or dict(self.info.metadata.get("prepare_stats", {}))
 
   def _info(self) -> tfds.core.DatasetInfo:
-    names = _unique_names([c["name"] for c in self._categories])
+    names = _unique_names(self.category_names)
     metadata = tfds.core.MetadataDict(
-        category_ids=[c["id"] for c in self._categories],
-        category_names=[c["name"] for c in self._categories],
-        source_splits={k: list(v) for k, v in self._folder_splits.items()},
-        prepare_stats={},
-    )
+        category_ids=self.category_ids, category_names=self.category_names,
+        source_splits={k: list(v) for k, v in self._folder_splits.items()}, prepare_stats={})
     return tfds.core.DatasetInfo(
         builder=self,
         description="COCO-format folder with the features of TFDS coco/2017.",
