@@ -185,7 +185,6 @@ def coco_ground_truth(data: DataConfig, split=None) -> dict:
   ds = ds.map(graph_fn(
       lambda ex: {**ex, "hw": canvas_lib.tf_encoded_image_size(ex["image"])}))
   images, annotations = [], []
-  ann_id = 1
   for ex in ds.as_numpy_iterator():
     h, w = (int(v) for v in ex["hw"])
     if h <= 0 or w <= 0:
@@ -197,11 +196,10 @@ def coco_ground_truth(data: DataConfig, split=None) -> dict:
                                         objs["area"]):
       y0, x0, y1, x1 = (float(v) for v in bbox)
       bw, bh = (x1 - x0) * w, (y1 - y0) * h
-      annotations.append({"id": ann_id, "image_id": iid,
+      annotations.append({"id": len(annotations) + 1, "image_id": iid,
                           "category_id": int(meta.category_ids[int(label)]),
                           "bbox": [x0 * w, y0 * h, bw, bh], "area": float(area),
                           "iscrowd": int(bool(crowd))})
-      ann_id += 1
   categories = [{"id": int(i), "name": n} for i, n in zip(meta.category_ids,
                                                             meta.category_names)]
   return {"images": images, "annotations": annotations, "categories": categories}
