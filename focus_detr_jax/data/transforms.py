@@ -366,10 +366,8 @@ def train_finish(el: dict, short, canvas, cfg: DataConfig) -> dict:
   Returns the `_finish` dict; its `stats` hold only this stage's counters.
   """
   hw = tf.shape(el["image"])[:2]
-  if cfg.augment:
-    target = resize_shortest_edge_size(hw, short, cfg.train_max_size)
-  else:
-    target = resize_shortest_edge_size(hw, cfg.eval_scale, cfg.eval_max_size)
+  target = resize_shortest_edge_size(hw, *((short, cfg.train_max_size) if cfg.augment else
+                                           (cfg.eval_scale, cfg.eval_max_size)))
   return _finish(el["image"], el["boxes"], el["labels"], target, canvas, cfg, _zero_stats(),
                  el["orig_size"], el["image_id"], el["keep"])
 
