@@ -154,10 +154,6 @@ def _integer_weights(weights, groups: int) -> tuple[int, ...]:
   return tuple(int(v) for v in np.round(w / w.sum() * 1_000_000))
 
 
-def _phase(seed: int, node: int, total: int) -> int:
-  return int(np.random.default_rng([seed, 7919, node]).integers(0, total)) if total > 1 else 0
-
-
 def _split_step(step, lo, hi, counts, seed, node, where, floordiv):
   """(group, index within the group) of `step` among groups [lo, hi): a binary tree of
   low-discrepancy two-way splits (each node gives its left half floor((t a + phase) / n) of
@@ -170,7 +166,7 @@ def _split_step(step, lo, hi, counts, seed, node, where, floordiv):
     return _split_step(step, mid, hi, counts, seed, 2 * node + 2, where, floordiv)
   if a == total:
     return _split_step(step, lo, mid, counts, seed, 2 * node + 1, where, floordiv)
-  phase = _phase(seed, node, total)
+  phase = int(np.random.default_rng([seed, 7919, node]).integers(0, total)) if total > 1 else 0
   before = floordiv(step * a + phase, total) - phase // total
   is_left = floordiv((step + 1) * a + phase, total) - phase // total > before
   gl, kl = _split_step(before, lo, mid, counts, seed, 2 * node + 1, where, floordiv)
