@@ -317,30 +317,27 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       data = json.load(f)
     cat_to_label = {c["id"]: i for i, c in enumerate(self._categories)}
     by_image = collections.defaultdict(list)
-    image_ids = set()
-    images = []
+    images = {}                           # id -> entry
     for entry in data.get("images", []):
       stats["images_listed"] += 1
       if not isinstance(entry, dict) or not _finite(entry.get("id")) or not isinstance(
           entry.get("file_name"), str):
         stats["images_invalid_entry"] += 1
         continue
-      if int(entry["id"]) in image_ids:
+      if int(entry["id"]) in images:
         stats["images_duplicate_id"] += 1
         continue
-      image_ids.add(int(entry["id"]))
-      images.append(entry)
+      images[int(entry["id"])] = entry
     for ann in data.get("annotations", []):
       stats["annotations_listed"] += 1
       iid = ann.get("image_id") if isinstance(ann, dict) else None
-      if not _finite(iid) or int(iid) not in image_ids:
+      if not _finite(iid) or int(iid) not in images:
         stats["annotations_unknown_image"] += 1
         continue
       by_image[int(iid)].append(ann)
     del data
 
-    for entry in sorted(images, key=lambda e: int(e["id"])):
-      iid = int(entry["id"])
+    for iid, entry in sorted(images.items()):
       json_hw = None
       if _finite(entry.get("height"), entry.get("width")) and entry["height"] > 0 and (
           entry["width"] > 0):
