@@ -237,14 +237,12 @@ def augmented_sizes(hw, data, rng, scales=None, group_bounds=(1.0,)):
   if scales is None:
     scales = rng.choice(np.asarray(data.train_scales), size=n)
   crop = rng.random(n) < (float(data.crop_prob) if data.augment else 0.0)
-  h, w = hw[:, 0].copy(), hw[:, 1].copy()
-  h1, w1 = resize_shortest_edge(h, w, rng.choice(np.asarray(data.crop_resize_scales), size=n),
+  h1, w1 = resize_shortest_edge(hw[:, 0], hw[:, 1], rng.choice(np.asarray(data.crop_resize_scales), size=n),
                                 int(data.crop_resize_max_size or 0))
   lo, hi = (int(v) for v in data.crop_size_range)
   ch = rng.integers(np.minimum(h1, lo), np.minimum(h1, hi) + 1)
   cw = rng.integers(np.minimum(w1, lo), np.minimum(w1, hi) + 1)
-  h = np.where(crop, ch, h)
-  w = np.where(crop, cw, w)
+  h, w = np.where(crop, ch, hw[:, 0]), np.where(crop, cw, hw[:, 1])
   fh, fw = resize_shortest_edge(h, w, scales, int(data.train_max_size))
   return fh, fw, crop, aspect_group(h, w, group_bounds)
 
