@@ -7,8 +7,7 @@
     it.save(path); it2 = make_train_iterator(data); it2.restore(path)     # exact resume
     for batch in make_eval_iterator(data): ...     # every image once; `example_valid`
 
-A batch (B = per-host batch, canvas (H, W) chosen per step (`buckets.py`),
-M = `max_boxes`):
+A batch (B = per-host batch, canvas (H, W) chosen per step (`buckets.py`), M = `max_boxes`):
   image          float32 [B, H, W, 3]  (x - mean) / std in RGB, then zero padding bottom/right
   pixel_valid    bool    [B, H, W]     True = image pixel, False = padding
   image_size     int32   [B, 2]        (h, w) of the resized, unpadded image
@@ -149,9 +148,8 @@ class DataIterator:
 
 def make_train_iterator(data: datasets.DataConfig, process_index=None, process_count=None,
                         normalize_on_host=True) -> DataIterator:
-  """Infinite, checkpointable iterator of training batches for this host.
-
-  `normalize_on_host=False`: uint8 images, normalised inside the step (see DataIterator)."""
+  """Infinite, checkpointable iterator of training batches for this host (`normalize_on_host`:
+  see DataIterator)."""
   ds, meta, num_groups = streams.make_train_dataset(data, process_index, process_count)
   return DataIterator(ds, data, meta, num_groups, training=True,
                       normalize_on_host=normalize_on_host)
