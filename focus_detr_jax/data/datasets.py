@@ -93,19 +93,6 @@ class DatasetMeta:
     return len(self.category_ids)
 
 
-def _folder_splits(data) -> dict:
-  f = data.folder
-  splits = {}
-  if f.train_images and f.train_annotations:
-    splits[data.train_split] = (f.train_images, f.train_annotations)
-  if f.eval_images and f.eval_annotations:
-    splits[data.eval_split] = (f.eval_images, f.eval_annotations)
-  if not splits:
-    raise ValueError("dataset='coco_folder' needs config.data.folder.{train,eval}_images and "
-                     "_annotations.")
-  return splits
-
-
 def get_builder(data: DataConfig, prepare: bool = True):
   """(TFDS builder, DatasetMeta) of the configured dataset; folders are prepared if needed."""
   if data.dataset == "coco":
@@ -123,7 +110,14 @@ def get_builder(data: DataConfig, prepare: bool = True):
     builder = coco_folder.CocoFolder(splits=splits, name=ds.variant,
                                      data_dir=os.path.join(ds.root, "tfds"))
   elif data.dataset == "coco_folder":
-    builder = coco_folder.CocoFolder(splits=_folder_splits(data), name=data.folder.name or None,
+    f = data.folder
+    splits = {s: (i, a) for s, i, a in ((data.train_split, f.train_images, f.train_annotations),
+                                        (data.eval_split, f.eval_images, f.eval_annotations))
+              if i and a}
+    if not splits:
+      raise ValueError("dataset='coco_folder' needs config.data.folder.{train,eval}_images and "
+                       "_annotations.")
+    builder = coco_folder.CocoFolder(splits=splits, name=data.folder.name or None,
                                      verify=data.folder.verify, data_dir=data.data_dir)
   else:
     raise ValueError(f"Unknown dataset {data.dataset!r}: 'synthetic', 'coco' or 'coco_folder'.")
