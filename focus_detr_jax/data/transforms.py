@@ -187,10 +187,8 @@ def crop(image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, box: tf.Tensor):
   """
   hw = tf.shape(image)[:2]
   y0, x0, ch, cw = tf.unstack(box)
-  ch = tf.minimum(ch, hw[0])
-  cw = tf.minimum(cw, hw[1])
-  y0 = tf.minimum(y0, hw[0] - ch)
-  x0 = tf.minimum(x0, hw[1] - cw)
+  ch, cw = tf.minimum(ch, hw[0]), tf.minimum(cw, hw[1])
+  y0, x0 = tf.minimum(y0, hw[0] - ch), tf.minimum(x0, hw[1] - cw)
   image = image[y0:y0 + ch, x0:x0 + cw]
   offset = tf.cast(tf.stack([x0, y0, x0, y0]), tf.float32)
   boxes = clip_boxes(boxes - offset, tf.stack([ch, cw]))
