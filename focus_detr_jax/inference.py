@@ -1,18 +1,12 @@
-"""Inference on image files, folders or a dataset split, with the evaluation's preprocessing.
-
-    config = resolve_config(None, checkpoint="checkpoints/r50")      # config.json beside weights
-    variables, _ = load_variables(checkpoint="checkpoints/r50")
-    model = FocusDETR.from_config(config.model)
-    for result in predict_files(model, variables, config, ["img.jpg", "folder/"]):
-      result.detections     # scores/labels/boxes (xyxy, original pixels)/valid, numpy
-    # result.maps (token maps for the selection pictures) and result.image (original RGB)
+"""Inference on image files, folders or a dataset split, with the evaluation's preprocessing
+(usage: docs/inference.md, "From Python").
 
 Images go through exactly the evaluation transform (`transforms.eval_example`: ResizeShortestEdge
 (`eval_scale`, `eval_max_size`), placed top-left in the smallest canvas among
 `data.eval_canvases or data.canvases` that holds it; if none does, the one of the closest aspect
-ratio, scaled down to fit), are batched per canvas with padding
-slots, and run through one jitted forward per canvas (`predict.predict_on_host`: the model,
-`postprocess` to the original pixels, and the token maps). Nothing here is backend specific.
+ratio, scaled down to fit), are batched per canvas with padding slots, and run through one jitted
+forward per canvas (`predict.predict_on_host`: the model, `postprocess` to the original pixels,
+and the token maps). Nothing here is backend specific.
 
 Files are read like the COCO-folder preparation (`coco_folder.load_image`: EXIF orientation
 applied, CMYK/alpha/palette/16-bit converted to RGB); unreadable ones are reported through
@@ -35,7 +29,7 @@ from focus_detr_jax.cli import UserError
 from focus_detr_jax.data import (canvas as canvas_lib, coco_folder, coco_tfds, datasets,
                                  iterators, synthetic, transforms)
 from focus_detr_jax.evaluation.coco_eval import detections_to_coco
-from focus_detr_jax.predict import default_num_select, per_image, predict_on_host
+from focus_detr_jax.predict import per_image, predict_on_host
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -48,12 +42,11 @@ def resolve_config(config=None, workdir=None, checkpoint=None):
   A given config must build the same model as the saved one (`config_check`): a mismatch raises
   `ConfigMismatchError` naming the differing keys before anything is loaded.
   """
-  directory = checkpoint or workdir
+  directory, what = (checkpoint, "checkpoint") if checkpoint else (workdir, "workdir")
   if directory and not as_path(directory).exists():
-    raise UserError(f"{'checkpoint' if checkpoint else 'workdir'} {directory} does not exist")
+    raise UserError(f"{what} {directory} does not exist")
   if config is not None:
-    config_check.check_against_checkpoint(config, directory,
-                                          "checkpoint" if checkpoint else "workdir")
+    config_check.check_against_checkpoint(config, directory, what)
     return config
   if checkpoint:
     return load_config(checkpoint)
@@ -84,13 +77,14 @@ def category_info(config) -> Tuple[Tuple[int, ...], Tuple[str, ...], bool]:
   n = int(config.model.num_classes)
   ids, names = None, None
   data = config.get("data")
+  dataset = data.dataset if data is not None else None
   try:
-    if data is not None and data.dataset == "coco":
+    if dataset == "coco":
       ids, names = coco_tfds.COCO_CATEGORY_IDS, coco_tfds.COCO_CATEGORY_NAMES
-    elif data is not None and data.dataset == "synthetic":
+    elif dataset == "synthetic":
       names = tuple(synthetic.class_names(data.synthetic.difficulty))
       ids = tuple(range(1, len(names) + 1))
-    elif data is not None and data.dataset == "coco_folder":
+    elif dataset == "coco_folder":
       files = [f for f in (data.folder.train_annotations, data.folder.eval_annotations)
                if f and Path(f).is_file()]
       if files:
@@ -177,24 +171,19 @@ def network_input(image: np.ndarray, config) -> Tuple[np.ndarray, Tuple[int, int
   Returns (uint8 network image padded to its canvas [H, W, 3] (unpadded with eval_exact),
   (h, w) of the resized image, the canvas (H, W) or None).
   """
-  data = config.data
-  canvases = eval_canvases(config)
-  canvas = None
+  scale, max_size = int(config.data.eval_scale), int(config.data.eval_max_size)
+  canvases, canvas = eval_canvases(config), None
+  img = tf.constant(image)
+  target = transforms.resize_shortest_edge_size(tf.shape(img)[:2], scale, max_size)
   if canvases is not None:
     # The evaluation's rule: the smallest canvas that holds the resized image.
     canvas = canvases[int(transforms.tf_eval_canvas_index(
-        tf.constant(image.shape[:2], tf.int32), canvases, int(data.eval_scale),
-        int(data.eval_max_size)))]
-  img = tf.constant(image)
-  target = transforms.resize_shortest_edge_size(tf.shape(img)[:2], int(data.eval_scale),
-                                                int(data.eval_max_size))
-  if canvas is not None:
+        tf.constant(image.shape[:2], tf.int32), canvases, scale, max_size))]
     target, _ = canvas_lib.tf_fit_size(target, canvas)
   out = transforms.resize_image(img, target)
   if canvas is not None:
     out = tf.image.pad_to_bounding_box(out, 0, 0, canvas[0], canvas[1])
-  size = tuple(int(v) for v in target.numpy())
-  return out.numpy(), size, canvas
+  return out.numpy(), tuple(int(v) for v in target.numpy()), canvas
 
 
 @dataclasses.dataclass
@@ -214,51 +203,20 @@ class ImageResult:
     return int(self.image.shape[0]), int(self.image.shape[1])
 
 
-class _Batcher:
-  """Collects prepared images per canvas and runs full (padded) batches of `batch_size`."""
-
-  def __init__(self, model, variables, config, batch_size: int, num_select: int):
-    self.model, self.variables, self.config = model, variables, config
-    self.batch_size = batch_size
-    self.num_select = num_select
-    self.pending: Dict[Any, list] = {}
-
-  def add(self, key, item) -> Iterator[ImageResult]:
-    self.pending.setdefault(key, []).append(item)
-    if len(self.pending[key]) >= self.batch_size:
-      yield from self._run(self.pending.pop(key))
-
-  def flush(self) -> Iterator[ImageResult]:
-    for key in list(self.pending):
-      yield from self._run(self.pending.pop(key))
-
-  def _run(self, items) -> Iterator[ImageResult]:
-    n = len(items)
-    slots = self.batch_size
-    net = np.zeros((slots,) + items[0]["network"].shape, np.uint8)
-    sizes = np.ones((slots, 2), np.int32)          # padding slots: a 1x1 image, like eval
-    orig = np.ones((slots, 2), np.int32)
-    for i, it in enumerate(items):
-      net[i] = it["network"]
-      sizes[i] = it["image_size"]
-      orig[i] = it["image"].shape[:2]
-    images, pixel_valid = iterators.normalize_batch(net, sizes, self.config.data.pixel_mean,
-                                                    self.config.data.pixel_std)
-    dets, maps = predict_on_host(self.model, self.variables, images, pixel_valid, sizes, orig,
-                                 num_select=self.num_select)
-    for i in range(n):
-      it = items[i]
-      yield ImageResult(name=it["name"], image_id=it["image_id"], image=it["image"],
-                        image_size=tuple(int(v) for v in sizes[i]),
-                        canvas=tuple(net.shape[1:3]), detections=per_image(dets, i),
-                        maps=per_image(maps, i), path=it.get("path"))
-
-
-def _defaults(model, config, batch_size, num_select):
-  if batch_size is None:
-    batch_size = 1 if config.data.eval_exact else int(config.data.eval_batch_size)
-  return batch_size, default_num_select(
-      model, config.model.num_select if num_select is None else num_select)
+def _predict_batch(model, variables, config, items, slots: int, num_select: int
+                   ) -> Iterator[ImageResult]:
+  """Results of (network input, ImageResult fields) of one canvas, run as `slots` images."""
+  net = np.zeros((slots,) + items[0][0].shape, np.uint8)
+  sizes = np.ones((slots, 2), np.int32)          # padding slots: a 1x1 image, like eval
+  orig = np.ones((slots, 2), np.int32)
+  for i, (network, fields) in enumerate(items):
+    net[i], sizes[i], orig[i] = network, fields["image_size"], fields["image"].shape[:2]
+  images, pixel_valid = iterators.normalize_batch(net, sizes, config.data.pixel_mean,
+                                                  config.data.pixel_std)
+  dets, maps = predict_on_host(model, variables, images, pixel_valid, sizes, orig,
+                               num_select=num_select)
+  for i, (_, fields) in enumerate(items):
+    yield ImageResult(**fields, detections=per_image(dets, i), maps=per_image(maps, i))
 
 
 def predict_files(model, variables, config, inputs: Sequence[str], *,
@@ -275,14 +233,16 @@ def predict_files(model, variables, config, inputs: Sequence[str], *,
     on_error: called with (input, reason) for each missing or unreadable input (default: log).
   """
   on_error = on_error or (lambda path, why: logging.warning("skipping %s: %s", path, why))
-  batch_size, num_select = _defaults(model, config, batch_size, num_select)
-  if eval_canvases(config) is None:
+  num_select = config.model.num_select if num_select is None else num_select
+  if eval_canvases(config) is None:   # eval_exact: one shape per image
     batch_size = 1
+  elif batch_size is None:
+    batch_size = int(config.data.eval_batch_size)
   paths, problems = list_images(inputs)
   for entry, why in problems:
     on_error(entry, why)
   ids, names = image_ids_and_names(paths)
-  batcher = _Batcher(model, variables, config, batch_size, num_select)
+  pending: Dict[Any, list] = {}   # per network input shape (= canvas)
   used = 0
   for path, image_id, name in zip(paths, ids, names):
     if max_images is not None and used >= max_images:
@@ -292,12 +252,16 @@ def predict_files(model, variables, config, inputs: Sequence[str], *,
     except coco_folder.BadImage as e:
       on_error(str(path), str(e))
       continue
-    network, size, canvas = network_input(image, config)
+    network, size, _ = network_input(image, config)
     used += 1
-    item = dict(name=name, image_id=image_id, image=image, network=network, image_size=size,
-                path=str(path))
-    yield from batcher.add(canvas if canvas is not None else network.shape, item)
-  yield from batcher.flush()
+    items = pending.setdefault(network.shape, [])
+    items.append((network, dict(name=name, image_id=image_id, image=image, image_size=size,
+                                canvas=network.shape[:2], path=str(path))))
+    if len(items) >= batch_size:
+      yield from _predict_batch(model, variables, config, pending.pop(network.shape),
+                                batch_size, num_select)
+  for items in pending.values():
+    yield from _predict_batch(model, variables, config, items, batch_size, num_select)
 
 
 def predict_split(model, variables, config, split: str, *, num_select: Optional[int] = None,
@@ -307,7 +271,7 @@ def predict_split(model, variables, config, split: str, *, num_select: Optional[
   `ImageResult.image` is the network input resized back to the original size (the original
   pixels are not kept by the pipeline); boxes are in original pixels.
   """
-  _, num_select = _defaults(model, config, None, num_select)
+  num_select = config.model.num_select if num_select is None else num_select
   iterator = iterators.make_eval_iterator(datasets.DataConfig.from_config(config), 0, 1,
                                           split=split)
   used = 0
