@@ -79,9 +79,8 @@ class Evaluator:
     detections, evaluated = self.predict(variables)
     metrics = coco_evaluate(self.ground_truth, detections, image_ids=evaluated)
     summary = metrics.pop("summary")
-    metrics["num_images"] = len(evaluated)
-    metrics["eval_seconds"] = time.time() - start
-    metrics["num_detections"] = len(detections)
+    metrics.update(num_images=len(evaluated), eval_seconds=time.time() - start,
+                   num_detections=len(detections))
     if self.workdir is not None and jax.process_index() == 0:
       out = self.workdir / "eval"
       out.mkdir(parents=True, exist_ok=True)
