@@ -12,7 +12,6 @@ metrics go to --workdir (or the checkpoint directory). User errors end with one 
 """
 
 
-
 from absl import flags
 
 from focus_detr_jax import cli

@@ -37,7 +37,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from absl import flags
 
 from focus_detr_jax import cli
@@ -66,7 +65,8 @@ def define_flags(fv, argv):
                        "model.num_select)", lower_bound=1, flag_values=fv)
 
 
-def _check_usage(fv, args):
+def run(fv, args) -> int:
+  """Predict with parsed flags; returns the exit status."""
   if args:
     raise cli.UsageError(f"unexpected arguments {args}")
   if bool(fv.checkpoint) == bool(fv.workdir):
@@ -75,18 +75,9 @@ def _check_usage(fv, args):
     raise cli.UsageError("give exactly one of --inputs and --split")
   if not fv.output_dir:
     raise cli.UsageError("--output_dir is required")
-
-
-def _save_png(path, array):
-  from PIL import Image
-  Image.fromarray(array).save(path)
-
-
-def run(fv, args) -> int:
-  """Predict with parsed flags; returns the exit status."""
-  _check_usage(fv, args)
   cli.configure_logging()
   # Imported once the flags are valid: usage errors and --help answer without loading jax/TF.
+  from PIL import Image
   from focus_detr_jax import inference, visualize
   from focus_detr_jax.models.focus_detr import FocusDETR, feature_level_shapes
   config = inference.resolve_config(fv.config, fv.workdir, fv.checkpoint)
@@ -130,12 +121,12 @@ def run(fv, args) -> int:
     overlay = visualize.draw_detections(r.image, d["boxes"][keep], d["scores"][keep],
                                         d["labels"][keep], class_names, fv.score_threshold)
     if fv.overlays:
-      _save_png(out / "overlays" / f"{r.name}.png", overlay)
+      Image.fromarray(overlay).save(out / "overlays" / f"{r.name}.png")
     if fv.tokens:
       panel = visualize.token_selection_panels(
           r.image, r.maps, feature_level_shapes(*r.canvas, num_levels=model.num_levels),
           r.image_size, detections_image=overlay)
-      _save_png(out / "tokens" / f"{r.name}.png", panel)
+      Image.fromarray(panel).save(out / "tokens" / f"{r.name}.png")
   (out / "detections.json").write_text(json.dumps(detections))
   categories = [{"id": int(i), "name": n} for i, n in zip(category_ids, class_names)]
   (out / "images.json").write_text(json.dumps({"images": images, "categories": categories},
