@@ -3,7 +3,9 @@
     config = resolve_config(None, checkpoint="checkpoints/r50")      # config.json beside weights
     variables, _ = load_variables(checkpoint="checkpoints/r50")
     model = FocusDETR.from_config(config.model)
-    for result in predict_files(model, variables, config, ["img.jpg", "folder/"]):
+    data = DataConfig.from_config(config)                            # the eval preprocessing
+    for result in predict_files(model, variables, data, ["img.jpg", "folder/"],
+                                num_select=config.model.num_select):
       result.detections     # scores/labels/boxes (xyxy, original pixels)/valid, numpy
     # result.maps (token maps for the selection pictures) and result.image (original RGB)
 
@@ -74,23 +76,24 @@ def load_variables(workdir=None, checkpoint=None):
   return jax.device_put(variables, jax.local_devices()[0]), step
 
 
-def category_info(config) -> Tuple[Tuple[int, ...], Tuple[str, ...], bool]:
-  """(category id per label, name per label, found) from the config's dataset, without reading it.
+def category_info(data: datasets.DataConfig,
+                  num_classes: int) -> Tuple[Tuple[int, ...], Tuple[str, ...], bool]:
+  """(category id per label, name per label, found) from the configured dataset, without reading
+  it.
 
   COCO: the 80 COCO ids; synthetic: 1..C and its class names; a COCO folder: the categories of
-  its annotation files. When unknown or inconsistent with `model.num_classes`: (0..C-1, "0"..,
+  its annotation files. When unknown or inconsistent with `num_classes`: (0..C-1, "0"..,
   False).
   """
-  n = int(config.model.num_classes)
+  n = int(num_classes)
   ids, names = None, None
-  data = config.get("data")
   try:
-    if data is not None and data.dataset == "coco":
+    if data.dataset == "coco":
       ids, names = coco_tfds.COCO_CATEGORY_IDS, coco_tfds.COCO_CATEGORY_NAMES
-    elif data is not None and data.dataset == "synthetic":
+    elif data.dataset == "synthetic":
       names = tuple(synthetic.class_names(data.synthetic.difficulty))
       ids = tuple(range(1, len(names) + 1))
-    elif data is not None and data.dataset == "coco_folder":
+    elif data.dataset == "coco_folder":
       files = [f for f in (data.folder.train_annotations, data.folder.eval_annotations)
                if f and Path(f).is_file()]
       if files:
@@ -163,22 +166,21 @@ def read_image(path) -> np.ndarray:
     raise coco_folder.BadImage("images_corrupt", f"undecodable: {e}") from e
 
 
-def eval_canvases(config):
+def eval_canvases(data: datasets.DataConfig):
   """The canvases of evaluation (None: `eval_exact`, one shape per image)."""
-  data = config.data
   if data.eval_exact:
     return None
   return canvas_lib.normalize_canvases(data.eval_canvases or data.canvases)
 
 
-def network_input(image: np.ndarray, config) -> Tuple[np.ndarray, Tuple[int, int], Any]:
+def network_input(image: np.ndarray,
+                  data: datasets.DataConfig) -> Tuple[np.ndarray, Tuple[int, int], Any]:
   """The evaluation transform of one decoded image (`transforms.eval_example`).
 
   Returns (uint8 network image padded to its canvas [H, W, 3] (unpadded with eval_exact),
   (h, w) of the resized image, the canvas (H, W) or None).
   """
-  data = config.data
-  canvases = eval_canvases(config)
+  canvases = eval_canvases(data)
   canvas = None
   if canvases is not None:
     # The evaluation's rule: the smallest canvas that holds the resized image.
@@ -217,8 +219,9 @@ class ImageResult:
 class _Batcher:
   """Collects prepared images per canvas and runs full (padded) batches of `batch_size`."""
 
-  def __init__(self, model, variables, config, batch_size: int, num_select: int):
-    self.model, self.variables, self.config = model, variables, config
+  def __init__(self, model, variables, data: datasets.DataConfig, batch_size: int,
+               num_select: int):
+    self.model, self.variables, self.data = model, variables, data
     self.batch_size = batch_size
     self.num_select = num_select
     self.pending: Dict[Any, list] = {}
@@ -242,8 +245,8 @@ class _Batcher:
       net[i] = it["network"]
       sizes[i] = it["image_size"]
       orig[i] = it["image"].shape[:2]
-    images, pixel_valid = iterators.normalize_batch(net, sizes, self.config.data.pixel_mean,
-                                                    self.config.data.pixel_std)
+    images, pixel_valid = iterators.normalize_batch(net, sizes, self.data.pixel_mean,
+                                                    self.data.pixel_std)
     dets, maps = predict_on_host(self.model, self.variables, images, pixel_valid, sizes, orig,
                                  num_select=self.num_select)
     for i in range(n):
@@ -254,35 +257,32 @@ class _Batcher:
                         maps=per_image(maps, i), path=it.get("path"))
 
 
-def _defaults(model, config, batch_size, num_select):
-  if batch_size is None:
-    batch_size = 1 if config.data.eval_exact else int(config.data.eval_batch_size)
-  return batch_size, default_num_select(
-      model, config.model.num_select if num_select is None else num_select)
-
-
-def predict_files(model, variables, config, inputs: Sequence[str], *,
-                  batch_size: Optional[int] = None, num_select: Optional[int] = None,
+def predict_files(model, variables, data: datasets.DataConfig, inputs: Sequence[str], *,
+                  num_select: int, batch_size: Optional[int] = None,
                   max_images: Optional[int] = None,
                   on_error: Optional[Callable[[str, str], None]] = None
                   ) -> Iterator[ImageResult]:
   """Predictions of image files and folders (in canvas batches; results come per batch).
 
   Args:
-    inputs: files and/or folders; batch_size: images per forward (default `eval_batch_size`,
-      1 with `eval_exact`); num_select: detections per image (default `model.num_select`);
+    data: the evaluation's preprocessing (`datasets.DataConfig`); inputs: files and/or
+      folders; num_select: detections per image (`config.model.num_select`; capped at the
+      model's query x class pairs); batch_size: images per forward (default `eval_batch_size`,
+      1 with `eval_exact`);
     max_images: stop after this many readable images.
     on_error: called with (input, reason) for each missing or unreadable input (default: log).
   """
   on_error = on_error or (lambda path, why: logging.warning("skipping %s: %s", path, why))
-  batch_size, num_select = _defaults(model, config, batch_size, num_select)
-  if eval_canvases(config) is None:
+  num_select = default_num_select(model, num_select)
+  if eval_canvases(data) is None:
     batch_size = 1
+  elif batch_size is None:
+    batch_size = int(data.eval_batch_size)
   paths, problems = list_images(inputs)
   for entry, why in problems:
     on_error(entry, why)
   ids, names = image_ids_and_names(paths)
-  batcher = _Batcher(model, variables, config, batch_size, num_select)
+  batcher = _Batcher(model, variables, data, batch_size, num_select)
   used = 0
   for path, image_id, name in zip(paths, ids, names):
     if max_images is not None and used >= max_images:
@@ -292,7 +292,7 @@ def predict_files(model, variables, config, inputs: Sequence[str], *,
     except coco_folder.BadImage as e:
       on_error(str(path), str(e))
       continue
-    network, size, canvas = network_input(image, config)
+    network, size, canvas = network_input(image, data)
     used += 1
     item = dict(name=name, image_id=image_id, image=image, network=network, image_size=size,
                 path=str(path))
@@ -300,16 +300,15 @@ def predict_files(model, variables, config, inputs: Sequence[str], *,
   yield from batcher.flush()
 
 
-def predict_split(model, variables, config, split: str, *, num_select: Optional[int] = None,
+def predict_split(model, variables, data: datasets.DataConfig, split: str, *, num_select: int,
                   max_images: Optional[int] = None) -> Iterator[ImageResult]:
-  """Predictions over a split of the config's dataset (`iterators.make_eval_iterator`).
+  """Predictions over a split of the configured dataset (`iterators.make_eval_iterator`).
 
   `ImageResult.image` is the network input resized back to the original size (the original
   pixels are not kept by the pipeline); boxes are in original pixels.
   """
-  _, num_select = _defaults(model, config, None, num_select)
-  iterator = iterators.make_eval_iterator(datasets.DataConfig.from_config(config), 0, 1,
-                                          split=split)
+  num_select = default_num_select(model, num_select)
+  iterator = iterators.make_eval_iterator(data, 0, 1, split=split)
   used = 0
   for batch in iterator:
     if max_images is not None and used >= max_images:
@@ -321,8 +320,7 @@ def predict_split(model, variables, config, split: str, *, num_select: Optional[
         break
       used += 1
       h, w = (int(v) for v in batch["image_size"][i])
-      shown = visualize.denormalize(batch["image"][i, :h, :w], config.data.pixel_mean,
-                                    config.data.pixel_std)
+      shown = visualize.denormalize(batch["image"][i, :h, :w], data.pixel_mean, data.pixel_std)
       shown = visualize.resize(shown, batch["orig_size"][i])
       yield ImageResult(name=str(int(batch["image_id"][i])), image_id=int(batch["image_id"][i]),
                         image=shown, image_size=(h, w), canvas=tuple(batch["image"].shape[1:3]),
