@@ -67,24 +67,22 @@ def load_variables(workdir=None, checkpoint=None):
   return jax.device_put(variables, jax.local_devices()[0]), step
 
 
-def category_info(config) -> Tuple[Tuple[int, ...], Tuple[str, ...], bool]:
-  """(category id per label, name per label, found) from the config's dataset, without reading it.
-
-  COCO: the 80 COCO ids; synthetic: 1..C and its class names; a COCO folder: the categories of
-  its annotation files. When unknown or inconsistent with `model.num_classes`: (0..C-1, "0"..,
+def category_info(data: datasets.DataConfig,
+                  num_classes: int) -> Tuple[Tuple[int, ...], Tuple[str, ...], bool]:
+  """(category id per label, name per label, found) of the configured dataset, without reading
+  it. COCO: the 80 COCO ids; synthetic: 1..C and its class names; a COCO folder: the categories
+  of its annotation files. When unknown or inconsistent with `num_classes`: (0..C-1, "0"..,
   False).
   """
-  n = int(config.model.num_classes)
+  n = int(num_classes)
   ids, names = None, None
-  data = config.get("data")
-  dataset = data.dataset if data is not None else None
   try:
-    if dataset == "coco":
+    if data.dataset == "coco":
       ids, names = coco_tfds.COCO_CATEGORY_IDS, coco_tfds.COCO_CATEGORY_NAMES
-    elif dataset == "synthetic":
+    elif data.dataset == "synthetic":
       names = tuple(synthetic.class_names(data.synthetic.difficulty))
       ids = tuple(range(1, len(names) + 1))
-    elif dataset == "coco_folder":
+    elif data.dataset == "coco_folder":
       files = [f for f in (data.folder.train_annotations, data.folder.eval_annotations)
                if f and Path(f).is_file()]
       if files:
@@ -157,22 +155,22 @@ def read_image(path) -> np.ndarray:
     raise coco_folder.BadImage("images_corrupt", f"undecodable: {e}") from e
 
 
-def eval_canvases(config):
+def eval_canvases(data: datasets.DataConfig):
   """The canvases of evaluation (None: `eval_exact`, one shape per image)."""
-  data = config.data
   if data.eval_exact:
     return None
   return canvas_lib.normalize_canvases(data.eval_canvases or data.canvases)
 
 
-def network_input(image: np.ndarray, config) -> Tuple[np.ndarray, Tuple[int, int], Any]:
+def network_input(image: np.ndarray,
+                  data: datasets.DataConfig) -> Tuple[np.ndarray, Tuple[int, int], Any]:
   """The evaluation transform of one decoded image (`transforms.eval_example`).
 
   Returns (uint8 network image padded to its canvas [H, W, 3] (unpadded with eval_exact),
   (h, w) of the resized image, the canvas (H, W) or None).
   """
-  scale, max_size = int(config.data.eval_scale), int(config.data.eval_max_size)
-  canvases, canvas = eval_canvases(config), None
+  scale, max_size = int(data.eval_scale), int(data.eval_max_size)
+  canvases, canvas = eval_canvases(data), None
   img = tf.constant(image)
   target = transforms.resize_shortest_edge_size(tf.shape(img)[:2], scale, max_size)
   if canvases is not None:
@@ -203,7 +201,7 @@ class ImageResult:
     return int(self.image.shape[0]), int(self.image.shape[1])
 
 
-def _predict_batch(model, variables, config, items, slots: int, num_select: int
+def _predict_batch(model, variables, data, items, slots: int, num_select: int
                    ) -> Iterator[ImageResult]:
   """Results of (network input, ImageResult fields) of one canvas, run as `slots` images."""
   net = np.zeros((slots,) + items[0][0].shape, np.uint8)
@@ -211,33 +209,32 @@ def _predict_batch(model, variables, config, items, slots: int, num_select: int
   orig = np.ones((slots, 2), np.int32)
   for i, (network, fields) in enumerate(items):
     net[i], sizes[i], orig[i] = network, fields["image_size"], fields["image"].shape[:2]
-  images, pixel_valid = iterators.normalize_batch(net, sizes, config.data.pixel_mean,
-                                                  config.data.pixel_std)
+  images, pixel_valid = iterators.normalize_batch(net, sizes, data.pixel_mean, data.pixel_std)
   dets, maps = predict_on_host(model, variables, images, pixel_valid, sizes, orig,
                                num_select=num_select)
   for i, (_, fields) in enumerate(items):
     yield ImageResult(**fields, detections=per_image(dets, i), maps=per_image(maps, i))
 
 
-def predict_files(model, variables, config, inputs: Sequence[str], *,
-                  batch_size: Optional[int] = None, num_select: Optional[int] = None,
+def predict_files(model, variables, data: datasets.DataConfig, inputs: Sequence[str], *,
+                  num_select: int, batch_size: Optional[int] = None,
                   max_images: Optional[int] = None,
                   on_error: Optional[Callable[[str, str], None]] = None
                   ) -> Iterator[ImageResult]:
   """Predictions of image files and folders (in canvas batches; results come per batch).
 
   Args:
-    inputs: files and/or folders; batch_size: images per forward (default `eval_batch_size`,
-      1 with `eval_exact`); num_select: detections per image (default `model.num_select`);
+    data: the evaluation's preprocessing (`datasets.DataConfig`); inputs: files and/or
+      folders; num_select: detections per image (`config.model.num_select`);
+      batch_size: images per forward (default `eval_batch_size`, 1 with `eval_exact`);
     max_images: stop after this many readable images.
     on_error: called with (input, reason) for each missing or unreadable input (default: log).
   """
   on_error = on_error or (lambda path, why: logging.warning("skipping %s: %s", path, why))
-  num_select = config.model.num_select if num_select is None else num_select
-  if eval_canvases(config) is None:   # eval_exact: one shape per image
+  if eval_canvases(data) is None:   # eval_exact: one shape per image
     batch_size = 1
   elif batch_size is None:
-    batch_size = int(config.data.eval_batch_size)
+    batch_size = int(data.eval_batch_size)
   paths, problems = list_images(inputs)
   for entry, why in problems:
     on_error(entry, why)
@@ -252,28 +249,26 @@ def predict_files(model, variables, config, inputs: Sequence[str], *,
     except coco_folder.BadImage as e:
       on_error(str(path), str(e))
       continue
-    network, size, _ = network_input(image, config)
+    network, size, _ = network_input(image, data)
     used += 1
     items = pending.setdefault(network.shape, [])
     items.append((network, dict(name=name, image_id=image_id, image=image, image_size=size,
                                 canvas=network.shape[:2], path=str(path))))
     if len(items) >= batch_size:
-      yield from _predict_batch(model, variables, config, pending.pop(network.shape),
+      yield from _predict_batch(model, variables, data, pending.pop(network.shape),
                                 batch_size, num_select)
   for items in pending.values():
-    yield from _predict_batch(model, variables, config, items, batch_size, num_select)
+    yield from _predict_batch(model, variables, data, items, batch_size, num_select)
 
 
-def predict_split(model, variables, config, split: str, *, num_select: Optional[int] = None,
+def predict_split(model, variables, data: datasets.DataConfig, split: str, *, num_select: int,
                   max_images: Optional[int] = None) -> Iterator[ImageResult]:
-  """Predictions over a split of the config's dataset (`iterators.make_eval_iterator`).
+  """Predictions over a split of the configured dataset (`iterators.make_eval_iterator`).
 
   `ImageResult.image` is the network input resized back to the original size (the original
   pixels are not kept by the pipeline); boxes are in original pixels.
   """
-  num_select = config.model.num_select if num_select is None else num_select
-  iterator = iterators.make_eval_iterator(datasets.DataConfig.from_config(config), 0, 1,
-                                          split=split)
+  iterator = iterators.make_eval_iterator(data, 0, 1, split=split)
   used = 0
   for batch in iterator:
     if max_images is not None and used >= max_images:
@@ -285,8 +280,7 @@ def predict_split(model, variables, config, split: str, *, num_select: Optional[
         break
       used += 1
       h, w = (int(v) for v in batch["image_size"][i])
-      shown = visualize.denormalize(batch["image"][i, :h, :w], config.data.pixel_mean,
-                                    config.data.pixel_std)
+      shown = visualize.denormalize(batch["image"][i, :h, :w], data.pixel_mean, data.pixel_std)
       shown = visualize.resize(shown, batch["orig_size"][i])
       yield ImageResult(name=str(int(batch["image_id"][i])), image_id=int(batch["image_id"][i]),
                         image=shown, image_size=(h, w), canvas=tuple(batch["image"].shape[1:3]),

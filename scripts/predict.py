@@ -79,11 +79,14 @@ def run(fv, args) -> int:
   # Imported once the flags are valid: usage errors and --help answer without loading jax/TF.
   from PIL import Image
   from focus_detr_jax import inference, visualize
+  from focus_detr_jax.data.datasets import DataConfig
   from focus_detr_jax.models.focus_detr import FocusDETR, feature_level_shapes
   config = inference.resolve_config(fv.config, fv.workdir, fv.checkpoint)
   variables, step = inference.load_variables(fv.workdir, fv.checkpoint)
   model = FocusDETR.from_config(config.model)
-  category_ids, class_names, found = inference.category_info(config)
+  data = DataConfig.from_config(config)
+  num_select = config.model.num_select if fv.num_select is None else fv.num_select
+  category_ids, class_names, found = inference.category_info(data, model.num_classes)
   out = Path(fv.output_dir)
   out.mkdir(parents=True, exist_ok=True)
   if fv.overlays:
@@ -97,11 +100,11 @@ def run(fv, args) -> int:
     print(f"skipping {entry}: {reason}", file=sys.stderr)
 
   if fv.split:
-    results = inference.predict_split(model, variables, config, fv.split,
-                                      num_select=fv.num_select, max_images=fv.max_images)
+    results = inference.predict_split(model, variables, data, fv.split,
+                                      num_select=num_select, max_images=fv.max_images)
   else:
-    results = inference.predict_files(model, variables, config, fv.inputs,
-                                      batch_size=fv.batch_size, num_select=fv.num_select,
+    results = inference.predict_files(model, variables, data, fv.inputs,
+                                      batch_size=fv.batch_size, num_select=num_select,
                                       max_images=fv.max_images, on_error=on_error)
   source = (f"checkpoint {fv.checkpoint}" if fv.checkpoint else
             f"workdir {fv.workdir} (step {step})")

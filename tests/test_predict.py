@@ -146,7 +146,7 @@ def test_usage_errors_and_nothing_readable(predicted, tmp_path):
 def test_training_images_for_tensorboard(predicted, tiny_config, tiny_model_and_variables):
   model, variables = tiny_model_and_variables
   image = predicted["originals"]["landscape.png"]
-  network, size, canvas = inference.network_input(image, tiny_config)
+  network, size, canvas = inference.network_input(image, DataConfig.from_config(tiny_config))
   assert size == (96, 128) and canvas == (128, 128)
   u8 = np.stack([network, network])
   sizes = np.asarray([size, [1, 1]], np.int32)
