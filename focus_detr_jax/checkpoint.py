@@ -123,9 +123,8 @@ def load_workdir_variables(workdir) -> Tuple[Dict[str, Any], int]:
                  reverse=True) if root.exists() else []
   if not steps:
     raise FileNotFoundError(f"no training checkpoint in {workdir}/checkpoints")
-  (variables, step), _ = restore_newest(
-      root, steps, lambda s: (_restore_variables(root / str(s) / "state"), s))
-  return variables, step
+  return restore_newest(root, steps,
+                        lambda s: (_restore_variables(root / str(s) / "state"), s))[0]
 
 
 def restore_newest(root, steps, restore_step, keep_raising=()):

@@ -67,11 +67,13 @@ def main(doc: str, define_flags: Callable[[flags.FlagValues, List[str]], None],
          run: Callable[[flags.FlagValues, List[str]], int], argv=None) -> int:
   """Parse `argv` (default sys.argv), call `run(flag_values, positional_args)`; exit status."""
   argv = list(sys.argv if argv is None else argv)
-  debug = _debug_requested(argv)
+  debug = (os.environ.get(DEBUG_ENV, "") not in ("", "0") or
+           any(a in ("--debug", "--debug=true", "--debug=1") for a in argv[1:]))
   if not debug:
     # Background threads of orbax/tensorstore may leave unraisable exceptions (`Event loop is
     # closed`) behind a failed restore: logged at debug level, not printed as tracebacks.
-    sys.unraisablehook = _log_unraisable
+    sys.unraisablehook = lambda u: logging.debug("exception ignored in %r: %r", u.object,
+                                                 u.exc_value)
     # Their asyncio futures may also fail unobserved (`Future exception was never retrieved`,
     # logged by asyncio with a traceback): the restore error itself is reported by our code.
     logging.getLogger("asyncio").addFilter(_demote_async_tracebacks)
@@ -157,10 +159,6 @@ def configure_logging() -> None:
       "Using custom data configuration"))   # TFDS, once per COCO-folder/synthetic dataset read
 
 
-def _log_unraisable(unraisable) -> None:
-  logging.debug("exception ignored in %r: %r", unraisable.object, unraisable.exc_value)
-
-
 def _demote_async_tracebacks(record: logging.LogRecord) -> bool:
   """asyncio records that carry a traceback go to debug level without it (False: dropped)."""
   if record.exc_info or "never retrieved" in str(record.msg):
@@ -169,37 +167,26 @@ def _demote_async_tracebacks(record: logging.LogRecord) -> bool:
   return True
 
 
-def _debug_requested(argv: Sequence[str]) -> bool:
-  return (os.environ.get(DEBUG_ENV, "") not in ("", "0") or
-          any(a in ("--debug", "--debug=true", "--debug=1") for a in argv[1:]))
-
-
 def _parse(fv: flags.FlagValues, argv: List[str]) -> List[str]:
   """Parse the flags and load every config flag; command-line mistakes become UsageError."""
   try:
     positional = fv(argv)[1:]
   except flags.Error as e:
-    raise UsageError(_flag_message(e)) from e
+    message = one_line(e)
+    if "is not supported for overriding" in message:
+      message = message.split(". Currently supported types")[0] + " (give it a typed default)"
+    raise UsageError(message) from e
   except AttributeError as e:   # ml_collections: an override of a key the config lacks
     raise UsageError(_unknown_key_message(e, argv)) from e
-  for name in _config_flag_names(fv):
+  for name in fv:
+    if not (isinstance(fv[name], _config_flags_impl._ConfigFlag)  # pylint: disable=protected-access
+            and fv[name].value is not None):
+      continue
     try:
       _ = fv[name].value.keys()   # a config file that fails to load raises only here
     except (OSError, ImportError, SyntaxError, AttributeError, TypeError, ValueError) as e:
       raise UsageError(_config_load_message(name, fv, e)) from e
   return positional
-
-
-def _config_flag_names(fv: flags.FlagValues) -> List[str]:
-  return [name for name in fv if isinstance(fv[name], _config_flags_impl._ConfigFlag)  # pylint: disable=protected-access
-          and fv[name].value is not None]
-
-
-def _flag_message(error: flags.Error) -> str:
-  message = one_line(error)
-  if "is not supported for overriding" in message:
-    message = message.split(". Currently supported types")[0] + " (give it a typed default)"
-  return message
 
 
 def _unknown_key_message(error: AttributeError, argv: Sequence[str]) -> str:

@@ -57,18 +57,6 @@ def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
   return out
 
 
-def model_differences(stored: Dict[str, Any], current: Dict[str, Any]
-                      ) -> List[Tuple[str, Any, Any]]:
-  """(key, stored value, current value) of the model keys that change the parameters.
-
-  Only keys present in both are compared (a key added to the code since the checkpoint was
-  written has no stored value to compare with).
-  """
-  a, b = flatten(stored), flatten(current)
-  return [(k, a[k], b[k]) for k in sorted(a.keys() & b.keys())
-          if k not in FREE_MODEL_KEYS and a[k] != b[k]]
-
-
 def stored_model_config(directory) -> Optional[Dict[str, Any]]:
   """The `model` section of `directory/config.json`, or None without a readable one."""
   path = as_path(directory) / CONFIG_FILE
@@ -82,12 +70,6 @@ def stored_model_config(directory) -> Optional[Dict[str, Any]]:
     return None
 
 
-def has_training_checkpoint(workdir) -> bool:
-  """Whether `workdir/checkpoints` holds a step directory (no orbax needed)."""
-  root = as_path(workdir) / "checkpoints"
-  return root.exists() and any(p.name.isdigit() for p in root.iterdir())
-
-
 def check_against_checkpoint(config, directory, what: str, training: bool = False) -> None:
   """Fail when `config.model` builds other shapes than the model saved in `directory`.
 
@@ -97,11 +79,16 @@ def check_against_checkpoint(config, directory, what: str, training: bool = Fals
   stored = stored_model_config(directory)
   if stored is None:
     return
-  diffs = model_differences(stored, config.model.to_dict())
+  # Only keys present in both are compared (a key added to the code since the checkpoint was
+  # written has no stored value to compare with).
+  old, now = flatten(stored), flatten(config.model.to_dict())
+  diffs = [k for k in sorted(old.keys() & now.keys())
+           if k not in FREE_MODEL_KEYS and old[k] != now[k]]
   if not diffs:
     return
-  listed = "; ".join(f"model.{k} is {_show(now)} here but {_show(old)} in the {what}"
-                     for k, old, now in diffs)
+  show = lambda v: json.dumps(v) if isinstance(v, str) else str(v)
+  listed = "; ".join(f"model.{k} is {show(now[k])} here but {show(old[k])} in the {what}"
+                     for k in diffs)
   hint = ("use the workdir's settings, or another --workdir (to start from this model with "
           f"other shapes: --config.init.checkpoint={as_path(directory) / 'model'})"
           if training else f"leave out --config to use the {what}'s config.json, or give the "
@@ -131,7 +118,8 @@ def check_training_config(config, workdir, num_devices: int, num_processes: int)
   """Everything a training run can check before it creates its workdir or compiles. Returns
   whether the run resumes (the workdir holds a training checkpoint)."""
   check_batch_sizes(config, num_devices, num_processes)
-  if resumes := has_training_checkpoint(workdir):
+  root = as_path(workdir) / "checkpoints"   # holds a step directory (no orbax needed)
+  if resumes := root.exists() and any(p.name.isdigit() for p in root.iterdir()):
     # A resumed run takes every parameter from its checkpoint: the init files are not read.
     check_against_checkpoint(config, workdir, "workdir", training=True)
   else:
@@ -168,6 +156,3 @@ def _keys_in_shapes(mismatches, model_config) -> List[str]:
         break
   return keys
 
-
-def _show(value) -> str:
-  return json.dumps(value) if isinstance(value, str) else str(value)

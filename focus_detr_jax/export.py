@@ -1,13 +1,5 @@
-"""Serialise the jitted inference function (model apply + `postprocess`) with `jax.export`.
-
-    export_inference(model, variables, batch_size=1, height=800, width=1344, path="r50.jfx")
-    infer = load_exported("r50.jfx")          # no model code needed to run it
-    dets = infer(images, pixel_valid, image_size)    # dict scores/labels/boxes/valid/query
-
-The exported program is StableHLO for one fixed input shape: images [B, H, W, 3] float32
-(normalised, zero-padded after normalisation), pixel_valid [B, H, W] bool (True = image pixel,
-False = padding), image_size [B, 2] int32 (h, w of the unpadded network input); boxes come back
-in those pixels.
+"""Serialise the jitted inference function (model apply + `postprocess`) with `jax.export`: one
+StableHLO program for one fixed input shape (usage and inputs: docs/inference.md, section 3).
 
 Decision: the variables are **arguments** of the exported function, not baked-in constants. The
 file stores both the serialised `jax.export.Exported` and the variables (flax msgpack), so it is
@@ -47,13 +39,6 @@ def inference_function(model, num_select: int = 300):
   return infer
 
 
-def input_specs(batch_size: int, height: int, width: int):
-  """ShapeDtypeStructs of (images, pixel_valid, image_size)."""
-  return (jax.ShapeDtypeStruct((batch_size, height, width, 3), jnp.float32),
-          jax.ShapeDtypeStruct((batch_size, height, width), jnp.bool_),
-          jax.ShapeDtypeStruct((batch_size, 2), jnp.int32))
-
-
 def export_inference(model, variables, batch_size: int, height: int, width: int, path: str,
                      num_select: Optional[int] = None,
                      platforms: Optional[Sequence[str]] = None) -> jax_export.Exported:
@@ -71,14 +56,15 @@ def export_inference(model, variables, batch_size: int, height: int, width: int,
   infer = inference_function(model, num_select)
   var_specs = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
                                      variables)
-  exported = jax_export.export(jax.jit(infer), platforms=platforms)(
-      var_specs, *input_specs(batch_size, height, width))
+  shapes = dict(images=[batch_size, height, width, 3], pixel_valid=[batch_size, height, width],
+                image_size=[batch_size, 2])
+  exported = jax_export.export(jax.jit(infer), platforms=platforms)(var_specs, *(
+      jax.ShapeDtypeStruct(shape, dtype)
+      for shape, dtype in zip(shapes.values(), (jnp.float32, jnp.bool_, jnp.int32))))
   meta = dict(format_version=FORMAT_VERSION, batch_size=batch_size, height=height, width=width,
               num_select=num_select, num_queries=model.num_queries,
               num_classes=model.num_classes, platforms=list(exported.platforms),
-              jax_version=jax.__version__,
-              inputs=dict(images=[batch_size, height, width, 3], pixel_valid=[
-                  batch_size, height, width], image_size=[batch_size, 2]))
+              jax_version=jax.__version__, inputs=shapes)
   blobs = [json.dumps(meta).encode(), bytes(exported.serialize()),
            flax.serialization.msgpack_serialize(jax.device_get(variables))]
   with open(path, "wb") as f:
@@ -94,9 +80,7 @@ class ExportedInference:
 
   def __init__(self, exported: jax_export.Exported, variables: Dict[str, Any],
                meta: Dict[str, Any]):
-    self.exported = exported
-    self.variables = variables
-    self.meta = meta
+    self.exported, self.variables, self.meta = exported, variables, meta
 
   def call_with_variables(self, variables, images, pixel_valid, image_size):
     """Runs the exported program with other variables of the same structure and shapes."""
@@ -125,6 +109,5 @@ def load_exported(path: str) -> ExportedInference:
     raise ValueError(f"{path}: export format {meta.get('format_version')}, "
                      f"this code reads {FORMAT_VERSION}")
   exported = jax_export.deserialize(bytearray(blobs[1]))
-  variables = flax.serialization.msgpack_restore(blobs[2])
-  variables = jax.tree_util.tree_map(jnp.asarray, variables)
+  variables = jax.tree_util.tree_map(jnp.asarray, flax.serialization.msgpack_restore(blobs[2]))
   return ExportedInference(exported, variables, meta)

@@ -1,18 +1,12 @@
-"""Inference on image files, folders or a dataset split, with the evaluation's preprocessing.
-
-    config = resolve_config(None, checkpoint="checkpoints/r50")      # config.json beside weights
-    variables, _ = load_variables(checkpoint="checkpoints/r50")
-    model = FocusDETR.from_config(config.model)
-    for result in predict_files(model, variables, config, ["img.jpg", "folder/"]):
-      result.detections     # scores/labels/boxes (xyxy, original pixels)/valid, numpy
-    # result.maps (token maps for the selection pictures) and result.image (original RGB)
+"""Inference on image files, folders or a dataset split, with the evaluation's preprocessing
+(usage: docs/inference.md, "From Python").
 
 Images go through exactly the evaluation transform (`transforms.eval_example`: ResizeShortestEdge
 (`eval_scale`, `eval_max_size`), placed top-left in the smallest canvas among
 `data.eval_canvases or data.canvases` that holds it; if none does, the one of the closest aspect
-ratio, scaled down to fit), are batched per canvas with padding
-slots, and run through one jitted forward per canvas (`predict.predict_on_host`: the model,
-`postprocess` to the original pixels, and the token maps). Nothing here is backend specific.
+ratio, scaled down to fit), are batched per canvas with padding slots, and run through one jitted
+forward per canvas (`predict.predict_on_host`: the model, `postprocess` to the original pixels,
+and the token maps). Nothing here is backend specific.
 
 Files are read like the COCO-folder preparation (`coco_folder.load_image`: EXIF orientation
 applied, CMYK/alpha/palette/16-bit converted to RGB); unreadable ones are reported through
@@ -32,10 +26,10 @@ from focus_detr_jax import config_check, visualize
 from focus_detr_jax.checkpoint import (CONFIG_FILE, as_path, load_config, load_model_checkpoint,
                                        load_workdir_variables)
 from focus_detr_jax.cli import UserError
-from focus_detr_jax.data import (canvas as canvas_lib, coco_folder, coco_tfds, iterators, synthetic,
-                                 transforms)
+from focus_detr_jax.data import (canvas as canvas_lib, coco_folder, coco_tfds, datasets,
+                                 iterators, synthetic, transforms)
 from focus_detr_jax.evaluation.coco_eval import detections_to_coco
-from focus_detr_jax.predict import default_num_select, per_image, predict_on_host
+from focus_detr_jax.predict import per_image, predict_on_host
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -48,12 +42,11 @@ def resolve_config(config=None, workdir=None, checkpoint=None):
   A given config must build the same model as the saved one (`config_check`): a mismatch raises
   `ConfigMismatchError` naming the differing keys before anything is loaded.
   """
-  directory = checkpoint or workdir
+  directory, what = (checkpoint, "checkpoint") if checkpoint else (workdir, "workdir")
   if directory and not as_path(directory).exists():
-    raise UserError(f"{'checkpoint' if checkpoint else 'workdir'} {directory} does not exist")
+    raise UserError(f"{what} {directory} does not exist")
   if config is not None:
-    config_check.check_against_checkpoint(config, directory,
-                                          "checkpoint" if checkpoint else "workdir")
+    config_check.check_against_checkpoint(config, directory, what)
     return config
   if checkpoint:
     return load_config(checkpoint)
@@ -74,23 +67,22 @@ def load_variables(workdir=None, checkpoint=None):
   return jax.device_put(variables, jax.local_devices()[0]), step
 
 
-def category_info(config) -> Tuple[Tuple[int, ...], Tuple[str, ...], bool]:
-  """(category id per label, name per label, found) from the config's dataset, without reading it.
-
-  COCO: the 80 COCO ids; synthetic: 1..C and its class names; a COCO folder: the categories of
-  its annotation files. When unknown or inconsistent with `model.num_classes`: (0..C-1, "0"..,
+def category_info(data: datasets.DataConfig,
+                  num_classes: int) -> Tuple[Tuple[int, ...], Tuple[str, ...], bool]:
+  """(category id per label, name per label, found) of the configured dataset, without reading
+  it. COCO: the 80 COCO ids; synthetic: 1..C and its class names; a COCO folder: the categories
+  of its annotation files. When unknown or inconsistent with `num_classes`: (0..C-1, "0"..,
   False).
   """
-  n = int(config.model.num_classes)
+  n = int(num_classes)
   ids, names = None, None
-  data = config.get("data")
   try:
-    if data is not None and data.dataset == "coco":
+    if data.dataset == "coco":
       ids, names = coco_tfds.COCO_CATEGORY_IDS, coco_tfds.COCO_CATEGORY_NAMES
-    elif data is not None and data.dataset == "synthetic":
+    elif data.dataset == "synthetic":
       names = tuple(synthetic.class_names(data.synthetic.difficulty))
       ids = tuple(range(1, len(names) + 1))
-    elif data is not None and data.dataset == "coco_folder":
+    elif data.dataset == "coco_folder":
       files = [f for f in (data.folder.train_annotations, data.folder.eval_annotations)
                if f and Path(f).is_file()]
       if files:
@@ -163,38 +155,33 @@ def read_image(path) -> np.ndarray:
     raise coco_folder.BadImage("images_corrupt", f"undecodable: {e}") from e
 
 
-def eval_canvases(config):
+def eval_canvases(data: datasets.DataConfig):
   """The canvases of evaluation (None: `eval_exact`, one shape per image)."""
-  data = config.data
   if data.eval_exact:
     return None
   return canvas_lib.normalize_canvases(data.eval_canvases or data.canvases)
 
 
-def network_input(image: np.ndarray, config) -> Tuple[np.ndarray, Tuple[int, int], Any]:
+def network_input(image: np.ndarray,
+                  data: datasets.DataConfig) -> Tuple[np.ndarray, Tuple[int, int], Any]:
   """The evaluation transform of one decoded image (`transforms.eval_example`).
 
   Returns (uint8 network image padded to its canvas [H, W, 3] (unpadded with eval_exact),
   (h, w) of the resized image, the canvas (H, W) or None).
   """
-  data = config.data
-  canvases = eval_canvases(config)
-  canvas = None
+  scale, max_size = int(data.eval_scale), int(data.eval_max_size)
+  canvases, canvas = eval_canvases(data), None
+  img = tf.constant(image)
+  target = transforms.resize_shortest_edge_size(tf.shape(img)[:2], scale, max_size)
   if canvases is not None:
     # The evaluation's rule: the smallest canvas that holds the resized image.
     canvas = canvases[int(transforms.tf_eval_canvas_index(
-        tf.constant(image.shape[:2], tf.int32), canvases, int(data.eval_scale),
-        int(data.eval_max_size)))]
-  img = tf.constant(image)
-  target = transforms.resize_shortest_edge_size(tf.shape(img)[:2], int(data.eval_scale),
-                                                int(data.eval_max_size))
-  if canvas is not None:
+        tf.constant(image.shape[:2], tf.int32), canvases, scale, max_size))]
     target, _ = canvas_lib.tf_fit_size(target, canvas)
   out = transforms.resize_image(img, target)
   if canvas is not None:
     out = tf.image.pad_to_bounding_box(out, 0, 0, canvas[0], canvas[1])
-  size = tuple(int(v) for v in target.numpy())
-  return out.numpy(), size, canvas
+  return out.numpy(), tuple(int(v) for v in target.numpy()), canvas
 
 
 @dataclasses.dataclass
@@ -214,75 +201,45 @@ class ImageResult:
     return int(self.image.shape[0]), int(self.image.shape[1])
 
 
-class _Batcher:
-  """Collects prepared images per canvas and runs full (padded) batches of `batch_size`."""
-
-  def __init__(self, model, variables, config, batch_size: int, num_select: int):
-    self.model, self.variables, self.config = model, variables, config
-    self.batch_size = batch_size
-    self.num_select = num_select
-    self.pending: Dict[Any, list] = {}
-
-  def add(self, key, item) -> Iterator[ImageResult]:
-    self.pending.setdefault(key, []).append(item)
-    if len(self.pending[key]) >= self.batch_size:
-      yield from self._run(self.pending.pop(key))
-
-  def flush(self) -> Iterator[ImageResult]:
-    for key in list(self.pending):
-      yield from self._run(self.pending.pop(key))
-
-  def _run(self, items) -> Iterator[ImageResult]:
-    n = len(items)
-    slots = self.batch_size
-    net = np.zeros((slots,) + items[0]["network"].shape, np.uint8)
-    sizes = np.ones((slots, 2), np.int32)          # padding slots: a 1x1 image, like eval
-    orig = np.ones((slots, 2), np.int32)
-    for i, it in enumerate(items):
-      net[i] = it["network"]
-      sizes[i] = it["image_size"]
-      orig[i] = it["image"].shape[:2]
-    images, pixel_valid = iterators.normalize_batch(net, sizes, self.config.data.pixel_mean,
-                                                    self.config.data.pixel_std)
-    dets, maps = predict_on_host(self.model, self.variables, images, pixel_valid, sizes, orig,
-                                 num_select=self.num_select)
-    for i in range(n):
-      it = items[i]
-      yield ImageResult(name=it["name"], image_id=it["image_id"], image=it["image"],
-                        image_size=tuple(int(v) for v in sizes[i]),
-                        canvas=tuple(net.shape[1:3]), detections=per_image(dets, i),
-                        maps=per_image(maps, i), path=it.get("path"))
+def _predict_batch(model, variables, data, items, slots: int, num_select: int
+                   ) -> Iterator[ImageResult]:
+  """Results of (network input, ImageResult fields) of one canvas, run as `slots` images."""
+  net = np.zeros((slots,) + items[0][0].shape, np.uint8)
+  sizes = np.ones((slots, 2), np.int32)          # padding slots: a 1x1 image, like eval
+  orig = np.ones((slots, 2), np.int32)
+  for i, (network, fields) in enumerate(items):
+    net[i], sizes[i], orig[i] = network, fields["image_size"], fields["image"].shape[:2]
+  images, pixel_valid = iterators.normalize_batch(net, sizes, data.pixel_mean, data.pixel_std)
+  dets, maps = predict_on_host(model, variables, images, pixel_valid, sizes, orig,
+                               num_select=num_select)
+  for i, (_, fields) in enumerate(items):
+    yield ImageResult(**fields, detections=per_image(dets, i), maps=per_image(maps, i))
 
 
-def _defaults(model, config, batch_size, num_select):
-  if batch_size is None:
-    batch_size = 1 if config.data.eval_exact else int(config.data.eval_batch_size)
-  return batch_size, default_num_select(
-      model, config.model.num_select if num_select is None else num_select)
-
-
-def predict_files(model, variables, config, inputs: Sequence[str], *,
-                  batch_size: Optional[int] = None, num_select: Optional[int] = None,
+def predict_files(model, variables, data: datasets.DataConfig, inputs: Sequence[str], *,
+                  num_select: int, batch_size: Optional[int] = None,
                   max_images: Optional[int] = None,
                   on_error: Optional[Callable[[str, str], None]] = None
                   ) -> Iterator[ImageResult]:
   """Predictions of image files and folders (in canvas batches; results come per batch).
 
   Args:
-    inputs: files and/or folders; batch_size: images per forward (default `eval_batch_size`,
-      1 with `eval_exact`); num_select: detections per image (default `model.num_select`);
+    data: the evaluation's preprocessing (`datasets.DataConfig`); inputs: files and/or
+      folders; num_select: detections per image (`config.model.num_select`);
+      batch_size: images per forward (default `eval_batch_size`, 1 with `eval_exact`);
     max_images: stop after this many readable images.
     on_error: called with (input, reason) for each missing or unreadable input (default: log).
   """
   on_error = on_error or (lambda path, why: logging.warning("skipping %s: %s", path, why))
-  batch_size, num_select = _defaults(model, config, batch_size, num_select)
-  if eval_canvases(config) is None:
+  if eval_canvases(data) is None:   # eval_exact: one shape per image
     batch_size = 1
+  elif batch_size is None:
+    batch_size = int(data.eval_batch_size)
   paths, problems = list_images(inputs)
   for entry, why in problems:
     on_error(entry, why)
   ids, names = image_ids_and_names(paths)
-  batcher = _Batcher(model, variables, config, batch_size, num_select)
+  pending: Dict[Any, list] = {}   # per network input shape (= canvas)
   used = 0
   for path, image_id, name in zip(paths, ids, names):
     if max_images is not None and used >= max_images:
@@ -292,23 +249,26 @@ def predict_files(model, variables, config, inputs: Sequence[str], *,
     except coco_folder.BadImage as e:
       on_error(str(path), str(e))
       continue
-    network, size, canvas = network_input(image, config)
+    network, size, _ = network_input(image, data)
     used += 1
-    item = dict(name=name, image_id=image_id, image=image, network=network, image_size=size,
-                path=str(path))
-    yield from batcher.add(canvas if canvas is not None else network.shape, item)
-  yield from batcher.flush()
+    items = pending.setdefault(network.shape, [])
+    items.append((network, dict(name=name, image_id=image_id, image=image, image_size=size,
+                                canvas=network.shape[:2], path=str(path))))
+    if len(items) >= batch_size:
+      yield from _predict_batch(model, variables, data, pending.pop(network.shape),
+                                batch_size, num_select)
+  for items in pending.values():
+    yield from _predict_batch(model, variables, data, items, batch_size, num_select)
 
 
-def predict_split(model, variables, config, split: str, *, num_select: Optional[int] = None,
+def predict_split(model, variables, data: datasets.DataConfig, split: str, *, num_select: int,
                   max_images: Optional[int] = None) -> Iterator[ImageResult]:
-  """Predictions over a split of the config's dataset (`iterators.make_eval_iterator`).
+  """Predictions over a split of the configured dataset (`iterators.make_eval_iterator`).
 
   `ImageResult.image` is the network input resized back to the original size (the original
   pixels are not kept by the pipeline); boxes are in original pixels.
   """
-  _, num_select = _defaults(model, config, None, num_select)
-  iterator = iterators.make_eval_iterator(config, 0, 1, split=split)
+  iterator = iterators.make_eval_iterator(data, 0, 1, split=split)
   used = 0
   for batch in iterator:
     if max_images is not None and used >= max_images:
@@ -320,8 +280,7 @@ def predict_split(model, variables, config, split: str, *, num_select: Optional[
         break
       used += 1
       h, w = (int(v) for v in batch["image_size"][i])
-      shown = visualize.denormalize(batch["image"][i, :h, :w], config.data.pixel_mean,
-                                    config.data.pixel_std)
+      shown = visualize.denormalize(batch["image"][i, :h, :w], data.pixel_mean, data.pixel_std)
       shown = visualize.resize(shown, batch["orig_size"][i])
       yield ImageResult(name=str(int(batch["image_id"][i])), image_id=int(batch["image_id"][i]),
                         image=shown, image_size=(h, w), canvas=tuple(batch["image"].shape[1:3]),

@@ -40,15 +40,14 @@ def predict(model, variables, images, pixel_valid, image_size, output_size=None,
     `postprocess`'s dict scores/labels/boxes (xyxy)/valid/query [B, K...]; with `with_maps`,
     (that dict, `selection_maps`).
   """
-  if not with_maps:
-    outputs = model.apply(variables, images, pixel_valid, train=False)
-    return postprocess(outputs["pred_logits"], outputs["pred_boxes"], image_size, output_size,
-                       num_select=num_select)
-  outputs, state = model.apply(variables, images, pixel_valid, train=False,
-                               mutable=["intermediates"])
+  outputs = model.apply(variables, images, pixel_valid, train=False,
+                        mutable=["intermediates"] if with_maps else False)
+  if with_maps:
+    outputs, state = outputs
   dets = postprocess(outputs["pred_logits"], outputs["pred_boxes"], image_size, output_size,
                      num_select=num_select)
-  return dets, selection_maps(state["intermediates"], outputs["fg_score"].shape[1])
+  return (dets, selection_maps(state["intermediates"], outputs["fg_score"].shape[1])
+          ) if with_maps else dets
 
 
 jit_predict = jax.jit(predict, static_argnames=("model", "num_select", "with_maps"))

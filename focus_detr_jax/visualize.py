@@ -1,20 +1,6 @@
-"""Pictures of detections and of what the token selector keeps (the paper's figures 1 and 4).
-
-Drawing is pure numpy/PIL and returns uint8 RGB arrays [H, W, 3]:
-
-    draw_detections(image, boxes_xyxy, scores, labels, class_names, score_threshold=0.3)
-    fg_heatmap(image, level_scores, image_size, stride)         # one level's foreground scores
-    token_dots(image, token_mask, level_shapes, image_size)     # selected tokens, coloured by level
-    token_selection_panels(image, intermediates, level_shapes, image_size)   # the whole grid
-
-The arrays come from one forward pass with the token maps (`predict.py`):
-
-    dets, maps = predict_on_host(model, variables, images, pixel_valid, image_size)
-    panel = token_selection_panels(image_b, per_image(maps, b), feature_level_shapes(H, W),
-                                   image_size[b])
-
-For TensorBoard, `training_images(model, variables, batch, config)` returns
-{name: uint8 [N, H, W, 3]} for clu's `writer.write_images(step, ...)`.
+"""Pictures of detections and of what the token selector keeps (the paper's figures 1 and 4):
+uint8 RGB arrays [H, W, 3] drawn with numpy/PIL from one forward pass with the token maps
+(`predict.predict_on_host`); usage and the grid's rows: docs/inference.md, section 2.
 
 Geometry: a token (i, j) of level l (stride s = 8 * 2**l) covers network-input pixels
 [i*s, (i+1)*s) x [j*s, (j+1)*s); `image_size` (h, w) is the unpadded network input inside the
@@ -170,17 +156,6 @@ def split_levels(flat, level_shapes):
   return out
 
 
-def _token_lookup(display_hw, image_size, level_hw, stride):
-  """Row/column index of the level-token under each display pixel."""
-  dh, dw = display_hw
-  ih, iw = float(image_size[0]), float(image_size[1])
-  ys = (np.arange(dh, dtype=np.float64) + 0.5) * ih / dh
-  xs = (np.arange(dw, dtype=np.float64) + 0.5) * iw / dw
-  rows = np.clip(np.floor(ys / stride).astype(np.int64), 0, level_hw[0] - 1)
-  cols = np.clip(np.floor(xs / stride).astype(np.int64), 0, level_hw[1] - 1)
-  return rows, cols
-
-
 def fg_heatmap(image, level_scores, image_size, stride: int, *, valid=None, alpha: float = 0.55,
                normalize: bool = True) -> np.ndarray:
   """One level's foreground scores as a jet heatmap blended over `image` (same size as it).
@@ -201,7 +176,11 @@ def fg_heatmap(image, level_scores, image_size, stride: int, *, valid=None, alph
     lo, hi = float(v.min()), float(v.max())
     scores = (scores - lo) / (hi - lo) if hi > lo else np.zeros_like(scores)
   scores = np.where(valid, scores, 0.0)
-  rows, cols = _token_lookup(image.shape[:2], image_size, scores.shape, stride)
+  # The level token under each display pixel.
+  rows, cols = ((np.arange(d, dtype=np.float64) + 0.5) * float(size) / d
+                for d, size in zip(image.shape[:2], image_size))
+  rows = np.clip(np.floor(rows / stride).astype(np.int64), 0, scores.shape[0] - 1)
+  cols = np.clip(np.floor(cols / stride).astype(np.int64), 0, scores.shape[1] - 1)
   heat = jet(scores[rows[:, None], cols[None, :]]).astype(np.float32)
   out = (1.0 - alpha) * image.astype(np.float32) + alpha * heat
   return np.clip(np.round(out), 0, 255).astype(np.uint8)
@@ -320,12 +299,10 @@ def token_selection_panels(image, intermediates: Mapping[str, Any], level_shapes
   num_levels = len(level_shapes)
   strides = level_strides(num_levels)
   fg = 1.0 / (1.0 + np.exp(-np.asarray(intermediates["fg_score"], np.float64)))
-  n = fg.shape[-1]
-  token_valid = np.asarray(intermediates.get("token_valid", np.ones(n, bool)), bool)
+  token_valid = np.asarray(intermediates.get("token_valid", np.ones(fg.shape[-1], bool)), bool)
   fg_levels = split_levels(fg, level_shapes)
   valid_levels = split_levels(token_valid, level_shapes)
-  first = resize(detections_image, disp_hw) if detections_image is not None else disp
-  panels = [first]
+  panels = [resize(detections_image, disp_hw) if detections_image is not None else disp]
   titles = ["detections" if detections_image is not None else "image"]
   for l in range(num_levels):
     panels.append(fg_heatmap(disp, fg_levels[l], image_size, strides[l], valid=valid_levels[l],
@@ -333,18 +310,12 @@ def token_selection_panels(image, intermediates: Mapping[str, Any], level_shapes
     v = fg_levels[l][valid_levels[l]]
     rng = f" {v.min():.2f}-{v.max():.2f}" if v.size else ""
     titles.append(f"fg score L{l} (s{strides[l]}){rng}")
-  columns = len(panels)
-  updated = np.asarray(intermediates["updated"], bool) & token_valid
-  objects = np.asarray(intermediates["objects"], bool) & token_valid
-  num_layers = updated.shape[0]
-  columns = max(columns, num_layers)
   rows = [(panels, titles)]
-  for name, masks in (("updated", updated), ("object tokens", objects)):
-    row_p, row_t = [], []
-    for e in range(num_layers):
-      row_p.append(token_dots(disp, masks[e], level_shapes, image_size))
-      row_t.append(f"enc {e}: {name} {int(masks[e].sum())}")
-    rows.append((row_p, row_t))
+  for key, name in (("updated", "updated"), ("objects", "object tokens")):
+    masks = np.asarray(intermediates[key], bool) & token_valid
+    rows.append(([token_dots(disp, m, level_shapes, image_size) for m in masks],
+                 [f"enc {e}: {name} {int(m.sum())}" for e, m in enumerate(masks)]))
+  columns = max(len(panels), len(rows[1][0]))
   all_p, all_t = [], []
   for row_p, row_t in rows:   # each row starts a new grid row
     all_p += row_p + [None] * (columns - len(row_p))
@@ -357,7 +328,7 @@ def token_selection_panels(image, intermediates: Mapping[str, Any], level_shapes
 
 # ----------------------------------------------------------------------------- TensorBoard
 
-def training_images(model, variables, batch, config, max_images: int = 2,
+def training_images(model, variables, batch, data, num_select: int, max_images: int = 2,
                     class_names: Optional[Sequence[str]] = None,
                     score_threshold: float = 0.3) -> Dict[str, np.ndarray]:
   """TensorBoard images of an eval-style batch: detections and token-selection grids.
@@ -365,7 +336,8 @@ def training_images(model, variables, batch, config, max_images: int = 2,
   Args:
     batch: a batch of `iterators.make_eval_iterator` (image, pixel_valid, image_size, and
       optionally boxes/labels/box_valid ground truth and example_valid).
-    config: the full config (`data.pixel_mean/std`, `model.num_select`).
+    data: the `datasets.DataConfig` of the batch (its `pixel_mean/std`); num_select:
+      detections per image (`config.model.num_select`).
     max_images: images drawn (the first valid ones; always this many forward slots, so the
       forward compiles once per canvas).
   Returns:
@@ -382,19 +354,18 @@ def training_images(model, variables, batch, config, max_images: int = 2,
   sizes = np.asarray(batch["image_size"], np.int32)[idx]
   dets, maps = predict_on_host(model, variables, images[idx],
                                np.asarray(batch["pixel_valid"])[idx], sizes,
-                               num_select=config.model.num_select)
+                               num_select=num_select)
   canvas_hw = images.shape[1:3]
   level_shapes = feature_level_shapes(*canvas_hw, num_levels=model.num_levels)
   det_images, token_images = [], []
   for i in range(chosen.size):
-    plain = denormalize(images[idx[i]], config.data.pixel_mean, config.data.pixel_std)
+    plain = denormalize(images[idx[i]], data.pixel_mean, data.pixel_std)
     shown = plain
     h, w = (int(v) for v in sizes[i])
     if "boxes" in batch and "box_valid" in batch:
       gt = np.asarray(batch["boxes"])[idx[i]][np.asarray(batch["box_valid"])[idx[i]]]
-      gt_xyxy = np.stack([gt[:, 0] - gt[:, 2] / 2, gt[:, 1] - gt[:, 3] / 2,
-                          gt[:, 0] + gt[:, 2] / 2, gt[:, 1] + gt[:, 3] / 2], -1) * np.asarray(
-                              [w, h, w, h], np.float32)
+      gt_xyxy = np.concatenate([gt[:, :2] - gt[:, 2:] / 2, gt[:, :2] + gt[:, 2:] / 2],
+                               -1) * np.asarray([w, h, w, h], np.float32)
       shown = draw_detections(shown, gt_xyxy, np.ones(len(gt)), np.zeros(len(gt), int),
                               score_threshold=0.0, line_width=1, label_text=False,
                               color=(255, 255, 255))

@@ -71,12 +71,6 @@ def user_cpu_scheduler() -> Optional[str]:
   return value
 
 
-def check_cpu_scheduler(name: str) -> str:
-  if name not in CPU_SCHEDULERS:
-    raise ValueError(f"train.xla_cpu_scheduler={name!r}: expected one of {tuple(CPU_SCHEDULERS)}")
-  return name
-
-
 def configure_cpu_scheduler(name: str) -> str:
   """Selects XLA:CPU's scheduler `name` for this process (see the module docstring).
 
@@ -84,7 +78,8 @@ def configure_cpu_scheduler(name: str) -> str:
   kept), "not cpu" (CPU is not the default platform: nothing done), "too late" (JAX's backends
   exist already and the process keeps the scheduler they were created with; logged unless that
   is the asked one)."""
-  check_cpu_scheduler(name)
+  if name not in CPU_SCHEDULERS:
+    raise ValueError(f"train.xla_cpu_scheduler={name!r}: expected one of {tuple(CPU_SCHEDULERS)}")
   user = user_cpu_scheduler()
   if user is not None:
     if user != name:

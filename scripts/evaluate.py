@@ -12,7 +12,6 @@ metrics go to --workdir (or the checkpoint directory). User errors end with one 
 """
 
 
-
 from absl import flags
 
 from focus_detr_jax import cli
@@ -35,6 +34,7 @@ def run(fv, args):
   if fv.distributed:
     jax.distributed.initialize()
   # Imported after jax.distributed.initialize, which must precede any other use of jax.
+  from focus_detr_jax.data.datasets import DataConfig
   from focus_detr_jax.evaluation.coco_eval import format_table
   from focus_detr_jax.evaluation.evaluator import Evaluator
   from focus_detr_jax.inference import load_variables, resolve_config
@@ -43,8 +43,8 @@ def run(fv, args):
   config = resolve_config(fv.config, fv.workdir, fv.checkpoint)
   variables, step = load_variables(fv.workdir, fv.checkpoint)
   model = FocusDETR.from_config(config.model)
-  evaluator = Evaluator(model, config, fv.workdir or fv.checkpoint,
-                        max_batches=config.eval.max_batches or None)
+  evaluator = Evaluator(model, DataConfig.from_config(config), config.model.num_select,
+                        fv.workdir or fv.checkpoint, max_batches=config.eval.max_batches or None)
   metrics = evaluator.run(variables, step)
   print(format_table(metrics))
   return 0

@@ -37,7 +37,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from absl import flags
 
 from focus_detr_jax import cli
@@ -66,7 +65,8 @@ def define_flags(fv, argv):
                        "model.num_select)", lower_bound=1, flag_values=fv)
 
 
-def _check_usage(fv, args):
+def run(fv, args) -> int:
+  """Predict with parsed flags; returns the exit status."""
   if args:
     raise cli.UsageError(f"unexpected arguments {args}")
   if bool(fv.checkpoint) == bool(fv.workdir):
@@ -75,24 +75,18 @@ def _check_usage(fv, args):
     raise cli.UsageError("give exactly one of --inputs and --split")
   if not fv.output_dir:
     raise cli.UsageError("--output_dir is required")
-
-
-def _save_png(path, array):
-  from PIL import Image
-  Image.fromarray(array).save(path)
-
-
-def run(fv, args) -> int:
-  """Predict with parsed flags; returns the exit status."""
-  _check_usage(fv, args)
   cli.configure_logging()
   # Imported once the flags are valid: usage errors and --help answer without loading jax/TF.
+  from PIL import Image
   from focus_detr_jax import inference, visualize
+  from focus_detr_jax.data.datasets import DataConfig
   from focus_detr_jax.models.focus_detr import FocusDETR, feature_level_shapes
   config = inference.resolve_config(fv.config, fv.workdir, fv.checkpoint)
   variables, step = inference.load_variables(fv.workdir, fv.checkpoint)
   model = FocusDETR.from_config(config.model)
-  category_ids, class_names, found = inference.category_info(config)
+  data = DataConfig.from_config(config)
+  num_select = config.model.num_select if fv.num_select is None else fv.num_select
+  category_ids, class_names, found = inference.category_info(data, model.num_classes)
   out = Path(fv.output_dir)
   out.mkdir(parents=True, exist_ok=True)
   if fv.overlays:
@@ -106,11 +100,11 @@ def run(fv, args) -> int:
     print(f"skipping {entry}: {reason}", file=sys.stderr)
 
   if fv.split:
-    results = inference.predict_split(model, variables, config, fv.split,
-                                      num_select=fv.num_select, max_images=fv.max_images)
+    results = inference.predict_split(model, variables, data, fv.split,
+                                      num_select=num_select, max_images=fv.max_images)
   else:
-    results = inference.predict_files(model, variables, config, fv.inputs,
-                                      batch_size=fv.batch_size, num_select=fv.num_select,
+    results = inference.predict_files(model, variables, data, fv.inputs,
+                                      batch_size=fv.batch_size, num_select=num_select,
                                       max_images=fv.max_images, on_error=on_error)
   source = (f"checkpoint {fv.checkpoint}" if fv.checkpoint else
             f"workdir {fv.workdir} (step {step})")
@@ -130,12 +124,12 @@ def run(fv, args) -> int:
     overlay = visualize.draw_detections(r.image, d["boxes"][keep], d["scores"][keep],
                                         d["labels"][keep], class_names, fv.score_threshold)
     if fv.overlays:
-      _save_png(out / "overlays" / f"{r.name}.png", overlay)
+      Image.fromarray(overlay).save(out / "overlays" / f"{r.name}.png")
     if fv.tokens:
       panel = visualize.token_selection_panels(
           r.image, r.maps, feature_level_shapes(*r.canvas, num_levels=model.num_levels),
           r.image_size, detections_image=overlay)
-      _save_png(out / "tokens" / f"{r.name}.png", panel)
+      Image.fromarray(panel).save(out / "tokens" / f"{r.name}.png")
   (out / "detections.json").write_text(json.dumps(detections))
   categories = [{"id": int(i), "name": n} for i, n in zip(category_ids, class_names)]
   (out / "images.json").write_text(json.dumps({"images": images, "categories": categories},

@@ -18,7 +18,6 @@ See docs/training.md.
 """
 
 
-
 from absl import flags
 
 from focus_detr_jax import cli

@@ -14,6 +14,7 @@ from focus_detr_jax.data import datasets
 from focus_detr_jax.data import streams
 from focus_detr_jax.data import transforms
 from focus_detr_jax.data.testing import encode, write_coco_folder  # noqa: F401  (shared)
+from focus_detr_jax.data.datasets import DataConfig
 
 # Pure colours: easy to find again after resizing (one per object in drawn test images).
 COLOURS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255),
@@ -140,4 +141,4 @@ def plan_for_step(step: int, schedule: buckets.Schedule) -> StepPlan:
 
 def canvas_for_step(config, step: int) -> tuple[int, int]:
   """(H, W) of the training batch at `step` (the same on every host)."""
-  return plan_for_step(step, streams.train_schedule(config)).canvas
+  return plan_for_step(step, streams.train_schedule(DataConfig.from_config(config))).canvas

@@ -10,6 +10,7 @@ from focus_detr_jax.data import buckets
 from focus_detr_jax.data import datasets
 from focus_detr_jax.data import streams
 from focus_detr_jax.data import transforms
+from focus_detr_jax.data.datasets import DataConfig
 
 COCO = common.get_data_config("coco")
 # Another size mix than the one the defaults were chosen on: more portrait, more 3:2 and 16:9.
@@ -132,9 +133,9 @@ def test_eval_canvases_hold_every_image_with_little_padding():
 def test_a_single_canvas_needs_no_groups_or_buckets():
   c = common.get_data_config("coco")
   c.canvases = ((512, 512),)
-  s = streams.train_schedule(c)
+  s = streams.train_schedule(DataConfig.from_config(c))
   assert s.num_groups == 1 and not s.scale_per_step and s.canvases == ((512, 512),)
   c.canvases = ((512, 512), (512, 512))
   c.canvas_weights = (1.0, 1.0, 1.0, 1.0)
   with pytest.raises(ValueError, match="group-major"):
-    streams.train_schedule(c)
+    streams.train_schedule(DataConfig.from_config(c))

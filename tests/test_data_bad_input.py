@@ -13,6 +13,7 @@ from PIL import Image
 import data_helpers as helpers
 from focus_detr_jax.data import coco_folder
 from focus_detr_jax.data import iterators
+from focus_detr_jax.data.datasets import DataConfig
 
 CATS = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
 HW = (48, 64)
@@ -148,7 +149,7 @@ def _config(root, splits, **kw):
 
 def test_eval_counts_truncation_and_keeps_images_without_annotations(prepared):
   root, splits, _ = prepared
-  it = iterators.make_eval_iterator(_config(root, splits))
+  it = iterators.make_eval_iterator(DataConfig.from_config(_config(root, splits)))
   batches = list(it)
   ids = np.concatenate([b["image_id"][b["example_valid"]] for b in batches])
   assert sorted(ids.tolist()) == [1, 2, 3, 4, 5, 6, 7, 11, 12, 13, 14, 15, 16]
@@ -165,7 +166,7 @@ def test_eval_counts_truncation_and_keeps_images_without_annotations(prepared):
 
 def test_training_skips_images_without_annotations_and_counts(prepared):
   root, splits, _ = prepared
-  it = iterators.make_train_iterator(_config(root, splits, augment=False))
+  it = iterators.make_train_iterator(DataConfig.from_config(_config(root, splits, augment=False)))
   ids = []
   for _ in range(12):  # ~2 epochs of the 11 usable images
     b = next(it)
@@ -281,7 +282,7 @@ def test_counts_are_reported_in_the_logs(tmp_path, caplog):
 
 def test_pipeline_counts_are_logged(prepared, caplog):
   root, splits, _ = prepared
-  it = iterators.make_eval_iterator(_config(root, splits))
+  it = iterators.make_eval_iterator(DataConfig.from_config(_config(root, splits)))
   for _ in it:
     pass
   with caplog.at_level("INFO"):

@@ -11,6 +11,7 @@ import data_helpers as helpers
 from focus_detr_jax.data import coco_folder
 from focus_detr_jax.data import datasets
 from focus_detr_jax.data import iterators
+from focus_detr_jax.data.datasets import DataConfig
 
 CATEGORIES = [{"id": 11, "name": "ball"}, {"id": 3, "name": "box"}, {"id": 7, "name": "cone"}]
 
@@ -110,8 +111,9 @@ def test_pipeline_on_a_folder_and_ground_truth(folder):
   config.folder.train_images, config.folder.train_annotations = splits["train"]
   config.folder.eval_images, config.folder.eval_annotations = splits["validation"]
   config.data_dir = os.path.join(root, "tfds")
-  np.testing.assert_array_equal(datasets.label_to_category_id(config), [3, 7, 11])
-  batches = list(iterators.make_eval_iterator(config))
+  np.testing.assert_array_equal(datasets.label_to_category_id(DataConfig.from_config(config)),
+                                [3, 7, 11])
+  batches = list(iterators.make_eval_iterator(DataConfig.from_config(config)))
   ids = np.concatenate([b["image_id"][b["example_valid"]] for b in batches])
   assert sorted(ids.tolist()) == [100, 101, 102]
   by_id = {im["id"]: im for im in val}
@@ -123,7 +125,7 @@ def test_pipeline_on_a_folder_and_ground_truth(folder):
       assert max(errors) <= 1.6, errors
       assert tuple(b["orig_size"][i]) == (60, 80)
       assert b["box_valid"][i].sum() == len(by_id[int(b["image_id"][i])]["annotations"])
-  gt = datasets.coco_ground_truth(config)
+  gt = datasets.coco_ground_truth(DataConfig.from_config(config))
   assert sorted(im["id"] for im in gt["images"]) == [100, 101, 102]
   assert [c["id"] for c in gt["categories"]] == [3, 7, 11]
   want = {(a["image_id"] if "image_id" in a else im["id"], a["category_id"], tuple(a["bbox"]))

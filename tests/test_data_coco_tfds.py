@@ -18,6 +18,7 @@ from focus_detr_jax.data import coco_folder
 from focus_detr_jax.data import coco_tfds
 from focus_detr_jax.data import datasets
 from focus_detr_jax.data import iterators
+from focus_detr_jax.data.datasets import DataConfig
 
 HW = (60, 80)
 RECTS = [(4, 6, 30, 26), (44, 8, 76, 30), (10, 34, 40, 56)]
@@ -113,7 +114,7 @@ def test_the_real_coco_2017_builder_and_its_spec():
 def test_eval_reads_every_image_once_with_aligned_boxes(tmp_path):
   config = _config(tmp_path)
   with _mock(with_bad=False):
-    it = iterators.make_eval_iterator(config)
+    it = iterators.make_eval_iterator(DataConfig.from_config(config))
     batches = list(it)
   ids = np.concatenate([b["image_id"][b["example_valid"]] for b in batches])
   assert sorted(ids.tolist()) == sorted(_records(False))
@@ -135,10 +136,10 @@ def test_eval_reads_every_image_once_with_aligned_boxes(tmp_path):
 
 def test_labels_map_back_to_coco_category_ids(tmp_path):
   config = _config(tmp_path)
-  ids = datasets.label_to_category_id(config)
+  ids = datasets.label_to_category_id(DataConfig.from_config(config))
   assert ids.shape == (80,) and ids[0] == 1 and ids[11] == 13 and ids[79] == 90
   with _mock(with_bad=False):
-    gt = datasets.coco_ground_truth(config)
+    gt = datasets.coco_ground_truth(DataConfig.from_config(config))
   assert len(gt["categories"]) == 80 and gt["categories"][79] == {"id": 90, "name": "toothbrush"}
   got = sorted(a["category_id"] for a in gt["annotations"] if a["image_id"] == 6)
   assert got == [1, 13, 90]
@@ -149,7 +150,7 @@ def test_labels_map_back_to_coco_category_ids(tmp_path):
 def test_training_batches_are_augmented_and_aligned(tmp_path):
   config = _config(tmp_path)
   with _mock(with_bad=False):
-    it = iterators.make_train_iterator(config)
+    it = iterators.make_train_iterator(DataConfig.from_config(config))
     batches = [next(it) for _ in range(6)]
   sizes = set()
   for b in batches:
@@ -172,7 +173,7 @@ def test_training_batches_are_augmented_and_aligned(tmp_path):
 def bad_eval(tmp_path_factory):
   config = _config(tmp_path_factory.mktemp("coco_bad"))
   with _mock(with_bad=True):
-    it = iterators.make_eval_iterator(config)
+    it = iterators.make_eval_iterator(DataConfig.from_config(config))
     batches = list(it)
   rows = {}
   for b in batches:
@@ -242,7 +243,7 @@ def test_training_on_bad_records_skips_and_counts(tmp_path):
   config = _config(tmp_path)
   config.augment = False
   with _mock(with_bad=True):
-    it = iterators.make_train_iterator(config)
+    it = iterators.make_train_iterator(DataConfig.from_config(config))
     ids = [int(i) for _ in range(12) for i in next(it)["image_id"]]
   stats = it.stats
   skipped = {_case("truncated"), _case("corrupt"), _case("no_annotations"), _case("crowd_only")}

@@ -6,6 +6,7 @@ import pytest
 from configs import common
 import data_helpers as helpers
 from focus_detr_jax.data import iterators
+from focus_detr_jax.data.datasets import DataConfig
 
 CATS = [{"id": 1, "name": "red"}, {"id": 2, "name": "green"}, {"id": 3, "name": "blue"}]
 CANVASES = ((64, 96), (96, 64))
@@ -57,7 +58,7 @@ def _same(a, b):
 
 
 def test_batch_interface(config):
-  it = iterators.make_train_iterator(config)
+  it = iterators.make_train_iterator(DataConfig.from_config(config))
   b = next(it)
   h, w = b["image"].shape[1:3]
   assert (h, w) in CANVASES
@@ -103,7 +104,7 @@ def test_normalisation_is_exact():
 
 
 def test_canvas_follows_the_step_schedule_and_aspect(config):
-  it = iterators.make_train_iterator(config)
+  it = iterators.make_train_iterator(DataConfig.from_config(config))
   shapes = []
   for step in range(8):
     b = next(it)
@@ -120,7 +121,7 @@ def test_canvas_follows_the_step_schedule_and_aspect(config):
 
 
 def test_augmented_batches_keep_boxes_on_pixels(config):
-  it = iterators.make_train_iterator(config)
+  it = iterators.make_train_iterator(DataConfig.from_config(config))
   n = 0
   for _ in range(8):
     b = next(it)
@@ -135,13 +136,13 @@ def test_augmented_batches_keep_boxes_on_pixels(config):
 
 
 def test_exact_resume_from_a_checkpoint(config, tmp_path):
-  it = iterators.make_train_iterator(config)
+  it = iterators.make_train_iterator(DataConfig.from_config(config))
   for _ in range(3):
     next(it)
   path = it.save(str(tmp_path / "input"))
   stats = it.stats
   expected = [next(it) for _ in range(4)]
-  fresh = iterators.make_train_iterator(config)
+  fresh = iterators.make_train_iterator(DataConfig.from_config(config))
   fresh.restore(path)
   assert fresh.stats == stats
   for want in expected:
@@ -149,17 +150,18 @@ def test_exact_resume_from_a_checkpoint(config, tmp_path):
 
 
 def test_order_is_deterministic_from_the_seed(config):
-  a = [next(iterators.make_train_iterator(config)) for _ in range(1)]
-  b = [next(iterators.make_train_iterator(config)) for _ in range(1)]
+  a = [next(iterators.make_train_iterator(DataConfig.from_config(config))) for _ in range(1)]
+  b = [next(iterators.make_train_iterator(DataConfig.from_config(config))) for _ in range(1)]
   assert _same(a[0], b[0])
   other = config.copy_and_resolve_references()
   other.seed = 5
-  it = iterators.make_train_iterator(other)
+  it = iterators.make_train_iterator(DataConfig.from_config(other))
   assert not _same(next(it), a[0]) or not _same(next(it), a[0])
 
 
 def test_hosts_read_disjoint_shards_and_agree_on_canvases(config):
-  its = [iterators.make_train_iterator(config, process_index=p, process_count=2)
+  its = [iterators.make_train_iterator(DataConfig.from_config(config), process_index=p,
+                                       process_count=2)
          for p in range(2)]
   ids = [set(), set()]
   # ~4 epochs of each host's 6 images: the aspect-group schedule draws every image equally
@@ -175,7 +177,7 @@ def test_hosts_read_disjoint_shards_and_agree_on_canvases(config):
 
 
 def test_eval_every_image_exactly_once(config):
-  batches = list(iterators.make_eval_iterator(config))
+  batches = list(iterators.make_eval_iterator(DataConfig.from_config(config)))
   ids = np.concatenate([b["image_id"][b["example_valid"]] for b in batches])
   assert sorted(ids.tolist()) == list(range(1000, 1007))
   # 4 landscape + 3 portrait images, batch 2: 2 + 2 batches, each canvas's last one padded.
@@ -191,7 +193,8 @@ def test_eval_every_image_exactly_once(config):
 
 
 def test_eval_on_two_hosts_same_batches_per_canvas(config):
-  runs = [list(iterators.make_eval_iterator(config, process_index=p, process_count=2))
+  runs = [list(iterators.make_eval_iterator(DataConfig.from_config(config), process_index=p,
+                                            process_count=2))
           for p in range(2)]
   assert [b["image"].shape for b in runs[0]] == [b["image"].shape for b in runs[1]]
   ids = [np.concatenate([b["image_id"][b["example_valid"]] for b in r]).tolist() for r in runs]
@@ -202,7 +205,7 @@ def test_eval_on_two_hosts_same_batches_per_canvas(config):
 def test_exact_eval_mode(config):
   c = config.copy_and_resolve_references()
   c.eval_exact = True
-  batches = list(iterators.make_eval_iterator(c))
+  batches = list(iterators.make_eval_iterator(DataConfig.from_config(c)))
   assert len(batches) == 7
   for b in batches:
     assert b["image"].shape[1:3] == tuple(b["image_size"][0]) and b["pixel_valid"].all()

@@ -10,6 +10,7 @@ import data_helpers as helpers
 from focus_detr_jax.data import device
 from focus_detr_jax.data import iterators
 from focus_detr_jax.data import streams
+from focus_detr_jax.data.datasets import DataConfig
 
 CATS = [{"id": 1, "name": "red"}, {"id": 2, "name": "green"}]
 SCALE_BUCKETS = ((48, 56), (64, 72))
@@ -61,8 +62,9 @@ def test_images_are_drawn_uniformly_whatever_their_orientation(config):
   """8 landscape + 4 portrait images: 2/3 of the steps are landscape and, after 3 epochs'
   worth of steps, every image has been seen 3 times (a fixed 50/50 schedule would show each
   portrait image twice as often as each landscape image)."""
-  assert streams.train_schedule(config).group_counts in ((2, 1), (666667, 333333))
-  it = iterators.make_train_iterator(config)
+  assert streams.train_schedule(DataConfig.from_config(config)).group_counts in (
+      (2, 1), (666667, 333333))
+  it = iterators.make_train_iterator(DataConfig.from_config(config))
   counts = collections.Counter()
   epochs = 3
   for _ in range(12 * epochs // 2):
@@ -74,8 +76,8 @@ def test_images_are_drawn_uniformly_whatever_their_orientation(config):
 
 
 def test_scale_and_canvas_follow_the_step(config):
-  schedule = streams.train_schedule(config)
-  it = iterators.make_train_iterator(config)
+  schedule = streams.train_schedule(DataConfig.from_config(config))
+  it = iterators.make_train_iterator(DataConfig.from_config(config))
   shapes = set()
   for step in range(16):
     b = next(it)
@@ -86,7 +88,7 @@ def test_scale_and_canvas_follow_the_step(config):
     assert (b["image_size"].min(axis=1) == plan.scale).all()
     assert ((b["image_size"][:, 0] >= b["image_size"][:, 1]) == (plan.group == 1)).all()
   assert len(shapes) >= 3 and shapes <= set(CANVASES)
-  assert streams.train_shapes(config) == CANVASES
+  assert streams.train_shapes(DataConfig.from_config(config)) == CANVASES
   assert it.stats["images_rescaled_to_fit"] == 0
 
 
@@ -95,7 +97,7 @@ def test_crop_branch_images_fit_or_are_counted(config):
   c.crop_prob = 1.0
   c.crop_resize_scales = (48, 60)
   c.crop_size_range = (30, 48)
-  it = iterators.make_train_iterator(c)
+  it = iterators.make_train_iterator(DataConfig.from_config(c))
   rescaled = 0
   for step in range(8):
     b = next(it)
@@ -107,17 +109,17 @@ def test_crop_branch_images_fit_or_are_counted(config):
                                         b["image_size"][i])
       assert max(errors, default=0) <= 1.6, errors
     rescaled += int((b["image_size"].min(axis=1) != helpers.plan_for_step(
-        step, streams.train_schedule(c)).scale).sum())
+        step, streams.train_schedule(DataConfig.from_config(c))).scale).sum())
   assert it.stats["images_rescaled_to_fit"] == rescaled
 
 
 def test_exact_resume_with_scale_buckets(config, tmp_path):
-  it = iterators.make_train_iterator(config)
+  it = iterators.make_train_iterator(DataConfig.from_config(config))
   for _ in range(5):
     next(it)
   path = it.save(str(tmp_path / "input"))
   want = [next(it) for _ in range(5)]
-  fresh = iterators.make_train_iterator(config)
+  fresh = iterators.make_train_iterator(DataConfig.from_config(config))
   fresh.restore(path)
   for w in want:
     got = next(fresh)
@@ -125,7 +127,8 @@ def test_exact_resume_with_scale_buckets(config, tmp_path):
 
 
 def test_two_hosts_use_the_same_canvas_at_every_step(config):
-  its = [iterators.make_train_iterator(config, process_index=p, process_count=2)
+  its = [iterators.make_train_iterator(DataConfig.from_config(config), process_index=p,
+                                       process_count=2)
          for p in range(2)]
   for step in range(10):
     shapes = {next(it)["image"].shape[1:3] for it in its}
@@ -141,15 +144,15 @@ def test_a_dataset_without_portrait_images_trains(tmp_path):
   c.group_bounds = (1.0,)
   c.crop_prob = 0.0
   c.batch_size = 2
-  assert streams.train_schedule(c).group_counts[1] == 0
-  it = iterators.make_train_iterator(c)
+  assert streams.train_schedule(DataConfig.from_config(c)).group_counts[1] == 0
+  it = iterators.make_train_iterator(DataConfig.from_config(c))
   for _ in range(6):
     assert next(it)["image"].shape == (2, 96, 96, 3)
 
 
 def test_uint8_batches_normalised_on_device_equal_the_host_ones(config):
-  host = next(iterators.make_train_iterator(config))
-  raw = next(iterators.make_train_iterator(config, normalize_on_host=False))
+  host = next(iterators.make_train_iterator(DataConfig.from_config(config)))
+  raw = next(iterators.make_train_iterator(DataConfig.from_config(config), normalize_on_host=False))
   assert raw["image"].dtype == np.uint8 and "pixel_valid" not in raw
   out = device.normalize_on_device(raw, config.pixel_mean, config.pixel_std)
   np.testing.assert_array_equal(np.asarray(out["image"]), host["image"])

@@ -12,6 +12,7 @@ from focus_detr_jax.data import coco_folder
 from focus_detr_jax.data import datasets
 from focus_detr_jax.data import iterators
 from focus_detr_jax.data import synthetic
+from focus_detr_jax.data.datasets import DataConfig
 
 SIZE = 96
 
@@ -146,7 +147,7 @@ def test_read_through_the_folder_builder(generated):
   config = helpers.small_config(root, size=SIZE)
   config.synthetic.num_train, config.synthetic.num_val = 6, 3
   config.synthetic.root = root
-  builder, meta = datasets.get_builder(config)
+  builder, meta = datasets.get_builder(DataConfig.from_config(config))
   assert isinstance(builder, coco_folder.CocoFolder)
   assert meta.category_names == synthetic.EASY_CLASSES and meta.category_ids == (1, 2, 3, 4)
   stats = builder.prepare_stats["train"]
@@ -156,7 +157,7 @@ def test_read_through_the_folder_builder(generated):
   data, _ = _files(ds, "validation")
   want = {im["id"]: sum(a["image_id"] == im["id"] for a in data["annotations"])
           for im in data["images"]}
-  it = iterators.make_eval_iterator(config)
+  it = iterators.make_eval_iterator(DataConfig.from_config(config))
   got = {}
   for b in it:
     for i in np.nonzero(b["example_valid"])[0]:

@@ -9,6 +9,7 @@ import pytest
 
 from focus_detr_jax.benchmarks import compile as bench_compile
 from focus_detr_jax.benchmarks import padding
+from focus_detr_jax.data.datasets import DataConfig
 
 
 def _dets(n=100, seed=0):
@@ -52,7 +53,7 @@ def test_compile_benchmark_feeds_the_loop_its_training_batch(tiny_config):
   benchmark's program (the loop's train step) lowers with it."""
   from focus_detr_jax.data import iterators
   config = tiny_config.copy_and_resolve_references()
-  it = iterators.make_train_iterator(config, normalize_on_host=False)
+  it = iterators.make_train_iterator(DataConfig.from_config(config), normalize_on_host=False)
   real = next(it)
   h, w = real["image"].shape[1:3]
   shapes = bench_compile.abstract_batch(config.data.batch_size, h, w, config.data.max_boxes)

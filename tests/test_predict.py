@@ -9,6 +9,7 @@ from PIL import Image
 
 from focus_detr_jax import inference, visualize
 from focus_detr_jax.data import iterators
+from focus_detr_jax.data.datasets import DataConfig
 from focus_detr_jax.predict import predict_on_host
 from conftest import import_script
 
@@ -145,7 +146,7 @@ def test_usage_errors_and_nothing_readable(predicted, tmp_path):
 def test_training_images_for_tensorboard(predicted, tiny_config, tiny_model_and_variables):
   model, variables = tiny_model_and_variables
   image = predicted["originals"]["landscape.png"]
-  network, size, canvas = inference.network_input(image, tiny_config)
+  network, size, canvas = inference.network_input(image, DataConfig.from_config(tiny_config))
   assert size == (96, 128) and canvas == (128, 128)
   u8 = np.stack([network, network])
   sizes = np.asarray([size, [1, 1]], np.int32)
@@ -158,8 +159,9 @@ def test_training_images_for_tensorboard(predicted, tiny_config, tiny_model_and_
                image_id=np.asarray([1, 0]), boxes=boxes, labels=np.zeros((2, m), np.int32),
                box_valid=np.arange(m)[None] < np.asarray([[1], [0]]),
                example_valid=np.asarray([True, False]))
-  images = visualize.training_images(model, variables, batch, tiny_config, max_images=2,
-                                     class_names=("a", "b", "c", "d"))
+  data = DataConfig.from_config(tiny_config)
+  images = visualize.training_images(model, variables, batch, data, tiny_config.model.num_select,
+                                     max_images=2, class_names=("a", "b", "c", "d"))
   assert set(images) == {"detections", "token_selection"}
   det, tok = images["detections"], images["token_selection"]
   assert det.shape == (1, 128, 128, 3) and det.dtype == np.uint8
@@ -167,7 +169,7 @@ def test_training_images_for_tensorboard(predicted, tiny_config, tiny_model_and_
   # The ground-truth box (white, 1 px) is drawn: its top edge at y = 0.3 * 96.
   assert (det[0, round(0.3 * 96), 60] == 255).all()
   assert visualize.training_images(model, variables, dict(batch, example_valid=np.zeros(
-      2, bool)), tiny_config) == {}
+      2, bool)), data, tiny_config.model.num_select) == {}
 
 
 def test_split_of_the_config_dataset(predicted, tmp_path):

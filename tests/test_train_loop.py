@@ -261,9 +261,11 @@ def test_sigterm_during_startup_and_after_the_last_step(tiny_config, tmp_path, m
 def test_eval_hook_equals_pycocotools(tiny_config, tiny_model_and_variables, tmp_path):
   from pycocotools.coco import COCO
   from pycocotools.cocoeval import COCOeval
+  from focus_detr_jax.data.datasets import DataConfig
   from focus_detr_jax.evaluation.evaluator import Evaluator
   model, variables = tiny_model_and_variables
-  evaluator = Evaluator(model, tiny_config, tmp_path)
+  evaluator = Evaluator(model, DataConfig.from_config(tiny_config), tiny_config.model.num_select,
+                        tmp_path)
   metrics = evaluator.run(variables, step=0)
   detections = json.loads((tmp_path / "eval" / "step_0_detections.json").read_text())
   assert detections and all(d["category_id"] in {c["id"] for c in

@@ -21,8 +21,10 @@ from focus_detr_jax import benchmarks, xla_options
 from focus_detr_jax.benchmarks import measure as bm
 from focus_detr_jax.data import canvas as canvas_lib
 from focus_detr_jax.convert.init import model_shapes
+from focus_detr_jax.data.datasets import DataConfig
 from focus_detr_jax.models.focus_detr import FocusDETR
 from focus_detr_jax.train import loop, optim, sharding
+from focus_detr_jax.train.objective import Objective
 from focus_detr_jax.train.state import create_train_state
 
 
@@ -46,7 +48,8 @@ def train_program(config):
   tx, schedule = optim.make_optimizer(variables["params"], optim_config, model.backbone)
   state = jax.eval_shape(lambda v: create_train_state(v, tx, jax.random.PRNGKey(1),
                                                       ema=optim_config.ema_decay > 0), variables)
-  return loop.make_train_step(config, model, tx, schedule, mesh), state
+  return loop.make_train_step(model, Objective.from_config(config), optim_config, tx, schedule,
+                              DataConfig.from_config(config), mesh), state
 
 
 def measure(spec) -> Dict:

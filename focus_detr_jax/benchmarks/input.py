@@ -38,10 +38,9 @@ def _timed(iterator, count_fn, seconds, min_items=3):
   return (items / elapsed if elapsed > 0 else float("nan")), items
 
 
-def decode_only(config, seconds):
+def decode_only(data: datasets.DataConfig, seconds):
   """Baseline: TFDS records of the training split -> decoded uint8 images, same parallelism."""
-  data = config.data
-  builder, _ = datasets.get_builder(config)
+  builder, _ = datasets.get_builder(data)
   ds = datasets.read(builder, data.train_split, shuffle_files=False, seed=0)
   ds = ds.repeat().map(datasets.graph_fn(
       lambda ex: tf.shape(transforms.decode_image(ex["image"]))),
@@ -73,15 +72,15 @@ class _Geometry:
     return self.canvas / max(self.images, 1)
 
 
-def stream(config, seconds, train):
+def stream(data: datasets.DataConfig, seconds, train):
   """(images/s, images, `_Geometry`) of the training stream (uint8, as the training loop
   reads it) or of the evaluation stream."""
   geo = _Geometry()
   if train:
-    it = iterators.make_train_iterator(config, process_index=0, process_count=1,
-                                      normalize_on_host=False)
+    it = iterators.make_train_iterator(data, process_index=0, process_count=1,
+                                       normalize_on_host=False)
     return (*_timed(it, lambda b: geo.count(b, np.ones(b["image"].shape[0], bool)), seconds), geo)
-  it = iterators.make_eval_iterator(config, process_index=0, process_count=1)
+  it = iterators.make_eval_iterator(data, process_index=0, process_count=1)
   return (*_timed(it, lambda b: geo.count(b, b["example_valid"]), seconds, min_items=1), geo)
 
 
@@ -149,20 +148,21 @@ def run(args):
       ("COCO recipe, before: 800x1333 / 1333x800, 50/50", True),
       ("COCO recipe, bucketed (default)", False))]
   for name, config, coco in settings:
+    data = datasets.DataConfig.from_config(config)
     t = time.perf_counter()
-    datasets.get_builder(config)   # generate (once) and prepare (once); not timed
+    datasets.get_builder(data)   # generate (once) and prepare (once); not timed
     print(f"[{name}] data ready in {time.perf_counter() - t:.1f} s", flush=True)
-    base, _ = decode_only(config, args.seconds)
-    train, n_train, tgeo = stream(config, args.seconds, train=True)
-    evaluation, n_eval, egeo = stream(config, args.seconds, train=False)
-    row = dict(name=name, batch=int(config.data.batch_size), base=base, train=train,
+    base, _ = decode_only(data, args.seconds)
+    train, n_train, tgeo = stream(data, args.seconds, train=True)
+    evaluation, n_eval, egeo = stream(data, args.seconds, train=False)
+    row = dict(name=name, batch=int(data.batch_size), base=base, train=train,
                n_train=n_train, eval=evaluation, n_eval=n_eval, tgeo=tgeo, egeo=egeo,
-               shapes=len(streams.train_shapes(config)))
+               shapes=len(streams.train_shapes(data)))
     if coco:
       d = config.data
       hw = _annotated_sizes(d.folder.train_annotations)
       row["detrex"], row["own"] = buckets.detrex_pixels_per_image(hw, d, epochs=8)
-      row["sim"] = buckets.bucketed_canvas_stats(hw, d, streams.train_schedule(config), draws=8)
+      row["sim"] = buckets.bucketed_canvas_stats(hw, d, streams.train_schedule(data), draws=8)
       row["eval_sim"] = buckets.eval_pixels_per_image(
           _annotated_sizes(d.folder.eval_annotations), d, d.eval_canvases or d.canvases)
     rows.append(row)

@@ -17,6 +17,7 @@ from configs import common
 from focus_detr_jax.benchmarks import table
 from focus_detr_jax.checkpoint import load_model_checkpoint
 from focus_detr_jax.data import buckets, synthetic
+from focus_detr_jax.data.datasets import DataConfig
 from focus_detr_jax.evaluation.evaluator import Evaluator
 from focus_detr_jax.models.focus_detr import FocusDETR
 from focus_detr_jax.predict import jit_predict
@@ -194,7 +195,7 @@ def synthetic_padding_ap(model_dir, root, per_size: int = 32,
       canvases = [list(x) for x in c.data.eval_canvases]
       padded, own, _ = buckets.eval_pixels_per_image(hw, c.data, c.data.eval_canvases)
       fill = own / padded
-    metrics = Evaluator(model, c).run(variables)
+    metrics = Evaluator(model, DataConfig.from_config(c), c.model.num_select).run(variables)
     rows.append(dict(mode=name, canvases=canvases, fill=fill, mask=mask,
                      **{k: float(metrics[k]) for k in ("AP", "AP50", "AP75")},
                      images=int(metrics["num_images"]), seconds=float(metrics["eval_seconds"])))

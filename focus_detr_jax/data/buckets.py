@@ -70,22 +70,15 @@ def aspect_group(h, w, group_bounds):
 
   `group_bounds=(1.0,)` is detrex's rule: 0 landscape (w > h), 1 otherwise.
   """
-  h = np.asarray(h, np.float64)
-  w = np.asarray(w, np.float64)
-  out = np.zeros(np.broadcast(h, w).shape, np.int64)
-  for b in group_bounds:
-    out = out + (h >= b * w).astype(np.int64)
-  return out
+  h, w = np.asarray(h, np.float64), np.asarray(w, np.float64)
+  return sum(((h >= b * w).astype(np.int64) for b in group_bounds),
+             np.zeros(np.broadcast(h, w).shape, np.int64))
 
 
 def tf_aspect_group(h, w, group_bounds) -> tf.Tensor:
   """In-graph `aspect_group` of scalar sizes: int32."""
-  h = tf.cast(h, tf.float64)
-  w = tf.cast(w, tf.float64)
-  out = tf.constant(0, tf.int32)
-  for b in group_bounds:
-    out += tf.cast(h >= b * w, tf.int32)
-  return out
+  h, w = tf.cast(h, tf.float64), tf.cast(w, tf.float64)
+  return sum((tf.cast(h >= b * w, tf.int32) for b in group_bounds), tf.constant(0, tf.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,10 +154,6 @@ def _integer_weights(weights, groups: int) -> tuple[int, ...]:
   return tuple(int(v) for v in np.round(w / w.sum() * 1_000_000))
 
 
-def _phase(seed: int, node: int, total: int) -> int:
-  return int(np.random.default_rng([seed, 7919, node]).integers(0, total)) if total > 1 else 0
-
-
 def _split_step(step, lo, hi, counts, seed, node, where, floordiv):
   """(group, index within the group) of `step` among groups [lo, hi): a binary tree of
   low-discrepancy two-way splits (each node gives its left half floor((t a + phase) / n) of
@@ -177,7 +166,7 @@ def _split_step(step, lo, hi, counts, seed, node, where, floordiv):
     return _split_step(step, mid, hi, counts, seed, 2 * node + 2, where, floordiv)
   if a == total:
     return _split_step(step, lo, mid, counts, seed, 2 * node + 1, where, floordiv)
-  phase = _phase(seed, node, total)
+  phase = int(np.random.default_rng([seed, 7919, node]).integers(0, total)) if total > 1 else 0
   before = floordiv(step * a + phase, total) - phase // total
   is_left = floordiv((step + 1) * a + phase, total) - phase // total > before
   gl, kl = _split_step(before, lo, mid, counts, seed, 2 * node + 1, where, floordiv)
@@ -248,14 +237,12 @@ def augmented_sizes(hw, data, rng, scales=None, group_bounds=(1.0,)):
   if scales is None:
     scales = rng.choice(np.asarray(data.train_scales), size=n)
   crop = rng.random(n) < (float(data.crop_prob) if data.augment else 0.0)
-  h, w = hw[:, 0].copy(), hw[:, 1].copy()
-  h1, w1 = resize_shortest_edge(h, w, rng.choice(np.asarray(data.crop_resize_scales), size=n),
+  h1, w1 = resize_shortest_edge(hw[:, 0], hw[:, 1], rng.choice(np.asarray(data.crop_resize_scales), size=n),
                                 int(data.crop_resize_max_size or 0))
   lo, hi = (int(v) for v in data.crop_size_range)
   ch = rng.integers(np.minimum(h1, lo), np.minimum(h1, hi) + 1)
   cw = rng.integers(np.minimum(w1, lo), np.minimum(w1, hi) + 1)
-  h = np.where(crop, ch, h)
-  w = np.where(crop, cw, w)
+  h, w = np.where(crop, ch, hw[:, 0]), np.where(crop, cw, hw[:, 1])
   fh, fw = resize_shortest_edge(h, w, scales, int(data.train_max_size))
   return fh, fw, crop, aspect_group(h, w, group_bounds)
 
@@ -333,13 +320,6 @@ def _best_canvas(fh, fw, max_rescale: float) -> tuple[Canvas, float]:
   return (int(hs[i]), int(ws[j])), float(area[i, j])
 
 
-def _partitions(n: int, parts: int):
-  """Contiguous partitions of range(n) into `parts` non-empty runs (as lists of run lengths)."""
-  for cuts in itertools.combinations(range(1, n), parts - 1):
-    bounds = (0,) + cuts + (n,)
-    yield [bounds[i + 1] - bounds[i] for i in range(parts)]
-
-
 def choose_train_canvases(hw, data, num_buckets: int = 4, max_rescale: float = 0.02,
                           seed: int = 0, draws: int = 8, group_bounds=(1.0,)):
   """(scale_buckets, canvases) minimising the expected canvas area per image on sizes `hw`.
@@ -363,11 +343,9 @@ def choose_train_canvases(hw, data, num_buckets: int = 4, max_rescale: float = 0
         sims[g, s] = (fh[groups == g], fw[groups == g])
   share = np.bincount(groups, minlength=len(group_bounds) + 1) / len(groups)
   best = None
-  for lengths in _partitions(len(scales), num_buckets):
-    runs, start = [], 0
-    for n in lengths:
-      runs.append(scales[start:start + n])
-      start += n
+  for cuts in itertools.combinations(range(1, len(scales)), num_buckets - 1):
+    bounds = (0,) + cuts + (len(scales),)      # contiguous runs of the sorted scales
+    runs = [scales[bounds[i]:bounds[i + 1]] for i in range(num_buckets)]
     cost, canvases = 0.0, []
     for g in range(len(group_bounds) + 1):
       for run in runs:

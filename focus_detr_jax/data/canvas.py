@@ -126,10 +126,7 @@ def tf_encoded_image_info(encoded: tf.Tensor):
 
 
 def tf_encoded_image_size(encoded: tf.Tensor) -> tf.Tensor:
-  """int32 [2] (h, w) read in-graph from a JPEG/PNG/GIF/BMP header, without decoding.
-
-  Never raises: unknown or broken headers give (0, 0).
-  """
+  """int32 [2] (h, w) of `tf_encoded_image_info` (never raises; (0, 0) when unknown)."""
   return tf_encoded_image_info(encoded)[0]
 
 

@@ -56,6 +56,10 @@ PREPARE_STATS = (
 
 _KEEP_FORMATS = ("JPEG", "PNG")
 _KEEP_MODES = ("RGB", "L")
+# PIL mode -> the counter of its conversion to RGB (None: not counted).
+_CONVERSIONS = {"L": None, "CMYK": "images_converted_cmyk", "P": "images_converted_palette",
+                **dict.fromkeys(("YCbCr", "LAB", "HSV", "1"), "images_converted_other_format"),
+                **dict.fromkeys(("RGBA", "LA", "RGBa", "La", "PA"), "images_converted_alpha")}
 
 
 class BadImage(Exception):
@@ -71,17 +75,8 @@ def _to_rgb(im: Image.Image) -> tuple[Image.Image, str | None]:
   mode = im.mode
   if mode == "RGB":
     return im, None
-  if mode == "L":
-    return im.convert("RGB"), None
-  if mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-    return im.convert("RGB"), "images_converted_cmyk" if mode == "CMYK" else (
-        "images_converted_other_format")
-  if mode in ("RGBA", "LA", "RGBa", "La", "PA"):
-    return im.convert("RGB"), "images_converted_alpha"
-  if mode == "P":
-    return im.convert("RGB"), "images_converted_palette"
-  if mode == "1":
-    return im.convert("RGB"), "images_converted_other_format"
+  if mode in _CONVERSIONS:
+    return im.convert("RGB"), _CONVERSIONS[mode]
   # 16/32-bit integer or float: scale to 8 bits.
   arr = np.asarray(im).astype(np.float64)
   if arr.ndim == 3:
@@ -289,13 +284,10 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return self._prepare_stats or dict(self.info.metadata.get("prepare_stats", {}))
 
   def _info(self) -> tfds.core.DatasetInfo:
-    names = _unique_names([c["name"] for c in self._categories])
+    names = _unique_names(self.category_names)
     metadata = tfds.core.MetadataDict(
-        category_ids=[c["id"] for c in self._categories],
-        category_names=[c["name"] for c in self._categories],
-        source_splits={k: list(v) for k, v in self._folder_splits.items()},
-        prepare_stats={},
-    )
+        category_ids=self.category_ids, category_names=self.category_names,
+        source_splits={k: list(v) for k, v in self._folder_splits.items()}, prepare_stats={})
     return tfds.core.DatasetInfo(
         builder=self,
         description="COCO-format folder with the features of TFDS coco/2017.",
@@ -325,30 +317,27 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       data = json.load(f)
     cat_to_label = {c["id"]: i for i, c in enumerate(self._categories)}
     by_image = collections.defaultdict(list)
-    image_ids = set()
-    images = []
+    images = {}                           # id -> entry
     for entry in data.get("images", []):
       stats["images_listed"] += 1
       if not isinstance(entry, dict) or not _finite(entry.get("id")) or not isinstance(
           entry.get("file_name"), str):
         stats["images_invalid_entry"] += 1
         continue
-      if int(entry["id"]) in image_ids:
+      if int(entry["id"]) in images:
         stats["images_duplicate_id"] += 1
         continue
-      image_ids.add(int(entry["id"]))
-      images.append(entry)
+      images[int(entry["id"])] = entry
     for ann in data.get("annotations", []):
       stats["annotations_listed"] += 1
       iid = ann.get("image_id") if isinstance(ann, dict) else None
-      if not _finite(iid) or int(iid) not in image_ids:
+      if not _finite(iid) or int(iid) not in images:
         stats["annotations_unknown_image"] += 1
         continue
       by_image[int(iid)].append(ann)
     del data
 
-    for entry in sorted(images, key=lambda e: int(e["id"])):
-      iid = int(entry["id"])
+    for iid, entry in sorted(images.items()):
       json_hw = None
       if _finite(entry.get("height"), entry.get("width")) and entry["height"] > 0 and (
           entry["width"] > 0):

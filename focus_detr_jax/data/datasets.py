@@ -67,10 +67,8 @@ class DataConfig:
 
   @classmethod
   def from_config(cls, config) -> "DataConfig":
-    """From `config.data`, a whole config, or a DataConfig (returned as is); lists (a config
-    read from JSON) become tuples, the `folder` and `synthetic` sections frozen."""
-    if isinstance(config, cls):
-      return config
+    """From a whole config or its `data` section; lists (a config read from JSON) become
+    tuples, the `folder` and `synthetic` sections frozen."""
     data = config.data if "data" in config else config
     return cls(**{f.name: _frozen(data[f.name]) for f in dataclasses.fields(cls)})
 
@@ -95,22 +93,8 @@ class DatasetMeta:
     return len(self.category_ids)
 
 
-def _folder_splits(data) -> dict:
-  f = data.folder
-  splits = {}
-  if f.train_images and f.train_annotations:
-    splits[data.train_split] = (f.train_images, f.train_annotations)
-  if f.eval_images and f.eval_annotations:
-    splits[data.eval_split] = (f.eval_images, f.eval_annotations)
-  if not splits:
-    raise ValueError("dataset='coco_folder' needs config.data.folder.{train,eval}_images and "
-                     "_annotations.")
-  return splits
-
-
-def get_builder(config, prepare: bool = True):
+def get_builder(data: DataConfig, prepare: bool = True):
   """(TFDS builder, DatasetMeta) of the configured dataset; folders are prepared if needed."""
-  data = DataConfig.from_config(config)
   if data.dataset == "coco":
     builder = coco_tfds.coco_builder(data.data_dir, data.tfds_name)
     return builder, DatasetMeta(data.tfds_name, coco_tfds.COCO_CATEGORY_IDS,
@@ -126,7 +110,14 @@ def get_builder(config, prepare: bool = True):
     builder = coco_folder.CocoFolder(splits=splits, name=ds.variant,
                                      data_dir=os.path.join(ds.root, "tfds"))
   elif data.dataset == "coco_folder":
-    builder = coco_folder.CocoFolder(splits=_folder_splits(data), name=data.folder.name or None,
+    f = data.folder
+    splits = {s: (i, a) for s, i, a in ((data.train_split, f.train_images, f.train_annotations),
+                                        (data.eval_split, f.eval_images, f.eval_annotations))
+              if i and a}
+    if not splits:
+      raise ValueError("dataset='coco_folder' needs config.data.folder.{train,eval}_images and "
+                       "_annotations.")
+    builder = coco_folder.CocoFolder(splits=splits, name=data.folder.name or None,
                                      verify=data.folder.verify, data_dir=data.data_dir)
   else:
     raise ValueError(f"Unknown dataset {data.dataset!r}: 'synthetic', 'coco' or 'coco_folder'.")
@@ -136,13 +127,13 @@ def get_builder(config, prepare: bool = True):
                               tuple(builder.category_ids), tuple(builder.category_names))
 
 
-def dataset_meta(config) -> DatasetMeta:
-  return get_builder(config)[1]
+def dataset_meta(data: DataConfig) -> DatasetMeta:
+  return get_builder(data)[1]
 
 
-def label_to_category_id(config) -> np.ndarray:
+def label_to_category_id(data: DataConfig) -> np.ndarray:
   """int64 [C]: the original category id of each contiguous label (host side, for eval)."""
-  return np.asarray(dataset_meta(config).category_ids, np.int64)
+  return np.asarray(dataset_meta(data).category_ids, np.int64)
 
 
 def read(builder, split, *, shuffle_files: bool, seed: int,
@@ -178,18 +169,16 @@ def host_split(split: str, process_index: int, process_count: int):
   return tfds.even_splits(split, n=process_count)[process_index]
 
 
-def coco_ground_truth(config, split=None) -> dict:
+def coco_ground_truth(data: DataConfig, split=None) -> dict:
   """COCO-format ground truth (original ids, absolute xywh boxes, crowd flags) of a split.
 
   Built from the TFDS data the pipeline reads (all hosts' images), for pycocotools.
   """
-  data = DataConfig.from_config(config)
   builder, meta = get_builder(data)
   ds = read(builder, split or data.eval_split, shuffle_files=False, seed=0)
   ds = ds.map(graph_fn(
       lambda ex: {**ex, "hw": canvas_lib.tf_encoded_image_size(ex["image"])}))
   images, annotations = [], []
-  ann_id = 1
   for ex in ds.as_numpy_iterator():
     h, w = (int(v) for v in ex["hw"])
     if h <= 0 or w <= 0:
@@ -201,11 +190,10 @@ def coco_ground_truth(config, split=None) -> dict:
                                         objs["area"]):
       y0, x0, y1, x1 = (float(v) for v in bbox)
       bw, bh = (x1 - x0) * w, (y1 - y0) * h
-      annotations.append({"id": ann_id, "image_id": iid,
+      annotations.append({"id": len(annotations) + 1, "image_id": iid,
                           "category_id": int(meta.category_ids[int(label)]),
                           "bbox": [x0 * w, y0 * h, bw, bh], "area": float(area),
                           "iscrowd": int(bool(crowd))})
-      ann_id += 1
   categories = [{"id": int(i), "name": n} for i, n in zip(meta.category_ids,
                                                             meta.category_names)]
   return {"images": images, "annotations": annotations, "categories": categories}

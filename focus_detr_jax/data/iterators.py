@@ -1,14 +1,13 @@
 """Host batches: a checkpointable iterator over the tf.data streams of `streams.py`.
 
     config = configs.common.get_base_config()      # `config.data`: configs.common.get_data_config
-    data = datasets.DataConfig.from_config(config) # read once (a whole config also works)
+    data = datasets.DataConfig.from_config(config) # read once, at the script boundary
     it = make_train_iterator(data)                 # infinite, checkpointable
     batch = next(it)                               # dict of numpy arrays, shapes below
     it.save(path); it2 = make_train_iterator(data); it2.restore(path)     # exact resume
     for batch in make_eval_iterator(data): ...     # every image once; `example_valid`
 
-A batch (B = per-host batch, canvas (H, W) chosen per step (`buckets.py`),
-M = `max_boxes`):
+A batch (B = per-host batch, canvas (H, W) chosen per step (`buckets.py`), M = `max_boxes`):
   image          float32 [B, H, W, 3]  (x - mean) / std in RGB, then zero padding bottom/right
   pixel_valid    bool    [B, H, W]     True = image pixel, False = padding
   image_size     int32   [B, 2]        (h, w) of the resized, unpadded image
@@ -38,11 +37,8 @@ from focus_detr_jax.data import transforms
 
 def normalize_batch(u8: np.ndarray, image_size: np.ndarray, mean, std):
   """uint8 [B, H, W, 3] canvases -> (float32 (x - mean) / std, zero outside the image;
-  pixel_valid).
-
-  Only the image region of each canvas is computed (float32 subtract then divide: exactly the
-  detectron2 formula); `pixel_valid` bool [B, H, W] is True on image pixels, False on padding.
-  """
+  pixel_valid bool [B, H, W], True on image pixels). float32 subtract then divide: exactly the
+  detectron2 formula."""
   b, h, w, _ = u8.shape
   mean = np.asarray(mean, np.float32)
   std = np.asarray(std, np.float32)
@@ -109,16 +105,13 @@ class DataIterator:
     self._totals[bucket] = np.maximum(self._totals[bucket], stats.max(axis=0))
     if "stats_after" in el:
       self._after += el.pop("stats_after").sum(axis=0)
-    keep = el.pop("keep")
-    return self._finalize(el, keep)
+    return self._finalize(el, el.pop("keep"))
 
   def _finalize(self, el, keep) -> dict:
+    images = {"image": el.pop("image")}
     if self.normalize_on_host:
-      image, pixel_valid = normalize_batch(el.pop("image"), el["image_size"], self._mean,
-                                           self._std)
-      images = {"image": image, "pixel_valid": pixel_valid}
-    else:
-      images = {"image": el.pop("image")}
+      images["image"], images["pixel_valid"] = normalize_batch(images["image"], el["image_size"],
+                                                               self._mean, self._std)
     return {
         **images,
         "image_size": el["image_size"].astype(np.int32),
@@ -153,25 +146,22 @@ class DataIterator:
     self._after = self._after_var.numpy().copy()
 
 
-def make_train_iterator(config, process_index=None, process_count=None,
+def make_train_iterator(data: datasets.DataConfig, process_index=None, process_count=None,
                         normalize_on_host=True) -> DataIterator:
-  """Infinite, checkpointable iterator of training batches for this host.
-
-  `normalize_on_host=False`: uint8 images, normalised inside the step (see DataIterator)."""
-  data = datasets.DataConfig.from_config(config)
+  """Infinite, checkpointable iterator of training batches for this host (`normalize_on_host`:
+  see DataIterator)."""
   ds, meta, num_groups = streams.make_train_dataset(data, process_index, process_count)
   return DataIterator(ds, data, meta, num_groups, training=True,
                       normalize_on_host=normalize_on_host)
 
 
-def make_eval_iterator(config, process_index=None, process_count=None,
+def make_eval_iterator(data: datasets.DataConfig, process_index=None, process_count=None,
                        split=None) -> DataIterator:
   """Every image of the host's share of the eval split exactly once, canvas by canvas.
 
   The last batch of each canvas is padded with `example_valid=False`; on several hosts each
   canvas gets the same number of batches everywhere.
   """
-  data = datasets.DataConfig.from_config(config)
   ds, meta, num_canvases, expected = streams.make_eval_dataset(data, process_index,
                                                               process_count, split)
   return DataIterator(ds, data, meta, num_canvases, training=False, expected_examples=expected)

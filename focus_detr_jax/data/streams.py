@@ -14,6 +14,7 @@ Bad input is skipped, clipped or truncated, and counted (STAT_KEYS): unreadable 
 dropped by `ignore_errors` and counted from the gaps they leave in the stream positions.
 """
 
+import functools
 import logging
 import sys
 
@@ -29,12 +30,11 @@ STAT_KEYS = ("images_seen", "images_unreadable", "images_used") + transforms.EXA
 
 
 def _processes(process_index, process_count):
-  if process_index is None or process_count is None:
-    jax = sys.modules.get("jax")  # only if the caller already uses jax; never imported here
-    index = jax.process_index() if jax is not None else 0
-    count = jax.process_count() if jax is not None else 1
-    process_index = index if process_index is None else process_index
-    process_count = count if process_count is None else process_count
+  jax = sys.modules.get("jax")  # only if the caller already uses jax; never imported here
+  if process_index is None:
+    process_index = jax.process_index() if jax is not None else 0
+  if process_count is None:
+    process_count = jax.process_count() if jax is not None else 1
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
   return int(process_index), int(process_count)
@@ -44,13 +44,6 @@ def _per_host(batch_size, process_count, what):
   if batch_size % process_count:
     raise ValueError(f"{what} {batch_size} is not divisible by process_count {process_count}.")
   return batch_size // process_count
-
-
-def _eval_filter(ds, b, canvases, data):
-  if len(canvases) == 1:
-    return ds
-  return ds.filter(datasets.graph_fn(lambda ex: tf.equal(transforms.tf_eval_canvas_index(
-      ex["image/header"]["hw"], canvases, int(data.eval_scale), int(data.eval_max_size)), b)))
 
 
 def _counted_map(ds, fn, data):
@@ -89,11 +82,6 @@ def _npc(data):
       data.num_parallel_calls)
 
 
-def _stream_key(seed, process_index, bucket, index):
-  high = tf.constant(((process_index * 64 + bucket) << 40), tf.int64)
-  return tf.stack([tf.constant(seed, tf.int64), high + index])
-
-
 # ----------------------------------------------------------------------------- training
 
 _SCHEDULES = {}
@@ -127,10 +115,9 @@ def measured_group_weights(data: datasets.DataConfig, group_bounds) -> tuple[flo
   return tuple(float(v) for v in buckets.group_shares(hw, data, group_bounds, int(data.seed)))
 
 
-def train_schedule(config) -> buckets.Schedule:
-  """The training-step schedule of `config` (`buckets.Schedule`): canvases, aspect groups and
-  their weights (`canvas_weights`, or measured from the data: each image equally often)."""
-  data = datasets.DataConfig.from_config(config)
+def train_schedule(data: datasets.DataConfig) -> buckets.Schedule:
+  """The training-step schedule (`buckets.Schedule`): canvases, aspect groups and their
+  weights (`canvas_weights`, or measured from the data: each image equally often)."""
   if data not in _SCHEDULES:
     canvases = canvas_lib.normalize_canvases(data.canvases)
     if len(canvases) == 1:        # one shape (e.g. --config.data.canvases='((512, 512),)')
@@ -165,7 +152,8 @@ def _train_group(builder, split, g, schedule, data, batch, process_index):
   bounds = schedule.group_bounds
 
   def plan(p, ex):
-    key = _stream_key(data.seed, process_index, 0, p)
+    key = tf.stack([tf.constant(data.seed, tf.int64),
+                    tf.constant((process_index * 64) << 40, tf.int64) + p])
     return {**ex, "plan": transforms.train_plan(ex["image/header"]["hw"], key, data, bounds)}
 
   ds = raw.enumerate().map(datasets.graph_fn(plan), num_parallel_calls=_npc(data),
@@ -196,10 +184,9 @@ def _train_group(builder, split, g, schedule, data, batch, process_index):
   return ds.batch(batch, drop_remainder=True)
 
 
-def make_train_dataset(config, process_index=None, process_count=None):
+def make_train_dataset(data: datasets.DataConfig, process_index=None, process_count=None):
   """(tf.data training stream (uint8 images, counters), DatasetMeta, number of aspect groups);
   use `make_train_iterator`."""
-  data = datasets.DataConfig.from_config(config)
   process_index, process_count = _processes(process_index, process_count)
   batch = _per_host(int(data.batch_size), process_count, "batch_size")
   builder, meta = datasets.get_builder(data)
@@ -207,17 +194,15 @@ def make_train_dataset(config, process_index=None, process_count=None):
   split = datasets.host_split(data.train_split, process_index, process_count)
   groups = [_train_group(builder, split, g, schedule, data, batch, process_index)
             for g in range(schedule.num_groups)]
-  if len(groups) == 1:
-    ds = groups[0]
-  else:
-    ds = tf.data.Dataset.choose_from_datasets(groups, buckets.group_schedule_dataset(schedule))
+  ds = groups[0] if len(groups) == 1 else tf.data.Dataset.choose_from_datasets(
+      groups, buckets.group_schedule_dataset(schedule))
   ds = ds.prefetch(int(data.prefetch_batches))
   return ds.with_options(_options()), meta, schedule.num_groups
 
 
-def train_shapes(config) -> tuple[tuple[int, int], ...]:
+def train_shapes(data: datasets.DataConfig) -> tuple[tuple[int, int], ...]:
   """The distinct training canvases (one compile each)."""
-  return tuple(dict.fromkeys(train_schedule(config).canvases))
+  return tuple(dict.fromkeys(train_schedule(data).canvases))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -237,16 +222,10 @@ def _eval_bucket_counts(builder, split, canvases, process_count, data) -> np.nda
   return counts
 
 
-def _padding_element(spec) -> dict:
-  def zeros(s):
-    return tf.zeros([1 if d is None else d for d in s.shape], s.dtype)
-  return tf.nest.map_structure(zeros, spec)
-
-
-def make_eval_dataset(config, process_index=None, process_count=None, split=None):
+def make_eval_dataset(data: datasets.DataConfig, process_index=None, process_count=None,
+                      split=None):
   """(tf.data eval stream, DatasetMeta, number of canvases, expected number of images on this
   host or None)."""
-  data = datasets.DataConfig.from_config(config)
   process_index, process_count = _processes(process_index, process_count)
   split = split or data.eval_split
   builder, meta = datasets.get_builder(data)
@@ -272,18 +251,20 @@ def make_eval_dataset(config, process_index=None, process_count=None, split=None
   raw = datasets.read(builder, own_split, shuffle_files=False, seed=0, header=True)
   per_canvas = []
   for b, canvas in enumerate(canvases):
-    ds = raw if exact else _eval_filter(raw, b, canvases, data)
+    ds = raw
+    if not exact and len(canvases) > 1:
+      ds = raw.filter(datasets.graph_fn(lambda ex, b=b: tf.equal(transforms.tf_eval_canvas_index(
+          ex["image/header"]["hw"], canvases, int(data.eval_scale), int(data.eval_max_size)), b)))
     ds = _counted_map(ds, lambda ex, b=b, canvas=canvas: {
         **transforms.eval_example(ex, canvas, data), "bucket": tf.constant(b, tf.int32)}, data)
-    pad = tf.data.Dataset.from_tensors(_padding_element(ds.element_spec)).repeat()
+    pad = tf.data.Dataset.from_tensors(tf.nest.map_structure(
+        lambda s: tf.zeros([1 if d is None else d for d in s.shape], s.dtype),
+        ds.element_spec)).repeat()
     if counts is not None:
       num_batches = int(-(-counts[:, b].max() // batch))
       ds = ds.concatenate(pad).take(num_batches * batch)
     else:
       ds = ds.concatenate(pad.take(batch - 1))
     per_canvas.append(ds.batch(batch, drop_remainder=True))
-  ds = per_canvas[0]
-  for s in per_canvas[1:]:
-    ds = ds.concatenate(s)
-  ds = ds.prefetch(int(data.prefetch_batches))
+  ds = functools.reduce(tf.data.Dataset.concatenate, per_canvas).prefetch(int(data.prefetch_batches))
   return ds.with_options(_options()), meta, len(canvases), expected

@@ -84,18 +84,6 @@ def _spec(difficulty: str) -> _Spec:
   return _SPECS[difficulty]
 
 
-def _hw(image_size) -> tuple[int, int]:
-  if isinstance(image_size, int):
-    return image_size, image_size
-  h, w = image_size
-  return int(h), int(w)
-
-
-def variant_name(difficulty, image_size, num_train, num_val, seed) -> str:
-  h, w = _hw(image_size)
-  return f"{difficulty}_{h}x{w}_train{num_train}_val{num_val}_seed{seed}_v{GENERATOR_VERSION}"
-
-
 # ----------------------------------------------------------------------------- drawing
 
 def _shape_mask(kind: str, w: int, h: int, rng: np.random.Generator) -> np.ndarray:
@@ -305,9 +293,11 @@ def ensure_synthetic_dataset(root: str | None = None, num_train: int = 1000, num
   `image_size`: int (square) or (height, width). Deterministic given all arguments.
   """
   _spec(difficulty)
-  hw = _hw(image_size)
+  h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+  hw = (int(h), int(w))
   root = os.path.expanduser(root or default_root())
-  variant = variant_name(difficulty, hw, num_train, num_val, seed)
+  variant = (f"{difficulty}_{hw[0]}x{hw[1]}_train{num_train}_val{num_val}_seed{seed}"
+             f"_v{GENERATOR_VERSION}")
   folder = os.path.join(root, variant)
   if os.path.isfile(os.path.join(folder, "dataset.json")):
     return _dataset(folder, variant, difficulty)

@@ -24,7 +24,6 @@ def write_coco_folder(root: str, split: str, images, categories):
   images_dir = os.path.join(root, split)
   os.makedirs(images_dir, exist_ok=True)
   entries, anns = [], []
-  ann_id = 1
   for im in images:
     if im.get("data") is not None:
       with open(os.path.join(images_dir, im["file_name"]), "wb") as f:
@@ -34,8 +33,7 @@ def write_coco_folder(root: str, split: str, images, categories):
       entry.update(height=im["height"], width=im["width"])
     entries.append(entry)
     for a in im.get("annotations", []):
-      anns.append({"id": ann_id, "image_id": im["id"], "iscrowd": 0, **a})
-      ann_id += 1
+      anns.append({"id": len(anns) + 1, "image_id": im["id"], "iscrowd": 0, **a})
   ann_path = os.path.join(root, "annotations", f"instances_{split}.json")
   os.makedirs(os.path.dirname(ann_path), exist_ok=True)
   with open(ann_path, "w") as f:

@@ -100,9 +100,7 @@ def resize_shortest_edge_size(hw: tf.Tensor, short, max_size) -> tf.Tensor:
     rescale = m / tf.maximum(newh, neww)
     newh = tf.where(over, newh * rescale, newh)
     neww = tf.where(over, neww * rescale, neww)
-  newh = tf.floor(newh + 0.5)
-  neww = tf.floor(neww + 0.5)
-  return tf.maximum(tf.cast(tf.stack([newh, neww]), tf.int32), 1)
+  return tf.maximum(tf.cast(tf.stack([tf.floor(newh + 0.5), tf.floor(neww + 0.5)]), tf.int32), 1)
 
 
 def resize_image(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
@@ -189,10 +187,8 @@ def crop(image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, box: tf.Tensor):
   """
   hw = tf.shape(image)[:2]
   y0, x0, ch, cw = tf.unstack(box)
-  ch = tf.minimum(ch, hw[0])
-  cw = tf.minimum(cw, hw[1])
-  y0 = tf.minimum(y0, hw[0] - ch)
-  x0 = tf.minimum(x0, hw[1] - cw)
+  ch, cw = tf.minimum(ch, hw[0]), tf.minimum(cw, hw[1])
+  y0, x0 = tf.minimum(y0, hw[0] - ch), tf.minimum(x0, hw[1] - cw)
   image = image[y0:y0 + ch, x0:x0 + cw]
   offset = tf.cast(tf.stack([x0, y0, x0, y0]), tf.float32)
   boxes = clip_boxes(boxes - offset, tf.stack([ch, cw]))
@@ -220,12 +216,9 @@ def targets_from_boxes(boxes: tf.Tensor, labels: tf.Tensor, hw: tf.Tensor, max_b
                      (boxes[:, 2] - boxes[:, 0]) / w, (boxes[:, 3] - boxes[:, 1]) / h], axis=1)
   kept = tf.minimum(n, max_boxes)
   pad = max_boxes - kept
-  out_boxes = tf.pad(cxcywh[:kept], [[0, pad], [0, 0]])
-  out_labels = tf.pad(labels[:kept], [[0, pad]])
-  valid = tf.range(max_boxes) < kept
-  out_boxes = tf.ensure_shape(out_boxes, [max_boxes, 4])
-  out_labels = tf.ensure_shape(out_labels, [max_boxes])
-  return out_boxes, out_labels, valid, tf.cast(n - kept, tf.int64)
+  out_boxes = tf.ensure_shape(tf.pad(cxcywh[:kept], [[0, pad], [0, 0]]), [max_boxes, 4])
+  out_labels = tf.ensure_shape(tf.pad(labels[:kept], [[0, pad]]), [max_boxes])
+  return out_boxes, out_labels, tf.range(max_boxes) < kept, tf.cast(n - kept, tf.int64)
 
 
 # ----------------------------------------------------------------------------- whole examples
@@ -266,14 +259,6 @@ def _finish(image, boxes, labels, target_hw, canvas, cfg: DataConfig, stats, ori
       "keep": tf.convert_to_tensor(keep),
       "stats": tf.stack([stats[k] for k in EXAMPLE_STATS]),
   }
-
-
-def _has_annotations(example, cfg: DataConfig) -> tf.Tensor:
-  """Whether the example has a non-crowd box (always True unless images without one are
-  skipped)."""
-  if not cfg.skip_images_without_annotations:
-    return tf.constant(True)
-  return tf.reduce_any(tf.logical_not(tf.cast(example["objects"]["is_crowd"], tf.bool)))
 
 
 def _decode_and_clean(example, cfg: DataConfig):
@@ -336,8 +321,9 @@ def train_augment(example, plan: dict, cfg: DataConfig) -> dict:
   orig_size, image_id, short (int32), keep (False: no non-crowd annotation, skipped),
   stats int64 [len(EXAMPLE_STATS)].
   """
-  has_annotations = _has_annotations(example, cfg)
-
+  # Whether it has a non-crowd box (always True unless images without one are skipped).
+  has_annotations = tf.constant(True) if not cfg.skip_images_without_annotations else (
+      tf.reduce_any(tf.logical_not(tf.cast(example["objects"]["is_crowd"], tf.bool))))
   def pack(image, boxes, labels, orig_hw, stats, keep):
     return {"image": image, "boxes": tf.reshape(boxes, [-1, 4]), "labels": labels,
             "orig_size": tf.cast(orig_hw, tf.int32),
@@ -357,16 +343,14 @@ def train_augment(example, plan: dict, cfg: DataConfig) -> dict:
       return pack(image, boxes, labels, orig_hw, stats, True)
     image, boxes = tf.cond(plan["flip"], lambda: hflip(image, boxes), lambda: (image, boxes))
 
-    def plain():
-      return image, boxes, labels, tf.constant(0, tf.int64)
-
     def cropped():
       hw1 = resize_shortest_edge_size(orig_hw, plan["short1"], cfg.crop_resize_max_size)
       im1 = resize_image(image, hw1)
       b1 = clip_boxes(scale_boxes(boxes, orig_hw, hw1), hw1)
       return crop(im1, b1, labels, plan["crop_box"])
 
-    image2, boxes2, labels2, removed = tf.cond(plan["crop"], cropped, plain)
+    image2, boxes2, labels2, removed = tf.cond(
+        plan["crop"], cropped, lambda: (image, boxes, labels, tf.constant(0, tf.int64)))
     stats["boxes_emptied_by_augmentation"] += removed
     return pack(image2, boxes2, labels2, orig_hw, stats, True)
 
@@ -380,10 +364,8 @@ def train_finish(el: dict, short, canvas, cfg: DataConfig) -> dict:
   Returns the `_finish` dict; its `stats` hold only this stage's counters.
   """
   hw = tf.shape(el["image"])[:2]
-  if cfg.augment:
-    target = resize_shortest_edge_size(hw, short, cfg.train_max_size)
-  else:
-    target = resize_shortest_edge_size(hw, cfg.eval_scale, cfg.eval_max_size)
+  target = resize_shortest_edge_size(hw, *((short, cfg.train_max_size) if cfg.augment else
+                                           (cfg.eval_scale, cfg.eval_max_size)))
   return _finish(el["image"], el["boxes"], el["labels"], target, canvas, cfg, _zero_stats(),
                  el["orig_size"], el["image_id"], el["keep"])
 

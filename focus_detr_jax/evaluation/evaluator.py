@@ -29,20 +29,24 @@ def _allgather(tree):
 
 
 class Evaluator:
-  """`run(variables, step)` -> {AP, AP50, AP75, APs, APm, APl, ...}."""
+  """`run(variables, step)` -> {AP, AP50, AP75, APs, APm, APl, ...}.
 
-  def __init__(self, model, config, workdir=None, max_batches: Optional[int] = None):
-    self.config = config
+  `data`: the eval split, its canvases and normalisation; `num_select`: detections per image
+  (`config.model.num_select`); `max_batches`: stop early (smoke runs)."""
+
+  def __init__(self, model, data: datasets.DataConfig, num_select: int, workdir=None,
+               max_batches: Optional[int] = None):
+    self.data = data
     self.workdir = as_path(workdir) if workdir else None
     self.max_batches = max_batches
-    self._predict = functools.partial(jit_predict, model, num_select=config.model.num_select)
-    self.label_to_category = datasets.label_to_category_id(config)
+    self._predict = functools.partial(jit_predict, model, num_select=num_select)
+    self.label_to_category = datasets.label_to_category_id(data)
     self._gt = None
 
   @property
   def ground_truth(self):
     if self._gt is None:
-      self._gt = datasets.coco_ground_truth(self.config)
+      self._gt = datasets.coco_ground_truth(self.data)
     return self._gt
 
   def predict(self, variables):
@@ -52,8 +56,7 @@ class Evaluator:
     evaluation is restricted to the ids, so they are reported (input counts) instead of being
     scored as missed detections.
     """
-    iterator = iterators.make_eval_iterator(self.config, jax.process_index(),
-                                            jax.process_count())
+    iterator = iterators.make_eval_iterator(self.data, jax.process_index(), jax.process_count())
     detections, evaluated = [], set()
     for i, batch in enumerate(iterator):
       if self.max_batches is not None and i >= self.max_batches:
@@ -76,9 +79,8 @@ class Evaluator:
     detections, evaluated = self.predict(variables)
     metrics = coco_evaluate(self.ground_truth, detections, image_ids=evaluated)
     summary = metrics.pop("summary")
-    metrics["num_images"] = len(evaluated)
-    metrics["eval_seconds"] = time.time() - start
-    metrics["num_detections"] = len(detections)
+    metrics.update(num_images=len(evaluated), eval_seconds=time.time() - start,
+                   num_detections=len(detections))
     if self.workdir is not None and jax.process_index() == 0:
       out = self.workdir / "eval"
       out.mkdir(parents=True, exist_ok=True)

@@ -83,14 +83,13 @@ def enable_compilation_cache() -> Optional[str]:
   return path
 
 
-def make_train_step(config, model, tx, schedule, mesh):
+def make_train_step(model, objective: Objective, optim_config: optim.OptimConfig, tx, schedule,
+                    data: datasets.DataConfig, mesh):
   """The jitted `train_step(state, batch)` of the loop: uint8 batches sharded over `mesh`'s data
   axis, normalised (and `pixel_valid` made) inside the step (data/device.py, bit-identical to the
   host's), the state replicated and donated. One XLA program per canvas shape."""
-  train_step = functools.partial(steps.train_step, model=model,
-                                 objective=Objective.from_config(config), tx=tx,
-                                 schedule=schedule, ema_decay=config.optim.ema_decay)
-  data = config.data
+  train_step = functools.partial(steps.train_step, model=model, objective=objective, tx=tx,
+                                 schedule=schedule, ema_decay=optim_config.ema_decay)
 
   def step(state, batch):
     return train_step(state, device.normalize_on_device(batch, data.pixel_mean, data.pixel_std))
@@ -177,28 +176,31 @@ def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps)
   # Everything that can be checked without compiling, before the workdir is written.
   resumes = config_check.check_training_config(config, workdir, jax.device_count(),
                                                jax.process_count())
-  meta = datasets.dataset_meta(config)
-  if meta.num_classes != config.model.num_classes:
+  # The config read once: every part below takes these frozen values, not the ConfigDict.
+  model = FocusDETR.from_config(config.model)
+  objective = Objective.from_config(config)
+  optim_config = optim.OptimConfig.from_config(config.optim)
+  data = datasets.DataConfig.from_config(config)
+  meta = datasets.dataset_meta(data)
+  if meta.num_classes != model.num_classes:
     raise config_check.ConfigMismatchError(
-        f"config.model.num_classes={config.model.num_classes} but dataset {meta.name} has "
+        f"config.model.num_classes={model.num_classes} but dataset {meta.name} has "
         f"{meta.num_classes} classes")
   workdir.mkdir(parents=True, exist_ok=True)
   logging.info("persistent compilation cache: %s", enable_compilation_cache())
   mesh = sharding.make_mesh()
-  sharding.check_batch_size(config.data.batch_size, mesh, config.model.batch_group_size)
-  model = FocusDETR.from_config(config.model)
+  sharding.check_batch_size(data.batch_size, mesh, model.batch_group_size)
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(rng)
   variables = init_variables(model, init_rng)
   if not resumes:   # else restored below: the init files are unused
     variables = _initialise_from_files(variables, config)
-  optim_config = optim.OptimConfig.from_config(config.optim)
   tx, schedule = optim.make_optimizer(variables["params"], optim_config, model.backbone)
   state = state_lib.create_train_state(variables, tx, state_rng, ema=optim_config.ema_decay > 0)
   state = jax.device_put(state, sharding.replicated(mesh))
 
   # uint8 over the wire; normalised inside the step.
-  data_iter = iterators.make_train_iterator(config, jax.process_index(), jax.process_count(),
+  data_iter = iterators.make_train_iterator(data, jax.process_index(), jax.process_count(),
                                             normalize_on_host=False)
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                             model_config=config.model)
@@ -216,10 +218,11 @@ def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps)
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
 
-  train_step = make_train_step(config, model, tx, schedule, mesh)
+  train_step = make_train_step(model, objective, optim_config, tx, schedule, data, mesh)
   evaluator = None
   if evaluate:
-    evaluator = Evaluator(model, config, workdir, max_batches=config.eval.max_batches or None)
+    evaluator = Evaluator(model, data, config.model.num_select, workdir,
+                          max_batches=config.eval.max_batches or None)
 
   t = config.train
   total_steps = t.num_steps if stop_after_steps is None else min(
@@ -267,7 +270,8 @@ def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps)
       save(step)
       last_good = step
     if t.image_log_every and step % t.image_log_every == 0:
-      image_batch = _log_images(writer, step, model, state, config, meta, image_batch)
+      image_batch = _log_images(writer, step, model, state, data, config.model.num_select, meta,
+                                image_batch)
     if evaluator is not None and t.eval_every and step % t.eval_every == 0 and not stop:
       eval_metrics = evaluator.run(_eval_variables(state), step)
       writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
@@ -296,16 +300,16 @@ def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps)
               preempted=preempted, sigterm=sigterm)
 
 
-def _log_images(writer, step, model, state, config, meta, image_batch):
+def _log_images(writer, step, model, state, data, num_select, meta, image_batch):
   """TensorBoard pictures of detections and selected tokens on a fixed validation batch.
 
   Every process computes them (the variables are global arrays) on the same batch (the first
   eval batch of a one-host view of the split); only process 0's writer stores them.
   """
   if image_batch is None:
-    image_batch = next(iter(iterators.make_eval_iterator(config, 0, 1)))
-  images = visualize.training_images(model, _eval_variables(state), image_batch, config,
-                                     max_images=2, class_names=meta.category_names)
+    image_batch = next(iter(iterators.make_eval_iterator(data, 0, 1)))
+  images = visualize.training_images(model, _eval_variables(state), image_batch, data,
+                                     num_select, max_images=2, class_names=meta.category_names)
   if images:
     writer.write_images(step, {f"images/{k}": v for k, v in images.items()})
   return image_batch
