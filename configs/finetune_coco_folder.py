@@ -27,7 +27,7 @@ reads the steps (`train.num_steps`, `optim.lr_drop_steps`); `optim.epochs` /
 `optim.lr_drop_epochs` record the same schedule in epochs. Without `num_images` the detrex
 schedule (90k steps, drop at 82.5k) is kept.
 
-Start from (`config.init`, applied by `focus_detr_jax.convert.init.init_from_config`):
+Start from (`config.init`, applied by `focus_detr_jax.convert.init.apply_init`):
   * `checkpoint`: one of our model checkpoints or a detrex `.pth` (e.g. the COCO-trained
     Focus-DETR, converted with scripts/convert_checkpoint.py). The class heads and the denoising
     label embedding are re-initialised when `num_classes` differs; everything else is restored.

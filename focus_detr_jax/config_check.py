@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from focus_detr_jax.checkpoint import CONFIG_FILE, as_path
 from focus_detr_jax.cli import UserError
+from focus_detr_jax.convert import init as init_lib
 
 # Model keys that change neither the parameters nor the optimiser state: free to differ from the
 # checkpoint's config (compute dtype, inference and denoising-noise settings).
@@ -99,13 +100,10 @@ def check_against_checkpoint(config, directory, what: str, training: bool = Fals
 
 def check_init_files(config) -> None:
   """`config.init.backbone` / `config.init.checkpoint` exist, and at most one is set."""
-  from focus_detr_jax.convert import init as init_lib  # pylint: disable=import-outside-toplevel
-  init = config.get("init") or {}
-  given = {key: init.get(key) for key in ("backbone", "checkpoint") if init.get(key)}
-  if str(given.get("backbone", "")).strip().lower() == init_lib.NO_BACKBONE:
-    del given["backbone"]                          # explicitly none: a random backbone
-  if "checkpoint" not in given:
-    init_lib.check_backbone_file(config)           # where to get a missing ImageNet file
+  init = init_lib.InitConfig.from_config(config)
+  given = {key: path for key, path in (("backbone", init.backbone_file),
+                                       ("checkpoint", init.checkpoint)) if path}
+  init_lib.check_backbone_file(init)               # where to get a missing ImageNet file
   if len(given) > 1:
     raise UserError("set only one of config.init.backbone and config.init.checkpoint (a model "
                     "checkpoint already holds a backbone)")

@@ -155,13 +155,6 @@ def read_image(path) -> np.ndarray:
     raise coco_folder.BadImage("images_corrupt", f"undecodable: {e}") from e
 
 
-def eval_canvases(data: datasets.DataConfig):
-  """The canvases of evaluation (None: `eval_exact`, one shape per image)."""
-  if data.eval_exact:
-    return None
-  return canvas_lib.normalize_canvases(data.eval_canvases or data.canvases)
-
-
 def network_input(image: np.ndarray,
                   data: datasets.DataConfig) -> Tuple[np.ndarray, Tuple[int, int], Any]:
   """The evaluation transform of one decoded image (`transforms.eval_example`).
@@ -170,7 +163,7 @@ def network_input(image: np.ndarray,
   (h, w) of the resized image, the canvas (H, W) or None).
   """
   scale, max_size = int(data.eval_scale), int(data.eval_max_size)
-  canvases, canvas = eval_canvases(data), None
+  canvases, canvas = data.eval_canvas_list, None
   img = tf.constant(image)
   target = transforms.resize_shortest_edge_size(tf.shape(img)[:2], scale, max_size)
   if canvases is not None:
@@ -231,7 +224,7 @@ def predict_files(model, variables, data: datasets.DataConfig, inputs: Sequence[
     on_error: called with (input, reason) for each missing or unreadable input (default: log).
   """
   on_error = on_error or (lambda path, why: logging.warning("skipping %s: %s", path, why))
-  if eval_canvases(data) is None:   # eval_exact: one shape per image
+  if data.eval_canvas_list is None:   # eval_exact: one shape per image
     batch_size = 1
   elif batch_size is None:
     batch_size = int(data.eval_batch_size)

@@ -35,7 +35,7 @@ def test_every_coco_config_names_its_imagenet_file(name):
 def test_demo_and_tiny_configs_say_none(name):
   config = _config(name)
   assert config.init.backbone == "none"
-  init_lib.check_backbone_file(config)
+  init_lib.check_backbone_file(init_lib.InitConfig.from_config(config))
   config_check.check_init_files(config)
 
 
@@ -49,16 +49,17 @@ def test_missing_file_fails_fast_with_where_to_get_it(tmp_path, monkeypatch):
   assert "R-50.pkl" in message and "convert" in message and "--config.init.backbone=none" in message
   swin = _config("focus_detr_swin_tiny_224_4scale_12ep")
   with pytest.raises(init_lib.BackboneFileError, match="swin_tiny_patch4_window7_224.pth"):
-    init_lib.check_backbone_file(swin)
+    init_lib.check_backbone_file(init_lib.InitConfig.from_config(swin))
   config.init.backbone = ""
   with pytest.raises(init_lib.BackboneFileError, match="is empty"):
-    init_lib.check_backbone_file(config)
+    init_lib.check_backbone_file(init_lib.InitConfig.from_config(config))
   # Explicitly none, a whole-model checkpoint, or the file present: accepted.
   config.init.backbone = "none"
   config_check.check_init_files(config)
   (tmp_path / "pretrained").mkdir()
   (tmp_path / "pretrained" / "r50_v1.pkl").write_bytes(b"")
-  init_lib.check_backbone_file(_config("focus_detr_r50_4scale_12ep"))
+  init_lib.check_backbone_file(
+      init_lib.InitConfig.from_config(_config("focus_detr_r50_4scale_12ep")))
 
 
 def test_training_refuses_before_compiling(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from focus_detr_jax.convert import init as init_lib
 from focus_detr_jax.convert import torch_io
 from focus_detr_jax.convert.detrex import ConversionError
 from focus_detr_jax.convert.export import detrex_key_order, export_detrex_state_dict
+from focus_detr_jax.models.focus_detr import FocusDETR
 from focus_detr_jax.parity.weights import build_state_dict
 from conftest import import_script
 
@@ -19,9 +20,9 @@ SETS = {"public": "focus_detr_r50_4scale_12ep", "swin_tiny": "focus_detr_swin_ti
         "swin_base_384": "focus_detr_swin_base_384_4scale_36ep"}
 
 
-def _config(name):
+def _model(name):
   import importlib
-  return importlib.import_module(f"configs.{name}").get_config()
+  return FocusDETR.from_config(importlib.import_module(f"configs.{name}").get_config().model)
 
 
 @pytest.mark.parametrize("reference_set", sorted(SETS))
@@ -30,7 +31,7 @@ def test_key_order_is_the_detrex_state_dict(request, reference_set):
   root = request.getfixturevalue("r50_set" if reference_set == "public" else "parity_root")
   set_dir = root if reference_set == "public" else root / reference_set
   manifest = json.loads((set_dir / "state_dict_manifest.json").read_text())
-  assert detrex_key_order(_config(SETS[reference_set])) == [row[0] for row in manifest]
+  assert detrex_key_order(_model(SETS[reference_set])) == [row[0] for row in manifest]
 
 
 def _assert_bitwise(got, want):
@@ -58,11 +59,11 @@ def test_r50_round_trip_through_files_is_bitwise(r50_set, tmp_path, capsys):
 def test_swin_round_trip_is_bitwise(parity_root, tmp_path):
   state_dict = build_state_dict(parity_root / "swin_tiny" / "state_dict_manifest.json", seed=0)
   np.savez(tmp_path / "swin.npz", **state_dict)
-  config = _config(SETS["swin_tiny"])
-  variables, report = init_lib.init_from_checkpoint(init_lib.model_shapes(config),
-                                                    tmp_path / "swin.npz", config)
+  model = _model(SETS["swin_tiny"])
+  variables, report = init_lib.init_from_checkpoint(init_lib.model_shapes(model),
+                                                    tmp_path / "swin.npz", model)
   assert report["num_mapped"] == report["num_source_keys"] == 627 - 80
-  back = export_detrex_state_dict(variables, config)
+  back = export_detrex_state_dict(variables, model)
   _assert_bitwise(back, state_dict)
   assert back["backbone.layers.0.blocks.0.attn.relative_position_index"].dtype == np.int64
   # Shared modules come out as one array under all their names, as torch saves them.
@@ -74,7 +75,7 @@ def test_swin_round_trip_is_bitwise(parity_root, tmp_path):
 def test_group_norm_backbone_has_no_detrex_layout():
   from configs import tiny
   with pytest.raises(ConversionError, match="GroupNorm"):
-    detrex_key_order(tiny.get_config())
+    detrex_key_order(FocusDETR.from_config(tiny.get_config().model))
 
 
 @pytest.mark.skipif(torch_io.torch_available(), reason="torch is installed: .pth is written")

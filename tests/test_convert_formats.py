@@ -24,6 +24,7 @@ from conftest import import_script
 from focus_detr_jax.convert import backbones, torch_io
 from focus_detr_jax.convert.detrex import ConversionError
 from focus_detr_jax.convert.init import flatten, model_shapes
+from focus_detr_jax.models.focus_detr import BackboneConfig, FocusDETR
 from focus_detr_jax.models.swin import relative_position_index
 
 REPO = Path(__file__).resolve().parents[1]
@@ -347,13 +348,13 @@ def test_torch_zip_with_foreign_object_is_refused(tmp_path):
 def r50_reference():
   from configs import focus_detr_r50_4scale_12ep
   config = focus_detr_r50_4scale_12ep.get_config()
-  return config, flatten(model_shapes(config))
+  return config, flatten(model_shapes(FocusDETR.from_config(config.model)))
 
 
 def _import(obj, fmt, config, reference, source="f"):
   sd, meta, top_rows = backbones.unwrap_state_dict(obj, source)
-  loaded, rows, fmt = backbones.import_backbone(sd, fmt, reference, config.model.backbone, meta,
-                                                source)
+  backbone = BackboneConfig.from_config(config.model.backbone)
+  loaded, rows, fmt = backbones.import_backbone(sd, fmt, reference, backbone, meta, source)
   return loaded, top_rows + rows, fmt
 
 
@@ -429,7 +430,7 @@ def test_caffe2_is_refused_with_the_reason(r50_reference):
 def swin_t_reference():
   from configs import focus_detr_swin_tiny_224_4scale_12ep
   config = focus_detr_swin_tiny_224_4scale_12ep.get_config()
-  return config, flatten(model_shapes(config))
+  return config, flatten(model_shapes(FocusDETR.from_config(config.model)))
 
 
 def test_official_swin_maps_and_checks_windows(parity_root, swin_t_reference):

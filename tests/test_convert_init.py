@@ -7,6 +7,7 @@ from focus_detr_jax.checkpoint import save_model_checkpoint
 from focus_detr_jax.convert import init as init_lib
 from focus_detr_jax.convert.detrex import ConversionError
 from focus_detr_jax.convert.export import export_detrex_state_dict
+from focus_detr_jax.models.focus_detr import FocusDETR
 from test_convert_formats import CAFFE2, torchvision_resnet
 
 HEADS = {"params/class_embed_0/kernel", "params/class_embed_0/bias",
@@ -26,6 +27,15 @@ def small_config(num_classes=5, **model):
   return config
 
 
+def model_of(config):
+  return FocusDETR.from_config(config.model)
+
+
+def apply_init(variables, config):
+  """What the trainer does with `config.init`."""
+  return init_lib.apply_init(variables, init_lib.InitConfig.from_config(config), model_of(config))
+
+
 _SHAPES = {}
 
 
@@ -33,7 +43,7 @@ def fake_variables(config, seed):
   """Random arrays with the model's variable shapes (stands for a trained or fresh model)."""
   key = (config.model.num_classes, config.model.ffn_dim)
   if key not in _SHAPES:
-    _SHAPES[key] = init_lib.model_shapes(config)
+    _SHAPES[key] = init_lib.model_shapes(model_of(config))
   rng = np.random.default_rng(seed)
   flat = {p: rng.normal(size=s.shape).astype(np.float32)
           for p, s in init_lib.flatten(_SHAPES[key]).items()}
@@ -51,7 +61,7 @@ def source_model(tmp_path_factory):
   variables = fake_variables(config, seed=1)
   root = tmp_path_factory.mktemp("source")
   save_model_checkpoint(root / "ckpt", variables, config)
-  state_dict = export_detrex_state_dict(variables, config)
+  state_dict = export_detrex_state_dict(variables, model_of(config))
   np.savez(root / "detrex.npz", **state_dict)
   return variables, root / "ckpt", root / "detrex.npz", state_dict
 
@@ -71,7 +81,7 @@ def test_checkpoint_with_other_classes_reinitialises_exactly_the_heads(source_mo
   source, ckpt, _, _ = source_model
   config = small_config(num_classes=5)
   fresh = fake_variables(config, seed=2)
-  restored, report = init_lib.init_from_checkpoint(fresh, ckpt, config)
+  restored, report = init_lib.init_from_checkpoint(fresh, ckpt, model_of(config))
   assert report["kind"] == "model" and report["format"] == "ours"
   _check_heads_reinitialised(report, restored, source, fresh)
   assert {r["source"] for r in report["skipped"]} == HEADS
@@ -84,7 +94,7 @@ def test_detrex_state_dict_with_other_classes(source_model):
   source, _, npz, state_dict = source_model
   config = small_config(num_classes=5)
   fresh = fake_variables(config, seed=2)
-  restored, report = init_lib.init_from_checkpoint(fresh, npz, config)
+  restored, report = init_lib.init_from_checkpoint(fresh, npz, model_of(config))
   assert report["kind"] == "model" and report["format"] == "detrex"
   _check_heads_reinitialised(report, restored, source, fresh)
   skipped = {r["source"] for r in report["skipped"]}
@@ -102,7 +112,7 @@ def test_same_classes_restores_everything(source_model):
   config = small_config(num_classes=3)
   fresh = fake_variables(config, seed=2)
   for src in (ckpt, npz):
-    restored, report = init_lib.init_from_checkpoint(fresh, src, config, kind="model")
+    restored, report = init_lib.init_from_checkpoint(fresh, src, model_of(config), kind="model")
     assert report["reinitialised"] == [] and report["skipped"] == []
     assert report["num_mapped"] == report["num_source_keys"]
     for name, value in _flat(restored).items():
@@ -113,14 +123,14 @@ def test_mismatches_other_than_the_heads_are_errors(source_model, tmp_path):
   _, ckpt, _, state_dict = source_model
   config = small_config(num_classes=3, ffn_dim=96)
   with pytest.raises(ConversionError, match=r"ffns_0/layers_0_0/kernel.*\(64, 128\)"):
-    init_lib.init_from_checkpoint(fake_variables(config, 2), ckpt, config)
+    init_lib.init_from_checkpoint(fake_variables(config, 2), ckpt, model_of(config))
   config = small_config(num_classes=3)
   bad = dict(state_dict)
   del bad["transformer.decoder.norm.weight"]
   bad["transformer.not_a_module.weight"] = np.zeros(3, np.float32)
   np.savez(tmp_path / "bad.npz", **bad)
   with pytest.raises(ConversionError) as err:
-    init_lib.init_from_checkpoint(fake_variables(config, 2), tmp_path / "bad.npz", config)
+    init_lib.init_from_checkpoint(fake_variables(config, 2), tmp_path / "bad.npz", model_of(config))
   assert "decoder_norm/scale" in str(err.value)
   assert "transformer.not_a_module.weight" in str(err.value)
 
@@ -129,16 +139,16 @@ def test_exact_conversion_does_not_reinitialise(source_model):
   _, ckpt, _, _ = source_model
   config = small_config(num_classes=5)
   with pytest.raises(ConversionError, match="num_classes=3"):
-    init_lib.init_from_checkpoint(init_lib.model_shapes(config), ckpt, config)
+    init_lib.init_from_checkpoint(init_lib.model_shapes(model_of(config)), ckpt, model_of(config))
 
 
-def test_backbone_init_from_config(tmp_path):
+def test_backbone_init_from_the_config(tmp_path):
   sd = torchvision_resnet(width=16)
   np.savez(tmp_path / "resnet.npz", **sd)
   config = small_config()
   config.init.backbone, config.init.checkpoint = str(tmp_path / "resnet.npz"), ""
   fresh = fake_variables(config, seed=3)
-  restored, report = init_lib.init_from_config(fresh, config)
+  restored, report = apply_init(fresh, config)
   assert report["kind"] == "backbone" and report["format"] == "torchvision"
   loaded = {r["source"]: r["target"] for r in report["loaded"]}
   skipped = {r["source"] for r in report["skipped"]}
@@ -155,18 +165,18 @@ def test_backbone_init_from_config(tmp_path):
   assert reinit == {n for n in flat_f if "/backbone/" not in n}
 
 
-def test_init_from_config_choices_and_fail_fast(tmp_path):
+def test_apply_init_choices_and_fail_fast(tmp_path):
   config = small_config()
   fresh = {"params": {}}
-  assert init_lib.init_from_config(fresh, config) == (fresh, None)
+  assert apply_init(fresh, config) == (fresh, None)
   config.init.backbone, config.init.checkpoint = "a.pth", "b"
   with pytest.raises(ValueError, match="only one"):
-    init_lib.init_from_config(fresh, config)
+    apply_init(fresh, config)
   # A refused file fails before any fresh init is built.
   np.savez(tmp_path / "msra.npz", **CAFFE2)
   calls = []
   with pytest.raises(ConversionError, match="Caffe2"):
-    init_lib.init_from_checkpoint(lambda: calls.append(1), tmp_path / "msra.npz", config,
+    init_lib.init_from_checkpoint(lambda: calls.append(1), tmp_path / "msra.npz", model_of(config),
                                   kind="backbone")
   assert calls == []
 

@@ -43,7 +43,7 @@ def train_program(config):
   """(the loop's jitted train step on one device, the abstract train state) of `config`."""
   model = FocusDETR.from_config(config.model)
   mesh = sharding.make_mesh(jax.devices()[:1])
-  variables = model_shapes(config)
+  variables = model_shapes(model)
   optim_config = optim.OptimConfig.from_config(config.optim)
   tx, schedule = optim.make_optimizer(variables["params"], optim_config, model.backbone)
   state = jax.eval_shape(lambda v: create_train_state(v, tx, jax.random.PRNGKey(1),

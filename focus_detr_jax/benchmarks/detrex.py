@@ -48,7 +48,8 @@ def run_detrex(args, spec):
   """One detrex worker process under `args.detrex_python`; its results."""
   result, error = benchmarks.run_worker(
       [args.detrex_python, "-m", WORKER, json.dumps(spec)], timeout=args.timeout, cwd=SOURCE_ROOT,
-      env=dict(os.environ, PYTHONPATH=SOURCE_ROOT, OMP_NUM_THREADS=str(args.threads)))
+      env=dict(os.environ, PYTHONPATH=os.pathsep.join([SOURCE_ROOT, args.detrex_root]),
+               OMP_NUM_THREADS=str(args.threads)))
   if result is None:
     raise RuntimeError(f"detrex worker failed:\n{error}")
   return result

@@ -50,7 +50,7 @@ def build(spec):
   return config, FocusDETR.from_config(config.model)
 
 
-def random_variables(config, seed=0):
+def random_variables(model, seed=0):
   """Variables with the init's structure, filled cheaply (no init compile at full size):
   matrices ~ N(0, 0.02); norm scales and FrozenBN weight/variance 1; other vectors 0."""
   rng = np.random.default_rng(seed)
@@ -64,7 +64,7 @@ def random_variables(config, seed=0):
       return jnp.asarray(rng.normal(scale=0.02, size=leaf.shape), leaf.dtype)
     return jnp.zeros(leaf.shape, leaf.dtype)
 
-  return jax.tree_util.tree_map_with_path(fill, model_shapes(config))
+  return jax.tree_util.tree_map_with_path(fill, model_shapes(model))
 
 
 def inputs(batch, height, width, seed=0):
@@ -105,7 +105,7 @@ def task_baseline(spec):
   fn = jax.jit(lambda v, x: model.apply(v, x, method=lambda m, x: m.backbone_net(
       x, train=False)))
   images = inputs(1, spec["height"], spec["width"])[0]
-  _, result = _compiled(fn, (random_variables(config), images), spec)
+  _, result = _compiled(fn, (random_variables(model), images), spec)
   return dict(result, compile_s=result.pop("lower_s") + result["compile_s"],
               memory=bm.peak_memory())
 
@@ -118,7 +118,7 @@ def task_eval(spec):
   result = dict(num_tokens=n, msda=da.resolve_implementation(model.msda_implementation),
                 capacities=list(token_selection.cascade_capacities(
                     n, model.focus_rho, model.cascade)))
-  variables = random_variables(config)
+  variables = random_variables(model)
   images, pixel_valid, size = inputs(b, h, w)
   infer = jax.jit(export.inference_function(model, config.model.num_select))
   _, measured = _compiled(infer, (variables, images, pixel_valid, size), spec,
@@ -153,7 +153,7 @@ def program(spec, kind="train"):
   value_and_grad of `model_loss` (train mode, denoising on), "fwd" = the loss alone, "eval" =
   the eval forward (`model.apply`) of the batch's images."""
   config, model = build(spec)
-  extra = dict(random_variables(config))   # the variables but params
+  extra = dict(random_variables(model))   # the variables but params
   params = extra.pop("params")
   batch = train_batch(config, spec["batch"], spec["height"], spec["width"])
   objective = Objective.from_config(config)

@@ -8,6 +8,7 @@ Every format is first renamed to the detectron2 names that detrex uses under `ba
 in the 1x1) are refused. docs/weights.md lists the formats; `convert/init.py` merges the result.
 """
 
+import dataclasses
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -313,11 +314,12 @@ def map_backbone(renamed, reference_flat, backbone_config, source: str = ""):
   return loaded, rows
 
 
-def import_backbone(state_dict, fmt: str, reference_flat, backbone_config, meta=None,
+def import_backbone(state_dict, fmt: str, reference_flat, backbone, meta=None,
                     source: str = ""):
   """An unwrapped backbone file of format `fmt` ("auto" or one of BACKBONE_FORMATS) -> (loaded
-  {target path: (array, source key)}, rows, fmt), as `map_backbone`."""
-  bb = dict(backbone_config)
+  {target path: (array, source key)}, rows, fmt), as `map_backbone`; `backbone`: the model's
+  `BackboneConfig`."""
+  bb = dataclasses.asdict(backbone)
   check_not_caffe2(state_dict, meta, source)
   detected = detect_format(state_dict)
   if fmt == "auto":

@@ -2,12 +2,14 @@
 
 import sys
 
+import jax
 from absl import flags
 
 from focus_detr_jax import cli
 from focus_detr_jax.checkpoint import save_model_checkpoint
 from focus_detr_jax.convert import init as init_lib
 from focus_detr_jax.convert.export import export_checkpoint
+from focus_detr_jax.models.focus_detr import FocusDETR, init_variables
 
 FORMATS = ("detrex", "torchvision", "detectron2", "swin")
 
@@ -24,16 +26,18 @@ def define_flags(fv, argv):
 
 def _import(fv, src, out):
   config = fv.config
+  model = FocusDETR.from_config(config.model)
   if fv.format == "detrex":
-    variables = init_lib.model_shapes(config)   # exact conversion: nothing is re-initialised
+    variables = init_lib.model_shapes(model)   # exact conversion: nothing is re-initialised
     kind = "model"
   else:
     def variables():   # called once the file has been read and checked
       print("initialising the parts of the model that the backbone file does not hold ...",
             file=sys.stderr)
-      return init_lib.init_variables(config, seed=fv.seed)
+      seed = config.get("seed", 0) if fv.seed is None else fv.seed
+      return init_variables(model, jax.random.PRNGKey(seed))
     kind = "backbone"
-  variables, report = init_lib.init_from_checkpoint(variables, src, config, kind=kind,
+  variables, report = init_lib.init_from_checkpoint(variables, src, model, kind=kind,
                                                     format=fv.format)
   save_model_checkpoint(out, variables, config, report)
   print(init_lib.format_report(report, verbose=fv.verbose))

@@ -1,6 +1,6 @@
 """Our model -> a detrex state dict (so a model trained here can be evaluated in detrex).
 
-    state_dict = export_detrex_state_dict(variables, config)   # {detrex key: np.ndarray}
+    state_dict = export_detrex_state_dict(variables, model)    # {detrex key: np.ndarray}
     export_checkpoint("runs/x/model", "focus_detr.pth")        # or .npz without torch
 
 The key list is that of detrex's FOCUS_DETR `state_dict()`, in its order, aliases included
@@ -10,6 +10,7 @@ them. Values go through the one name mapping of `convert/detrex.py` (`variables_
 so detrex -> ours -> detrex is bitwise identical.
 """
 
+import dataclasses
 import itertools
 from pathlib import Path
 from typing import Dict, List
@@ -21,6 +22,7 @@ from focus_detr_jax.convert.detrex import (ConversionError, alias_groups,
                                            variables_to_state_dict)
 from focus_detr_jax.convert.swin import backbone_mapper, swin_key_table
 from focus_detr_jax.convert.torch_io import save_state_dict, torch_available
+from focus_detr_jax.models.focus_detr import FocusDETR
 from focus_detr_jax.models.resnet import RESNET_BLOCKS
 from focus_detr_jax.models.swin import SwinTransformer
 
@@ -54,11 +56,10 @@ def _wb(prefix):
   return [f"{prefix}.weight", f"{prefix}.bias"]
 
 
-def detrex_key_order(config) -> List[str]:
-  """Every key of detrex's FOCUS_DETR state_dict for `config.model`, in state_dict order."""
-  m = config.model
-  bb = dict(m.backbone)
-  num_enc, num_dec = int(m.num_encoder_layers), int(m.num_decoder_layers)
+def detrex_key_order(model: FocusDETR) -> List[str]:
+  """Every key of detrex's FOCUS_DETR state_dict for `model`, in state_dict order."""
+  bb = dataclasses.asdict(model.backbone)
+  num_enc, num_dec = model.num_encoder_layers, model.num_decoder_layers
   if bb["name"] == "swin":
     keys = list(swin_key_table(SwinTransformer(
         embed_dim=bb["embed_dim"], depths=tuple(bb["depths"]), num_heads=tuple(bb["num_heads"]),
@@ -111,15 +112,14 @@ def detrex_key_order(config) -> List[str]:
   return keys
 
 
-def export_detrex_state_dict(variables, config) -> Dict[str, np.ndarray]:
+def export_detrex_state_dict(variables, model: FocusDETR) -> Dict[str, np.ndarray]:
   """Our variables -> {detrex key: array} with exactly detrex's key set and order; the weight and
   bias keys of a shared module (aliases) hold one array, which `torch_io.save_state_dict` writes
   as one shared tensor, as torch does."""
-  m = config.model
-  num_enc, num_dec = int(m.num_encoder_layers), int(m.num_decoder_layers)
+  num_enc, num_dec = model.num_encoder_layers, model.num_decoder_layers
   try:
-    state_dict = variables_to_state_dict(variables, detrex_key_order(config), num_dec, num_enc,
-                                         backbone_mapper=backbone_mapper(config))
+    state_dict = variables_to_state_dict(variables, detrex_key_order(model), num_dec, num_enc,
+                                         backbone_mapper=backbone_mapper(model))
   except KeyError as e:
     raise ConversionError(f"the variables have no entry {e} that the config's detrex layout "
                           "needs: do the variables come from this config?") from None
@@ -142,7 +142,7 @@ def export_checkpoint(checkpoint_dir, output_path=None):
   Returns (output path, state dict).
   """
   variables, config = load_model_checkpoint(checkpoint_dir)
-  state_dict = export_detrex_state_dict(variables, config)
+  state_dict = export_detrex_state_dict(variables, FocusDETR.from_config(config.model))
   path = Path(output_path) if output_path else default_output_name(checkpoint_dir)
   save_state_dict(state_dict, path)
   return path, state_dict

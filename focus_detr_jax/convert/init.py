@@ -1,6 +1,7 @@
 """Start a model from other weights: a backbone file or a whole checkpoint (partial restore).
 
-    variables, report = init_from_config(init_variables(config), config)   # config.init
+    init = InitConfig.from_config(config)                       # config.init, read once
+    variables, report = apply_init(variables, init, FocusDETR.from_config(config.model))
     print(format_report(report))
 
 A backbone file (`convert/backbones.py`) loads the backbone; the rest keeps its fresh init. A model
@@ -11,6 +12,7 @@ anything else is a `ConversionError` that names it (docs/weights.md).
 """
 
 import collections
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -26,8 +28,7 @@ from focus_detr_jax.convert.backbones import ConversionError, row
 from focus_detr_jax.convert.detrex import (_alias_map, canonical_key, flatten, key_lines,
                                            state_dict_to_variables, unflatten)
 from focus_detr_jax.convert.swin import backbone_mapper
-from focus_detr_jax.models.focus_detr import (INIT_IMAGE_SIZE, SKIP_COLLECTIONS, FocusDETR,
-                                              init_variables as model_init_variables)
+from focus_detr_jax.models.focus_detr import INIT_IMAGE_SIZE, SKIP_COLLECTIONS, FocusDETR
 
 _HEAD = re.compile(r"^params/(class_embed_\d+/(kernel|bias)|label_enc)$")
 
@@ -37,20 +38,13 @@ def is_class_head(path) -> bool:
   return bool(_HEAD.match(path if isinstance(path, str) else "/".join(path)))
 
 
-def model_shapes(config, image_size=INIT_IMAGE_SIZE):
+def model_shapes(model: FocusDETR, image_size=INIT_IMAGE_SIZE):
   """{collection: tree of jax.ShapeDtypeStruct} of the model's variables (`params`, `frozen`)."""
   height, width = image_size
-  shapes = jax.eval_shape(FocusDETR.from_config(config.model).init, jax.random.PRNGKey(0),
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                           jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32),
                           jax.ShapeDtypeStruct((1, height, width), jnp.bool_))
   return {k: v for k, v in shapes.items() if k not in SKIP_COLLECTIONS}
-
-
-def init_variables(config, seed: Optional[int] = None, image_size=INIT_IMAGE_SIZE):
-  """A fresh init of the model (numpy arrays), seeded by `config.seed` unless `seed` is given."""
-  key = jax.random.PRNGKey(int(config.get("seed", 0) if seed is None else seed))
-  variables = model_init_variables(FocusDETR.from_config(config.model), key, image_size)
-  return jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
 
 
 def read_source(source, fmt: str = "auto"):
@@ -76,14 +70,13 @@ def _num_classes_of(state_dict) -> Optional[int]:
   return None
 
 
-def detrex_to_flat(state_dict, target_shapes, config, source: str = ""):
+def detrex_to_flat(state_dict, target_shapes, model: FocusDETR, source: str = ""):
   """A detrex state dict -> ({our path: (array, detrex key)}, rows, number of alias keys).
 
   The class heads are read at the checkpoint's own number of classes, so a checkpoint trained on
   other classes maps completely; `restore` then decides what to do with them.
   """
-  m = config.model
-  num_dec, num_enc = int(m.num_decoder_layers), int(m.num_encoder_layers)
+  num_dec, num_enc = model.num_decoder_layers, model.num_encoder_layers
   rows, sd = [], {}
   for k, v in state_dict.items():
     if k.endswith("num_batches_tracked"):
@@ -101,7 +94,7 @@ def detrex_to_flat(state_dict, target_shapes, config, source: str = ""):
     reference[path] = jax.ShapeDtypeStruct(shape, jnp.float32)
   try:
     variables, rep = state_dict_to_variables(sd, unflatten(reference), num_dec, num_enc,
-                                             backbone_mapper=backbone_mapper(config))
+                                             backbone_mapper=backbone_mapper(model))
   except ConversionError as e:
     raise ConversionError(
         f"{source}: the detrex state dict does not fit the config:\n{e}") from None
@@ -205,11 +198,11 @@ def restore(target, source_flat, kind: str, allowed_missing=None, source: str = 
   return unflatten(out), loaded, skipped, reinit, notes
 
 
-def init_from_checkpoint(variables, source, config, *, kind: str = "auto",
+def init_from_checkpoint(variables, source, model: FocusDETR, *, kind: str = "auto",
                          format: str = "auto") -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """Load `source` (a backbone file, a detrex state dict, one of our checkpoints) into `variables`.
 
-  `variables`: {collection: tree} of `config`'s model, whose values are kept where the source has
+  `variables`: {collection: tree} of `model`, whose values are kept where the source has
   nothing; ShapeDtypeStructs when nothing needs a fresh init; or a zero-argument callable giving
   them, called only once the source has been read and checked, so that a refused file fails fast.
   `kind`: "backbone", "model" or "auto"; `format`: "auto", "ours", "detrex", "torchvision",
@@ -219,7 +212,7 @@ def init_from_checkpoint(variables, source, config, *, kind: str = "auto",
   source = str(source)
   make_fresh = None
   if callable(variables):
-    make_fresh, variables = variables, model_shapes(config)
+    make_fresh, variables = variables, model_shapes(model)
   variables = {c: variables[c] for c in variables if c not in SKIP_COLLECTIONS}
   target_shapes = flatten(variables)
   state_dict, ours_flat, meta, rows, fmt = read_source(source, format)
@@ -235,7 +228,7 @@ def init_from_checkpoint(variables, source, config, *, kind: str = "auto",
   if meta.get("stripped_prefix"):
     notes.append(f"stripped the prefix {meta['stripped_prefix']!r} from every key")
   allowed_missing, aliases, num_classes = {}, [], None
-  n_cfg = int(config.model.num_classes)
+  n_cfg = model.num_classes
   if ours_flat is not None:
     fmt = "ours"
     source_flat = {p: (v, "/".join(p)) for p, v in ours_flat.items()}
@@ -244,7 +237,7 @@ def init_from_checkpoint(variables, source, config, *, kind: str = "auto",
     num_source_keys = len(source_flat)
   elif kind == "backbone":
     source_flat, brows, fmt = backbones.import_backbone(state_dict, fmt, target_shapes,
-                                                        config.model.backbone, meta, source)
+                                                        model.backbone, meta, source)
     rows += [r for r in brows if r["status"] in ("skipped", "checked")]
     allowed_missing = {tuple(r["target"].split("/")): r["reason"] for r in brows
                        if r["status"] == "reinitialised"}
@@ -255,7 +248,7 @@ def init_from_checkpoint(variables, source, config, *, kind: str = "auto",
       raise ConversionError(f"{source}: format {fmt!r} holds backbone weights; load it with "
                             "kind='backbone' (init.backbone), or use format 'detrex'")
     fmt = "detrex"
-    source_flat, drows, aliases = detrex_to_flat(state_dict, target_shapes, config, source)
+    source_flat, drows, aliases = detrex_to_flat(state_dict, target_shapes, model, source)
     rows += drows
     num_classes = (_num_classes_of(state_dict), n_cfg)
     num_source_keys = len(state_dict) - len(aliases)
@@ -302,18 +295,31 @@ class BackboneFileError(UserError, ValueError):
   """The config names no usable ImageNet backbone file (and does not say `none`)."""
 
 
-def backbone_file(config) -> str:
-  """`config.init.backbone`, or "" when it is empty or `none`."""
-  value = str((config.get("init") or {}).get("backbone") or "")
-  return "" if value.strip().lower() == NO_BACKBONE else value
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+  """`config.init` read once: where a new run's weights come from. Empty paths: a fresh init;
+  formats "auto": detected from the file."""
+  backbone: str = ""             # an ImageNet backbone file, or "none": a random backbone
+  backbone_format: str = "auto"
+  checkpoint: str = ""           # a whole model: one of ours, or a detrex state dict
+  checkpoint_format: str = "auto"
+
+  @classmethod
+  def from_config(cls, config) -> "InitConfig":
+    init = config.get("init") or {}
+    return cls(**{f.name: str(init.get(f.name) or f.default) for f in dataclasses.fields(cls)})
+
+  @property
+  def backbone_file(self) -> str:
+    """The backbone path, or "" when it is empty or `none`."""
+    return "" if self.backbone.strip().lower() == NO_BACKBONE else self.backbone
 
 
-def check_backbone_file(config) -> None:
-  """Raises `BackboneFileError` (where to get the file) unless `config.init` names a model
-  checkpoint, an existing backbone file, or says `none` explicitly."""
-  init = config.get("init") or {}
-  value = str(init.get("backbone") or "")
-  if init.get("checkpoint") or value.strip().lower() == NO_BACKBONE:
+def check_backbone_file(init: InitConfig) -> None:
+  """Raises `BackboneFileError` (where to get the file) unless `init` names a model checkpoint,
+  an existing backbone file, or says `none` explicitly."""
+  value = init.backbone
+  if init.checkpoint or value.strip().lower() == NO_BACKBONE:
     return
   off = ("to train from a randomly initialised backbone instead, pass "
          "--config.init.backbone=none")
@@ -332,23 +338,18 @@ def check_backbone_file(config) -> None:
         f"checkpoint once, for --config.init.checkpoint=OUT). Or {off}")
 
 
-def init_from_config(variables, config):
-  """Apply `config.init` (`backbone` or `checkpoint` path; empty = nothing) to fresh variables.
-
-  Returns (variables, report or None). The trainer calls this once after its own init; the
-  file formats are `config.init.backbone_format` / `checkpoint_format` ("auto": detected).
-  """
-  init = config.get("init") or {}
-  backbone = backbone_file(config)
-  checkpoint = init.get("checkpoint") or ""
-  if backbone and checkpoint:
+def apply_init(variables, init: InitConfig, model: FocusDETR):
+  """Load `init`'s backbone file or model checkpoint (nothing when both are empty) into fresh
+  `variables` of `model`. Returns (variables, report or None); the trainer calls this once
+  after its own init."""
+  if init.backbone_file and init.checkpoint:
     raise ValueError("set only one of config.init.backbone and config.init.checkpoint: a model "
                      "checkpoint already holds a backbone")
-  if checkpoint:
-    return init_from_checkpoint(variables, checkpoint, config, kind="model",
+  if init.checkpoint:
+    return init_from_checkpoint(variables, init.checkpoint, model, kind="model",
                                 format=init.checkpoint_format)
-  if backbone:
-    return init_from_checkpoint(variables, backbone, config, kind="backbone",
+  if init.backbone_file:
+    return init_from_checkpoint(variables, init.backbone_file, model, kind="backbone",
                                 format=init.backbone_format)
   return variables, None
 

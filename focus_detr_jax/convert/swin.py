@@ -66,9 +66,9 @@ def swin_key_table(model, prefix: str = "backbone.") -> Dict[str, Tuple[Optional
   return table
 
 
-def backbone_mapper(config):
-  """The detrex-key rule of the config's backbone (None: the ResNet rules of convert/detrex)."""
-  return swin_key_to_path if config.model.backbone.name == "swin" else None
+def backbone_mapper(model):
+  """The detrex-key rule of `model`'s backbone (None: the ResNet rules of convert/detrex)."""
+  return swin_key_to_path if model.backbone.name == "swin" else None
 
 
 def swin_key_to_path(key: str, prefix: str = "backbone.", scope: Tuple[str, ...] = ("backbone",)):

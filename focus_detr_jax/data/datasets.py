@@ -72,6 +72,13 @@ class DataConfig:
     data = config.data if "data" in config else config
     return cls(**{f.name: _frozen(data[f.name]) for f in dataclasses.fields(cls)})
 
+  @property
+  def eval_canvas_list(self) -> Optional[tuple]:
+    """The canvases of evaluation (None: `eval_exact`, one shape per image)."""
+    if self.eval_exact:
+      return None
+    return canvas_lib.normalize_canvases(self.eval_canvases or self.canvases)
+
 
 def _frozen(value):
   if isinstance(value, (list, tuple)):

@@ -229,11 +229,11 @@ def make_eval_dataset(data: datasets.DataConfig, process_index=None, process_cou
   process_index, process_count = _processes(process_index, process_count)
   split = split or data.eval_split
   builder, meta = datasets.get_builder(data)
-  exact = bool(data.eval_exact)
+  exact = data.eval_canvas_list is None
   if exact:
     canvases, batch = (None,), 1
   else:
-    canvases = canvas_lib.normalize_canvases(data.eval_canvases or data.canvases)
+    canvases = data.eval_canvas_list
     batch = _per_host(int(data.eval_batch_size), process_count, "eval_batch_size")
   own_split = datasets.host_split(split, process_index, process_count)
   try:

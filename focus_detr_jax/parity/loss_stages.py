@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from focus_detr_jax.convert import detrex as detrex_convert
+from focus_detr_jax.models.focus_detr import FocusDETR
 from focus_detr_jax.parity.compare import (TOL_DEC_BOXES, TOL_DEC_LOGITS, TOL_DN_BOX,
                                            TOL_GRAD_MAX, TOL_GRAD_NORM, TOL_GRAD_NORM_ATOL,
                                            TOL_GRAD_REL_L2, TOL_LOSS, TOL_MODULE, StageResult,
@@ -352,9 +353,10 @@ def gradient_stages(reference, config, with_dn):
   grads_ref = reference["grads_train_dn" if with_dn else "grads_train"]
   _, _, grads = run_objective(reference, config, with_dn)
   names = [str(n) for n in grads_ref["param_names"]]
+  model = FocusDETR.from_config(config.model)
   ours = detrex_convert.variables_to_state_dict(
-      {"params": grads}, names, config.model.num_decoder_layers, config.model.num_encoder_layers,
-      backbone_mapper=backbone_mapper(config))
+      {"params": grads}, names, model.num_decoder_layers, model.num_encoder_layers,
+      backbone_mapper=backbone_mapper(model))
   ref_norm = grads_ref["grad_stats"][:, 2]
   our_norm = np.asarray([np.linalg.norm(ours[n].astype(np.float64)) for n in names])
   small = ref_norm < 1e-6

@@ -92,8 +92,8 @@ def build_model(config, reference_dir, train):
   seed = int(json.loads((d / "meta.json").read_text())["seed"])
   state_dict = build_state_dict(d / "state_dict_manifest.json", seed)
   variables, _ = detrex_convert.state_dict_to_variables(
-      state_dict, model_shapes(config), config.model.num_decoder_layers,
-      config.model.num_encoder_layers, backbone_mapper=backbone_mapper(config))
+      state_dict, model_shapes(model), model.num_decoder_layers, model.num_encoder_layers,
+      backbone_mapper=backbone_mapper(model))
   return model, jax.tree_util.tree_map(jnp.asarray, variables)
 
 

@@ -7,6 +7,7 @@ docs/reproducibility.md, which lists the files each part writes. Import torch on
 
 import collections
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -129,15 +130,17 @@ def load_inputs(path):
 # Model and weights (parity/README §2-4)
 
 def build_model(config_path, detrex_root=None):
-  """detrex LazyConfig -> model on the CPU with denoising off; returns (model, cfg, dn_number)."""
+  """detrex LazyConfig -> model on the CPU with denoising off; returns (model, cfg, dn_number).
+
+  detrex's configs import its `projects/` folder, which detrex's install does not install: the
+  detrex checkout must be on PYTHONPATH (docs/reproducibility.md §1)."""
   from detectron2.config import LazyConfig, instantiate
+  if importlib.util.find_spec("projects") is None:
+    raise RuntimeError("detrex's projects/ folder is not importable: put the detrex checkout on "
+                       "PYTHONPATH (PYTHONPATH=/path/to/detrex)")
   config_path = Path(config_path)
-  if detrex_root is not None:
-    detrex_root = Path(detrex_root).resolve()
-    if str(detrex_root) not in sys.path:
-      sys.path.insert(0, str(detrex_root))
-    if not config_path.is_absolute():
-      config_path = detrex_root / config_path
+  if detrex_root is not None and not config_path.is_absolute():
+    config_path = Path(detrex_root).resolve() / config_path
   cfg = LazyConfig.load(str(config_path))
   cfg.model.device = "cpu"
   dn_number = int(cfg.model.dn_number)

@@ -59,12 +59,11 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _initialise_from_files(variables, config):
+def _initialise_from_files(variables, init, model):
   """Apply `config.init.backbone` / `config.init.checkpoint` (convert/init.py), with a report."""
-  if not (init_lib.backbone_file(config) or config.init.checkpoint):
-    return variables
-  variables, report = init_lib.init_from_config(variables, config)
-  logging.info("initialisation report:\n%s", report)
+  variables, report = init_lib.apply_init(variables, init, model)
+  if report is not None:
+    logging.info("initialisation report:\n%s", report)
   return variables
 
 
@@ -181,6 +180,7 @@ def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps)
   objective = Objective.from_config(config)
   optim_config = optim.OptimConfig.from_config(config.optim)
   data = datasets.DataConfig.from_config(config)
+  init = init_lib.InitConfig.from_config(config)
   meta = datasets.dataset_meta(data)
   if meta.num_classes != model.num_classes:
     raise config_check.ConfigMismatchError(
@@ -194,7 +194,7 @@ def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps)
   init_rng, state_rng = jax.random.split(rng)
   variables = init_variables(model, init_rng)
   if not resumes:   # else restored below: the init files are unused
-    variables = _initialise_from_files(variables, config)
+    variables = _initialise_from_files(variables, init, model)
   tx, schedule = optim.make_optimizer(variables["params"], optim_config, model.backbone)
   state = state_lib.create_train_state(variables, tx, state_rng, ema=optim_config.ema_decay > 0)
   state = jax.device_put(state, sharding.replicated(mesh))
