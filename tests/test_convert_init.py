@@ -6,7 +6,7 @@ import pytest
 from focus_detr_jax.checkpoint import save_model_checkpoint
 from focus_detr_jax.convert import init as init_lib
 from focus_detr_jax.convert.detrex import ConversionError
-from focus_detr_jax.convert.export import export_detrex_state_dict
+from focus_detr_jax.convert.to_detrex import export_detrex_state_dict
 from focus_detr_jax.models.focus_detr import FocusDETR
 from test_convert_formats import CAFFE2, torchvision_resnet
 

@@ -415,7 +415,7 @@ def test_converter_errors_name_each_bad_key():
           "(144, 144) for window_size=12; [49, 49] is window 7") in msg
 
   # Export direction: a parameter the key list needs and the variables lack is a KeyError
-  # (`convert/export.py` turns it into a ConversionError).
+  # (`convert/to_detrex.py` turns it into a ConversionError).
   params = _import(sd, model)
   del params["layers_1"]["downsample"]["reduction"]
   with pytest.raises(KeyError, match="reduction"):

@@ -8,7 +8,7 @@ from absl import flags
 from focus_detr_jax import cli
 from focus_detr_jax.checkpoint import save_model_checkpoint
 from focus_detr_jax.convert import init as init_lib
-from focus_detr_jax.convert.export import export_checkpoint
+from focus_detr_jax.convert.to_detrex import export_checkpoint
 from focus_detr_jax.models.focus_detr import FocusDETR, init_variables
 
 FORMATS = ("detrex", "torchvision", "detectron2", "swin")

@@ -10,7 +10,7 @@ import pytest
 from focus_detr_jax.convert import init as init_lib
 from focus_detr_jax.convert import torch_io
 from focus_detr_jax.convert.detrex import ConversionError
-from focus_detr_jax.convert.export import detrex_key_order, export_detrex_state_dict
+from focus_detr_jax.convert.to_detrex import detrex_key_order, export_detrex_state_dict
 from focus_detr_jax.models.focus_detr import FocusDETR
 from focus_detr_jax.parity.weights import build_state_dict
 from conftest import import_script
@@ -82,7 +82,7 @@ def test_group_norm_backbone_has_no_detrex_layout():
 def test_pth_without_torch_says_to_use_npz(tmp_path, capsys):
   with pytest.raises(RuntimeError, match=r"\.npz"):
     torch_io.save_state_dict({"a": np.zeros(2, np.float32)}, tmp_path / "x.pth")
-  from focus_detr_jax.convert.export import default_output_name
+  from focus_detr_jax.convert.to_detrex import default_output_name
   assert default_output_name(tmp_path / "ckpt").suffix == ".npz"
 
 
