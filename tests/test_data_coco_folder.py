@@ -133,3 +133,29 @@ def test_pipeline_on_a_folder_and_ground_truth(folder):
   got = {(a["image_id"], a["category_id"], tuple(round(v, 3) for v in a["bbox"]))
          for a in gt["annotations"]}
   assert got == want
+
+
+def test_a_dataset_prepared_by_another_process_meanwhile_is_read(folder, tmp_path, monkeypatch):
+  """Two processes (the hosts of one run on a shared filesystem) prepare the same folder at once:
+  TFDS's rename of its finished temporary directory fails for the second. It reads the first's."""
+  _, splits, train, _ = folder
+  config = helpers.small_config(str(tmp_path), size=96, dataset="coco_folder")
+  config.folder.train_images, config.folder.train_annotations = splits["train"]
+  config.folder.eval_images, config.folder.eval_annotations = splits["validation"]
+  config.data_dir = str(tmp_path / "tfds")   # not prepared yet
+  data = DataConfig.from_config(config)
+  generate = coco_folder.CocoFolder._download_and_prepare
+  raced = []
+
+  def other_process_finishes_first(self, *args, **kwargs):
+    if not raced:
+      raced.append(1)
+      datasets.get_builder(data)   # the other process: prepares and renames into place
+    return generate(self, *args, **kwargs)
+
+  monkeypatch.setattr(coco_folder.CocoFolder, "_download_and_prepare",
+                      other_process_finishes_first)
+  builder, meta = datasets.get_builder(data)
+  assert raced and meta.category_ids == (3, 7, 11)
+  ids = [int(ex["image/id"]) for ex in builder.as_dataset("train").as_numpy_iterator()]
+  assert sorted(ids) == [im["id"] for im in train]

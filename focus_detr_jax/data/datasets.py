@@ -128,10 +128,24 @@ def get_builder(data: DataConfig, prepare: bool = True):
                                      verify=data.folder.verify, data_dir=data.data_dir)
   else:
     raise ValueError(f"Unknown dataset {data.dataset!r}: 'synthetic', 'coco' or 'coco_folder'.")
-  if prepare:
-    builder.download_and_prepare()
+  if prepare and not _prepare(builder):
+    return get_builder(data, prepare=False)   # another process prepared it first: read theirs
   return builder, DatasetMeta(builder.name + "/" + builder.builder_config.name,
                               tuple(builder.category_ids), tuple(builder.category_names))
+
+
+def _prepare(builder) -> bool:
+  """`builder.download_and_prepare()`; False when another process (the other hosts of a run, on
+  a shared filesystem) renamed the same prepared directory into place first: TFDS writes to a
+  temporary directory and renames it, which fails for the second. The directory is complete
+  and holds the same data then, but this builder's info points at its own deleted copy."""
+  try:
+    builder.download_and_prepare()
+  except FileExistsError:
+    if not builder.is_prepared():
+      raise
+    return False
+  return True
 
 
 def dataset_meta(data: DataConfig) -> DatasetMeta:
