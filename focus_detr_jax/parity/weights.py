@@ -31,6 +31,8 @@ def rule_value(key, shape, rule, seed):
     window = int(round(np.sqrt(s[0])))
     if s != (window * window, window * window):
       raise ValueError(f"int_buffer rule only covers Swin relative_position_index, got {key} {s}")
+    # pylint: disable=import-outside-toplevel
+    # Imported here: the recorder imports this module in the torch environment, without flax.
     from focus_detr_jax.models.swin import relative_position_index
     return relative_position_index(window).astype(np.int64)
   if rule not in _FLOAT_RULES:
@@ -80,7 +82,8 @@ def build_state_dict(manifest_path, seed, prefix=""):
       state_dict[key] = state_dict[alias_of]
     elif rule == "checkpoint":
       if checkpoint is None:
-        from focus_detr_jax.convert import torch_io
+        # pylint: disable=import-outside-toplevel
+        from focus_detr_jax.convert import torch_io   # here: as relative_position_index above
         obj = torch_io.load_file(checkpoint_path(Path(manifest_path).parent))
         checkpoint = obj.get("model", obj) if isinstance(obj, dict) else obj
       state_dict[key] = np.asarray(checkpoint[key]).reshape(shape)
