@@ -20,6 +20,7 @@ from focus_detr_jax.data import buckets, synthetic
 from focus_detr_jax.data.datasets import DataConfig
 from focus_detr_jax.evaluation.evaluator import Evaluator
 from focus_detr_jax.models.focus_detr import FocusDETR
+from focus_detr_jax.parity import reference as ref_lib
 from focus_detr_jax.predict import jit_predict
 
 OLD_COCO_CANVAS = (800, 1333)
@@ -90,8 +91,6 @@ def parity_padding(reference_dir) -> List[dict]:
   images, padded as detrex batches them, in our evaluation canvas and in the old 800x1333 one,
   with our padding mask and without (detrex's eval mode), against exact (`compare_detections`).
   Rows {set, image, size, layout, canvas, fill, mask, score_change, recovered, exact_spread}."""
-  # pylint: disable=import-outside-toplevel
-  from focus_detr_jax.parity import reference as ref_lib   # the torch-free weight rule
   reference = ref_lib.load_reference(reference_dir)
   config = ref_lib.config_for_reference(reference["meta"])
   images, valid, sizes = ref_lib.make_batch(reference["inputs"])
