@@ -1,6 +1,8 @@
 """focus_detr_jax/benchmarks/detrex_profile.py: per-part attribution of a torch profile, on
 synthetic events (no torch needed)."""
 
+import os
+
 import pytest
 
 from focus_detr_jax.benchmarks import detrex_profile
@@ -73,3 +75,23 @@ def test_markdown_totals():
   assert "| **step (fwd + bwd + idle)** | **3.50** | | **2.25** | |" in md
   assert "| encoder_layers_0 | 0.500 | 0.000 | 0.000 | 0.000 |" in md
   assert detrex_profile.markdown(detrex).splitlines()[1] == "|---|---|---|"   # without ours
+
+
+def test_detrex_worker_gets_our_source_and_the_detrex_checkout_on_its_path(monkeypatch, tmp_path):
+  """The worker imports our package (not installed in detrex's environment) and detrex's
+  projects/ folder (not installed by detrex): both come from its PYTHONPATH."""
+  import types
+  from focus_detr_jax import benchmarks
+  from focus_detr_jax.benchmarks import detrex
+  seen = {}
+
+  def fake_worker(command, timeout, cwd, env):
+    seen.update(command=command, env=env)
+    return {"ok": 1}, None
+
+  monkeypatch.setattr(benchmarks, "run_worker", fake_worker)
+  args = types.SimpleNamespace(detrex_python="/opt/ref/bin/python", detrex_root=str(tmp_path),
+                               timeout=5, threads=2)
+  assert detrex.run_detrex(args, {"task": "eval"}) == {"ok": 1}
+  assert seen["command"][0] == "/opt/ref/bin/python"
+  assert seen["env"]["PYTHONPATH"].split(os.pathsep) == [detrex.SOURCE_ROOT, str(tmp_path)]

@@ -64,3 +64,11 @@ def test_diff_of_a_set_with_itself_is_bitwise(tmp_path):
       assert all(v["equal"] for k, v in entries.items() if not k.startswith("_")), name
   lines = diff.summary_lines(report)
   assert any("forward_eval.npz" in line and "bitwise equal" in line for line in lines)
+
+
+def test_recorder_asks_for_detrex_projects_on_the_path(monkeypatch, tmp_path):
+  """detrex's configs import its projects/ folder, which detrex's install leaves out: without it
+  on PYTHONPATH the recorder says so (the checkout is never added to sys.path behind the user)."""
+  monkeypatch.chdir(tmp_path)   # no projects/ folder in the working directory
+  with pytest.raises(RuntimeError, match="PYTHONPATH"):
+    recorder.build_model("projects/focus_detr/configs/x.py", detrex_root=tmp_path)

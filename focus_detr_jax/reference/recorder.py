@@ -134,10 +134,10 @@ def build_model(config_path, detrex_root=None):
 
   detrex's configs import its `projects/` folder, which detrex's install does not install: the
   detrex checkout must be on PYTHONPATH (docs/reproducibility.md §1)."""
-  from detectron2.config import LazyConfig, instantiate
   if importlib.util.find_spec("projects") is None:
     raise RuntimeError("detrex's projects/ folder is not importable: put the detrex checkout on "
                        "PYTHONPATH (PYTHONPATH=/path/to/detrex)")
+  from detectron2.config import LazyConfig, instantiate
   config_path = Path(config_path)
   if detrex_root is not None and not config_path.is_absolute():
     config_path = Path(detrex_root).resolve() / config_path
