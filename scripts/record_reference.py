@@ -72,13 +72,17 @@ def main(argv=None):
   unknown = set(parts) - set(recorder.PARTS)
   if unknown:
     p.error(f"unknown parts {sorted(unknown)}; choose from {recorder.PARTS}")
-  meta = recorder.record(
-      args.out, args.config, seed=args.seed, eval_sizes=parse_sizes(args.sizes),
-      train_sizes=parse_sizes(args.train_sizes), parts=parts, detrex_root=args.detrex_root,
-      checkpoint=args.checkpoint, inputs_from=args.inputs_from, threads=args.threads,
-      set_name=args.name, compact=args.compact, msda_from=args.msda_from,
-      force_eval_from=args.force_eval_from,
-      log=lambda m: print(m, flush=True))
+  try:
+    meta = recorder.record(
+        args.out, args.config, seed=args.seed, eval_sizes=parse_sizes(args.sizes),
+        train_sizes=parse_sizes(args.train_sizes), parts=parts, detrex_root=args.detrex_root,
+        checkpoint=args.checkpoint, inputs_from=args.inputs_from, threads=args.threads,
+        set_name=args.name, compact=args.compact, msda_from=args.msda_from,
+        force_eval_from=args.force_eval_from,
+        log=lambda m: print(m, flush=True))
+  except recorder.DetrexNotImportable as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   print(f"wrote {args.out}: parts {meta['parts']}, {meta['seconds']['total']:.1f} s")
   return 0
 

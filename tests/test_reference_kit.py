@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import PARITY_ROOT, R50_COMPACT, full_set_available
+from conftest import PARITY_ROOT, R50_COMPACT, full_set_available, import_script
 from focus_detr_jax.reference import diff, recorder
 
 FILES = ("inputs.npz", "forward_eval.npz", "losses_train.npz", "foreground_labels.npz",
@@ -72,3 +72,17 @@ def test_recorder_asks_for_detrex_projects_on_the_path(monkeypatch, tmp_path):
   monkeypatch.chdir(tmp_path)   # no projects/ folder in the working directory
   with pytest.raises(RuntimeError, match="PYTHONPATH"):
     recorder.build_model("projects/focus_detr/configs/x.py", detrex_root=tmp_path)
+
+
+def test_record_script_reports_a_missing_detrex_in_one_line(monkeypatch, tmp_path, capsys):
+
+  def record(*args, **kwargs):
+    return recorder.build_model("projects/focus_detr/configs/x.py", kwargs["detrex_root"])
+
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(recorder, "configure_cpu", lambda *a: None)   # no torch here
+  monkeypatch.setattr(recorder, "record", record)
+  script = import_script("record_reference")
+  assert script.main(["--out", str(tmp_path / "set"), "--detrex-root", str(tmp_path)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and "PYTHONPATH" in err[0]

@@ -129,14 +129,18 @@ def load_inputs(path):
 # ------------------------------------------------------------------------------------------------
 # Model and weights (parity/README §2-4)
 
+class DetrexNotImportable(RuntimeError):
+  """The reference environment cannot import detrex's configs (a setup error, one line)."""
+
+
 def build_model(config_path, detrex_root=None):
   """detrex LazyConfig -> model on the CPU with denoising off; returns (model, cfg, dn_number).
 
   detrex's configs import its `projects/` folder, which detrex's install does not install: the
   detrex checkout must be on PYTHONPATH (docs/reproducibility.md §1)."""
   if importlib.util.find_spec("projects") is None:
-    raise RuntimeError("detrex's projects/ folder is not importable: put the detrex checkout on "
-                       "PYTHONPATH (PYTHONPATH=/path/to/detrex)")
+    raise DetrexNotImportable("detrex's projects/ folder is not importable: put the detrex "
+                              "checkout on PYTHONPATH (PYTHONPATH=/path/to/detrex)")
   from detectron2.config import LazyConfig, instantiate
   config_path = Path(config_path)
   if detrex_root is not None and not config_path.is_absolute():
