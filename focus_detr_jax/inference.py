@@ -224,7 +224,7 @@ def predict_files(model, variables, data: datasets.DataConfig, inputs: Sequence[
     on_error: called with (input, reason) for each missing or unreadable input (default: log).
   """
   on_error = on_error or (lambda path, why: logging.warning("skipping %s: %s", path, why))
-  if data.eval_canvas_list is None:   # eval_exact: one shape per image
+  if data.eval_exact:   # one shape per image
     batch_size = 1
   elif batch_size is None:
     batch_size = int(data.eval_batch_size)

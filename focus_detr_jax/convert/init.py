@@ -319,7 +319,7 @@ def check_backbone_file(init: InitConfig) -> None:
   """Raises `BackboneFileError` (where to get the file) unless `init` names a model checkpoint,
   an existing backbone file, or says `none` explicitly."""
   value = init.backbone
-  if init.checkpoint or value.strip().lower() == NO_BACKBONE:
+  if init.checkpoint or (value and not init.backbone_file):   # a model checkpoint, or `none`
     return
   off = ("to train from a randomly initialised backbone instead, pass "
          "--config.init.backbone=none")

@@ -229,11 +229,10 @@ def make_eval_dataset(data: datasets.DataConfig, process_index=None, process_cou
   process_index, process_count = _processes(process_index, process_count)
   split = split or data.eval_split
   builder, meta = datasets.get_builder(data)
-  exact = data.eval_canvas_list is None
-  if exact:
+  canvases = data.eval_canvas_list
+  if canvases is None:   # eval_exact: one shape per image
     canvases, batch = (None,), 1
   else:
-    canvases = data.eval_canvas_list
     batch = _per_host(int(data.eval_batch_size), process_count, "eval_batch_size")
   own_split = datasets.host_split(split, process_index, process_count)
   try:
@@ -252,7 +251,7 @@ def make_eval_dataset(data: datasets.DataConfig, process_index=None, process_cou
   per_canvas = []
   for b, canvas in enumerate(canvases):
     ds = raw
-    if not exact and len(canvases) > 1:
+    if len(canvases) > 1:
       ds = raw.filter(datasets.graph_fn(lambda ex, b=b: tf.equal(transforms.tf_eval_canvas_index(
           ex["image/header"]["hw"], canvases, int(data.eval_scale), int(data.eval_max_size)), b)))
     ds = _counted_map(ds, lambda ex, b=b, canvas=canvas: {

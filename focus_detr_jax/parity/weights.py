@@ -68,8 +68,11 @@ def checkpoint_path(set_dir):
 
 
 def sha256(path):
+  digest = hashlib.sha256()   # read in chunks: hashlib.file_digest needs Python 3.11
   with open(path, "rb") as f:
-    return hashlib.file_digest(f, "sha256").hexdigest()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
 
 
 def build_state_dict(manifest_path, seed, prefix=""):

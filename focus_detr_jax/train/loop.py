@@ -175,7 +175,8 @@ def _train_and_evaluate(config, workdir, preemption, evaluate, stop_after_steps)
   # Everything that can be checked without compiling, before the workdir is written.
   resumes = config_check.check_training_config(config, workdir, jax.device_count(),
                                                jax.process_count())
-  # The config read once: every part below takes these frozen values, not the ConfigDict.
+  # The model, objective, optimiser, data and init sections read once into frozen values, which
+  # every part below takes (the loop itself reads config.train, config.eval and the seed).
   model = FocusDETR.from_config(config.model)
   objective = Objective.from_config(config)
   optim_config = optim.OptimConfig.from_config(config.optim)
